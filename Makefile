@@ -1,0 +1,22 @@
+# Two commands for a fresh machine: `make demo` runs the demo, `make test` runs the test suite.
+# Each creates the virtual environment .venv and installs what it needs on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastmetamer-installed
+
+.PHONY: demo test install bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*/*)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q setuptools wheel pybind11 ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,triton]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fastmetamer demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not triton"

@@ -1,0 +1,46 @@
+"""The place where a metamer step's forward, loss and backward happen.
+
+An *engine* maps the current inputs (features, edges, edge weights) of a problem to the
+per-target activation-matching losses, differentiably. The reference engine runs the user's
+model through plain PyTorch autograd; faster engines (compiled kernels over a lowered program)
+implement the same interface and are chosen by ``backend=``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .layers import layer_output
+from .receptive_field import Subgraph
+
+
+class ReferenceEngine:
+    """Plain PyTorch autograd through the model; works for every model and is the test oracle.
+
+    Args:
+        model: the trained model (eval mode, parameters frozen by the caller).
+        layer: module name of the matched layer.
+        sub: the problem's graph; its ``center`` nodes are the targets.
+        target: reference activations at the targets [T, d_l].
+        joint: one loss over all targets jointly (whole-graph metamer) instead of one per target.
+    """
+
+    name = "reference"
+
+    def __init__(self, model: nn.Module, layer: str, sub: Subgraph, target: Tensor, joint: bool):
+        self.model, self.layer, self.sub, self.target, self.joint = model, layer, sub, target, joint
+        scale = target.pow(2).sum() if joint else target.pow(2).sum(1)
+        self.scale = scale.clamp_min(torch.finfo(target.dtype).tiny)
+
+    def activations(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
+        """Layer-l activations at the targets [T, d_l]."""
+        out = layer_output(self.model, self.layer, x, edge_index, edge_weight)
+        return out[self.sub.center]
+
+    def losses(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
+        """L_act per independent problem [C] (one value, [1], for a joint whole-graph problem):
+        ||H'[S] - H[S]||^2 / ||H[S]||^2."""
+        diff = (self.activations(x, edge_index, edge_weight) - self.target).pow(2)
+        if self.joint:
+            return (diff.sum() / self.scale).view(1)
+        return diff.sum(1) / self.scale

@@ -1,0 +1,164 @@
+"""Feature parameterisations (SPEC §2.1).
+
+The free rows of X (the receptive field R of each component) are replaced by a learned X';
+other rows stay at the reference. Statistics (mean, std, range, density) are per component,
+so a batch of independent problems behaves exactly like separate calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .receptive_field import Subgraph
+
+
+@dataclass
+class FeatureStats:
+    """Per-component reference statistics over the free rows: each [C, d] (density: [C])."""
+
+    mean: Tensor
+    std: Tensor
+    low: Tensor
+    high: Tensor
+    ones: Tensor  # [C] number of ones (binary features) in the component's free rows
+
+
+def feature_stats(sub: Subgraph) -> FeatureStats:
+    """Mean, population std, min, max and count of ones of the reference over each R."""
+    x, comp = sub.x[sub.free], sub.component[sub.free]
+    c, d = sub.num_components, x.shape[1]
+    count = torch.bincount(comp, minlength=c).clamp_min(1).unsqueeze(1).to(x.dtype)
+    mean = x.new_zeros(c, d).index_add_(0, comp, x) / count
+    sq = x.new_zeros(c, d).index_add_(0, comp, x * x) / count
+    index = comp.unsqueeze(1).expand_as(x)
+    low = x.new_full((c, d), float("inf")).scatter_reduce(0, index, x, "amin")
+    high = x.new_full((c, d), float("-inf")).scatter_reduce(0, index, x, "amax")
+    ones = torch.zeros(c, dtype=torch.long).index_add_(0, comp, (x > 0.5).sum(1))
+    return FeatureStats(mean, (sq - mean * mean).clamp_min(0).sqrt(), low, high, ones)
+
+
+def is_binary(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is exactly 0 or 1."""
+    return bool(((x == 0) | (x == 1)).all())
+
+
+class FeatureParam:
+    """Learned features of the free rows.
+
+    Args:
+        sub: the problem's graph.
+        noise: [F, d] standard-normal draws for the free rows (F = number of free nodes).
+        binary: straight-through top-rho binary features (else continuous with clipping).
+        size_independent: learn only the per-component mean and std (noise fixed).
+        per_row: binary mode keeps each node's own number of ones instead of the density of R.
+        slope: s in P = sigmoid(s * X_soft).
+        margin, margin_weight: m and lambda of the margin term mean(relu(m - |P - t|)).
+    """
+
+    def __init__(self, sub: Subgraph, noise: Tensor, *, binary: bool, size_independent: bool,
+                 per_row: bool, slope: float, margin: float, margin_weight: float):
+        self.sub, self.noise = sub, noise
+        self.binary, self.size_independent, self.per_row = binary, size_independent, per_row
+        self.slope, self.margin, self.margin_weight = slope, margin, margin_weight
+        self.stats = feature_stats(sub)
+        self.free_component = sub.component[sub.free]
+        self.ptr = sub.free_ptr()
+        self.row_ones = (sub.x[sub.free] > 0.5).sum(1)
+        if size_independent:
+            self.params = [self.stats.mean.clone().requires_grad_(),
+                           self.stats.std.clone().requires_grad_()]
+        else:
+            start = self.stats.mean[self.free_component] + self.stats.std[self.free_component] * noise
+            self.params = [start.requires_grad_()]
+
+    def parameter_components(self) -> list[Tensor]:
+        """For each parameter tensor, the component owning each of its rows."""
+        if self.size_independent:
+            comps = torch.arange(self.sub.num_components)
+            return [comps, comps]
+        return [self.free_component]
+
+    def soft(self) -> Tensor:
+        """X_soft [F, d]: the unconstrained free-row features."""
+        if self.size_independent:
+            mean, std = self.params
+            return mean[self.free_component] + std[self.free_component] * self.noise
+        return self.params[0]
+
+    def free_values(self) -> tuple[Tensor, Tensor]:
+        """(X' [F, d] as the model sees it, with gradient path; extra loss term, a scalar)."""
+        x_soft = self.soft()
+        if not self.binary:
+            lo, hi = self.stats.low[self.free_component], self.stats.high[self.free_component]
+            return torch.minimum(torch.maximum(x_soft, lo), hi), x_soft.new_zeros(())
+        prob = torch.sigmoid(self.slope * x_soft)
+        hard, threshold = self._top_mask(prob.detach())
+        return prob + (hard - prob).detach(), self.margin_weight * self._margin(prob, threshold)
+
+    def _margin(self, prob: Tensor, threshold: Tensor) -> Tensor:
+        """Sum over components of mean(relu(m - |P - t|)) over the component's entries."""
+        per_row = torch.relu(self.margin - (prob - threshold).abs()).sum(1)
+        per_comp = per_row.new_zeros(self.sub.num_components).index_add(0, self.free_component, per_row)
+        return (per_comp / (self.ptr.diff().clamp_min(1) * prob.shape[1])).sum()
+
+    def _top_mask(self, prob: Tensor) -> tuple[Tensor, Tensor]:
+        """Hard 0/1 mask of the largest entries (per component or per row) and the threshold
+        t between the selected and unselected values, broadcastable to ``prob``."""
+        if self.per_row:
+            return _row_top_mask(prob, self.row_ones)
+        hard = torch.zeros_like(prob)
+        threshold = prob.new_empty(prob.shape[0], 1)
+        for c in range(self.sub.num_components):
+            rows = slice(int(self.ptr[c]), int(self.ptr[c + 1]))
+            block_hard, t = _flat_top_mask(prob[rows], int(self.stats.ones[c]))
+            hard[rows], threshold[rows] = block_hard, t
+        return hard, threshold
+
+    def features(self) -> tuple[Tensor, Tensor]:
+        """(X' [m, d] for the whole problem graph, extra loss scalar)."""
+        free_x, extra = self.free_values()
+        x = self.sub.x.clone()
+        x[self.sub.free] = free_x
+        return x, extra
+
+    def final(self) -> Tensor:
+        """The returned metamer features [m, d]: exactly 0/1 at the reference density (binary)."""
+        with torch.no_grad():
+            x, _ = self.features()
+            if self.binary:
+                x = x.round()
+            return x.detach()
+
+    def project(self) -> None:
+        """After a step: clip continuous features to the reference per-feature range."""
+        if self.binary or self.size_independent:
+            return
+        with torch.no_grad():
+            p = self.params[0]
+            p.copy_(torch.minimum(torch.maximum(p, self.stats.low[self.free_component]),
+                                  self.stats.high[self.free_component]))
+
+
+def _flat_top_mask(prob: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    flat = prob.reshape(-1)
+    hard = torch.zeros_like(flat)
+    if k <= 0:
+        return hard.view_as(prob), flat.max() + 1e-6
+    if k >= flat.numel():
+        return torch.ones_like(prob), flat.min() - 1e-6
+    top = torch.topk(flat, k + 1)
+    hard[top.indices[:k]] = 1.0
+    return hard.view_as(prob), 0.5 * (top.values[k - 1] + top.values[k])
+
+
+def _row_top_mask(prob: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    values, order = prob.sort(dim=1, descending=True)
+    rank = torch.arange(prob.shape[1]).expand_as(prob)
+    hard = torch.zeros_like(prob).scatter_(1, order, (rank < counts.unsqueeze(1)).to(prob.dtype))
+    padded = torch.cat([values.new_ones(values.shape[0], 1) + 1e-6, values,
+                        values.new_zeros(values.shape[0], 1) - 1e-6], dim=1)
+    k = counts.unsqueeze(1)
+    threshold = 0.5 * (padded.gather(1, k) + padded.gather(1, k + 1))
+    return hard, threshold

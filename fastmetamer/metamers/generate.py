@@ -1,0 +1,267 @@
+"""``fastmetamer.generate``: feature, structure and joint metamers (SPEC §2, §8)."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.data import Data
+
+from ..validation import check_graph, check_nodes
+from . import backends
+from .criterion import null_distances, passes
+from .features import FeatureParam, is_binary
+from .layers import count_hops, layer_output, resolve_layer
+from .optimize import Schedule, run_schedule
+from .receptive_field import Subgraph, disjoint_receptive_fields, receptive_field, whole_graph
+from .scoring import metamer_metrics
+from .result import MetamerResult
+from .structure import StructureParam
+
+KINDS = ("features", "structure", "joint")
+DEFAULT_STEPS = {"features": 1000, "structure": 400, "joint": 1000}
+DEFAULT_LR = {"features": 0.1, "structure": 0.1, "joint": 0.1}
+
+
+@dataclass
+class Options:
+    """Keyword options of :func:`generate` beyond the named arguments.
+
+    binary: force binary (True) / continuous (False) features; None detects 0/1 references.
+    per_row: binary top-rho per node (keep each node's number of ones) instead of per R.
+    size_independent: learn only per-feature mean and std (parameters independent of |R|).
+    slope, margin, margin_weight: sigmoid slope s; margin m and weight lambda of the margin term.
+    edge_slope: sigmoid slope for edge logits.
+    stages: learning-rate halving stages; tol: early-stop tolerance on L_act per target.
+    hops: receptive-field radius override (default: counted from the model's propagate calls).
+    dense_max_nodes, block_size, resample_every: structure candidate settings.
+    null_max_nodes: graphs larger than this use a random sample of nodes as the null set.
+    progress: tqdm bar (None: only on a terminal).
+    """
+
+    binary: bool | None = None
+    per_row: bool = False
+    size_independent: bool = False
+    slope: float = 1.0
+    margin: float = 0.05
+    margin_weight: float = 0.1
+    edge_slope: float = 1.0
+    stages: int = 4
+    tol: float = 1e-5
+    hops: int | None = None
+    dense_max_nodes: int = 400
+    block_size: int | None = None
+    resample_every: int = 50
+    null_max_nodes: int = 100_000
+    progress: bool | None = None
+
+    @classmethod
+    def from_kwargs(cls, options: dict) -> "Options":
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; allowed options: {allowed}")
+        return cls(**options)
+
+
+def generate(model: nn.Module, graph: Data, node: int | list[int] | Tensor | None, *,
+             layer: str | int | None = None, kind: str = "features", steps: int | None = None,
+             lr: float | None = None, seed: int | None = None, backend: str = "auto",
+             **options) -> MetamerResult:
+    """Generate a model metamer: inputs that ``model`` represents at ``layer`` like the reference.
+
+    Args:
+        model: a trained module called as ``model(x, edge_index[, edge_weight])``.
+        graph: the reference graph (``x`` [n, d], ``edge_index`` [2, E], optional ``edge_weight``).
+        node: a target node id, a list of ids (independent problems batched as a disjoint union
+            of receptive fields), or None (all nodes jointly, one shared X').
+        layer: module name or index among message-passing layers (default: the last one).
+        kind: ``"features"``, ``"structure"`` or ``"joint"``.
+        steps: optimisation steps in total (default by kind); lr: initial Adam learning rate.
+        seed: seeds the initialisation (default 0); each target draws from its own generator,
+            so a batched target gets the same metamer as a single call.
+        backend: engine backend; ``"auto"`` picks the fastest available.
+        **options: see :class:`Options`.
+
+    Returns:
+        a :class:`MetamerResult`.
+    """
+    check_graph(graph)
+    targets = check_nodes(node, graph.num_nodes)
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; allowed: {list(KINDS)}")
+    opts = Options.from_kwargs(options)
+    schedule = _schedule(kind, steps, lr, opts)
+    layer_name = resolve_layer(model, layer)
+    with _frozen(model):
+        return _generate(model, graph, targets, layer_name, kind, schedule, 0 if seed is None else seed,
+                         backend, opts)
+
+
+def _schedule(kind: str, steps: int | None, lr: float | None, opts: Options) -> Schedule:
+    steps = DEFAULT_STEPS[kind] if steps is None else steps
+    lr = DEFAULT_LR[kind] if lr is None else lr
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    if opts.stages < 1:
+        raise ValueError(f"stages must be >= 1, got {opts.stages}")
+    return Schedule(steps=steps, stages=opts.stages, lr=float(lr), tol=opts.tol)
+
+
+@contextmanager
+def _frozen(model: nn.Module):
+    """Eval mode and no parameter gradients for the duration; restored afterwards."""
+    was_training = model.training
+    grads = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+
+
+def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts) -> MetamerResult:
+    weight = getattr(graph, "edge_weight", None)
+    hops = count_hops(model, layer, graph.x) if opts.hops is None else opts.hops
+    if targets is None:
+        sub = whole_graph(graph.x, graph.edge_index, weight)
+    elif targets.numel() == 1:
+        sub = receptive_field(graph.x, graph.edge_index, weight, targets, hops)
+    else:
+        sub = disjoint_receptive_fields(graph.x, graph.edge_index, weight, targets, hops)
+    with torch.no_grad():
+        reference_acts = layer_output(model, layer, sub.x, sub.edge_index, sub.edge_weight)[sub.center]
+    target_ids = sub.node_ids[sub.center]
+    null = _null(model, layer, graph, target_ids, reference_acts, hops, opts, seed)
+    engine = backends.make_engine(backend, model, layer, sub, reference_acts, joint=targets is None)
+    generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(v)) for v in
+                  (target_ids[:1] if targets is None else target_ids)]
+    feats, struct = _parameterise(kind, model, layer, sub, graph, generators, opts)
+    started = time.perf_counter()
+    history = run_schedule(
+        [p for p in (feats, struct) if p is not None],
+        lambda: _step_losses(engine, sub, feats, struct), schedule, sub.num_components,
+        progress=opts.progress,
+        after_step=None if struct is None else struct.maybe_resample)
+    seconds = time.perf_counter() - started
+    metamer = _metamer_graph(sub, graph, feats, struct)
+    with torch.no_grad():
+        metamer_acts = engine.activations(metamer.x, metamer.edge_index, metamer.edge_weight)
+        final_loss = engine.losses(metamer.x, metamer.edge_index, metamer.edge_weight)
+    passed, distance = passes(metamer_acts, reference_acts, null)
+    reference = _subgraph_data(sub, graph, sub.x, sub.edge_index, sub.edge_weight)
+    single = targets is not None and targets.numel() == 1
+    return MetamerResult(
+        graph=metamer, reference=reference,
+        center=int(sub.center[0]) if single else sub.center,
+        loss=float(final_loss[0]) if final_loss.numel() == 1 else final_loss,
+        history=history[:, 0] if history.shape[1] == 1 else history,
+        passed=bool(passed[0]) if single else passed,
+        distance=distance, null_threshold=null.threshold, twins=null.twins,
+        metrics=metamer_metrics(metamer, reference, sub, metamer_acts, reference_acts, kind),
+        kind=kind, layer=layer, hops=hops, nodes=None if targets is None else targets.tolist(),
+        seconds=seconds, settings={**asdict(opts), "steps": schedule.steps, "lr": schedule.lr,
+                                   "seed": seed, "backend": engine.name,
+                                   "binary": None if feats is None else feats.binary})
+
+
+def _null(model, layer, graph, target_ids, reference_acts, hops, opts, seed):
+    """Null distances of the targets, from all real nodes (or a random sample on big graphs).
+    Also checks that the extracted receptive fields reproduce the full-graph activations."""
+    n = graph.num_nodes
+    weight = getattr(graph, "edge_weight", None)
+    with torch.no_grad():
+        if n <= opts.null_max_nodes:
+            null_ids = torch.arange(n)
+            null_acts = layer_output(model, layer, graph.x, graph.edge_index, weight)
+            _check_exact(null_acts[target_ids], reference_acts, layer, hops)
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            null_ids = torch.randperm(n, generator=gen)[: opts.null_max_nodes]
+            part = receptive_field(graph.x, graph.edge_index, weight, null_ids, hops)
+            null_acts = layer_output(model, layer, part.x, part.edge_index, part.edge_weight)[part.center]
+    return null_distances(null_acts, null_ids, target_ids, reference_acts)
+
+
+def _check_exact(full: Tensor, sub: Tensor, layer: str, hops: int) -> None:
+    scale = full.abs().max().clamp_min(1.0)
+    if not torch.allclose(full, sub, rtol=1e-4, atol=1e-4 * float(scale)):
+        raise ValueError(
+            f"the receptive-field subgraph ({hops} hops) does not reproduce the full-graph "
+            f"activations at layer {layer!r}; the model may propagate outside "
+            "torch_geometric MessagePassing.propagate: pass hops=<radius> explicitly")
+
+
+def _parameterise(kind, model, layer, sub: Subgraph, graph, generators, opts):
+    feats = struct = None
+    if kind in ("features", "joint"):
+        binary = is_binary(graph.x) if opts.binary is None else opts.binary
+        if binary and not is_binary(sub.x[sub.free]):
+            raise ValueError("binary=True but the reference features are not all 0/1")
+        free_ptr = sub.free_ptr()
+        noise = torch.cat([torch.randn(int(free_ptr[c + 1] - free_ptr[c]), sub.x.shape[1], generator=g)
+                           for c, g in enumerate(generators)])
+        feats = FeatureParam(sub, noise.to(sub.x.dtype), binary=binary,
+                             size_independent=opts.size_independent, per_row=opts.per_row,
+                             slope=opts.slope, margin=opts.margin, margin_weight=opts.margin_weight)
+    if kind in ("structure", "joint"):
+        _check_uses_edge_weight(model, layer, sub)
+        struct = StructureParam(sub, generators, slope=opts.edge_slope,
+                                dense_max_nodes=opts.dense_max_nodes, block_size=opts.block_size,
+                                resample_every=opts.resample_every)
+        if int(struct.budgets.sum()) == 0:
+            raise ValueError("the graph has no edges within the receptive field; structure and "
+                             "joint metamers need edges to rearrange")
+    return feats, struct
+
+
+def _check_uses_edge_weight(model, layer, sub: Subgraph) -> None:
+    """Structure metamers feed edges as weights: refuse models that ignore ``edge_weight``."""
+    if sub.edge_index.shape[1] == 0:
+        raise ValueError("the graph has no edges; structure and joint metamers need edges")
+    ones = torch.ones(sub.edge_index.shape[1])
+    with torch.no_grad():
+        try:
+            with_edges = layer_output(model, layer, sub.x, sub.edge_index, ones)
+        except TypeError as err:
+            raise TypeError("structure metamers need a model called as model(x, edge_index, "
+                            f"edge_weight); this model refused edge_weight: {err}") from err
+        without = layer_output(model, layer, sub.x, sub.edge_index, torch.zeros_like(ones))
+    if torch.equal(with_edges[sub.center], without[sub.center]):
+        raise ValueError(
+            "the model ignores edge_weight at this layer (activations with all edge weights 0 "
+            "equal those with weights 1), so structure metamers cannot be built for it; use a "
+            "model whose layers take edge_weight (e.g. fastmetamer.models.*)")
+
+
+def _step_losses(engine, sub: Subgraph, feats, struct) -> tuple[Tensor, Tensor]:
+    x, penalty = feats.features() if feats is not None else (sub.x, sub.x.new_zeros(()))
+    if struct is not None:
+        edge_index, edge_weight = struct.edges()
+    else:
+        edge_index, edge_weight = sub.edge_index, sub.edge_weight
+    return engine.losses(x, edge_index, edge_weight), penalty
+
+
+def _metamer_graph(sub: Subgraph, graph: Data, feats, struct) -> Data:
+    x = feats.final() if feats is not None else sub.x
+    edge_index, edge_weight = struct.final() if struct is not None else (sub.edge_index, sub.edge_weight)
+    return _subgraph_data(sub, graph, x, edge_index, edge_weight)
+
+
+def _subgraph_data(sub: Subgraph, graph: Data, x, edge_index, edge_weight) -> Data:
+    data = Data(x=x, edge_index=edge_index, n_id=sub.node_ids, free_mask=sub.free,
+                batch=sub.component, center=sub.center)
+    if edge_weight is not None:
+        data.edge_weight = edge_weight
+    if isinstance(getattr(graph, "y", None), Tensor) and graph.y.shape[:1] == (graph.num_nodes,):
+        data.y = graph.y[sub.node_ids]
+    return data

@@ -1,0 +1,306 @@
+"""End-to-end checks of fastmetamer.generate on the reference engine (SPEC §2, §8)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch_geometric.data import Data
+from torch_geometric.nn.models import GCN, GIN, GraphSAGE
+
+import fastmetamer as fm
+from fastmetamer.metamers.layers import count_hops, layer_output, resolve_layer
+from fastmetamer.metamers.receptive_field import receptive_field
+
+from conftest import awkward_graph
+
+
+def relative_loss(model, layer, metamer: Data, reference: Data, center) -> torch.Tensor:
+    """L_act recomputed from scratch by running the model on both graphs."""
+    with torch.no_grad():
+        a = layer_output(model, layer, metamer.x, metamer.edge_index, getattr(metamer, "edge_weight", None))
+        r = layer_output(model, layer, reference.x, reference.edge_index,
+                         getattr(reference, "edge_weight", None))
+    center = torch.as_tensor(center).view(-1)
+    return (a[center] - r[center]).pow(2).sum(1) / r[center].pow(2).sum(1)
+
+
+# --- receptive fields -------------------------------------------------------------------------
+
+def _pyg_models(in_dim):
+    torch.manual_seed(0)
+    return {
+        "gcn": GCN(in_dim, 8, num_layers=2, out_channels=3),
+        "sage": GraphSAGE(in_dim, 8, num_layers=3, out_channels=3, act="elu"),
+        "gin": GIN(in_dim, 8, num_layers=2, out_channels=3),
+        "zoo_gat": fm.models.GAT(in_dim, 3, hidden=8, depth=2),
+        "zoo_appnp": fm.models.APPNP(in_dim, 3, hidden=8, depth=2, K=3),
+        "zoo_sgc": fm.models.SGC(in_dim, 3, K=2),
+    }
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 30), node=st.integers(0, 29))
+def test_receptive_field_reproduces_full_graph(seed, n, node):
+    """The extracted subgraph gives exactly the full-graph activation at the target, for every
+    model family (GCN needs the outer ring's true degree)."""
+    graph = awkward_graph(num_nodes=max(n, 4), seed=seed)
+    node = node % graph.num_nodes
+    for name, model in _pyg_models(graph.num_features).items():
+        model.eval()
+        layer = resolve_layer(model, None)
+        hops = count_hops(model, layer, graph.x)
+        sub = receptive_field(graph.x, graph.edge_index, None, torch.tensor([node]), hops)
+        with torch.no_grad():
+            full = layer_output(model, layer, graph.x, graph.edge_index)[node]
+            part = layer_output(model, layer, sub.x, sub.edge_index)[sub.center[0]]
+        torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-5, msg=name)
+        assert sub.node_ids[sub.center[0]] == node
+
+
+def test_induced_subgraph_would_be_wrong_for_gcn():
+    """Guard that the exactness test can fail: the naive induced 2-hop subgraph is not exact."""
+    from torch_geometric.utils import k_hop_subgraph
+
+    graph = awkward_graph(num_nodes=40, seed=3)
+    model = _pyg_models(graph.num_features)["gcn"].eval()
+    errors = []
+    for node in range(30):
+        subset, edges, mapping, _ = k_hop_subgraph(node, 2, graph.edge_index, relabel_nodes=True,
+                                                   num_nodes=graph.num_nodes)
+        with torch.no_grad():
+            full = model(graph.x, graph.edge_index)[node]
+            naive = model(graph.x[subset], edges)[mapping[0]]
+        errors.append((full - naive).abs().max())
+    assert max(errors) > 1e-3
+
+
+def test_hop_counting():
+    graph = awkward_graph()
+    models = _pyg_models(graph.num_features)
+    hops = {name: count_hops(m.eval(), resolve_layer(m, None), graph.x) for name, m in models.items()}
+    assert hops == {"gcn": 2, "sage": 3, "gin": 2, "zoo_gat": 2, "zoo_appnp": 3, "zoo_sgc": 2}
+    assert count_hops(models["gcn"], "convs.0", graph.x) == 1
+
+
+# --- feature metamers -------------------------------------------------------------------------
+
+def test_binary_feature_metamer(synthetic, pyg_gcn):
+    node = int(synthetic.test_mask.nonzero()[0])
+    res = fm.generate(pyg_gcn, synthetic, node, progress=False)
+    free = res.graph.free_mask
+    metamer, reference = res.graph.x[free], res.reference.x[free]
+    assert res.loss < 1e-2 and res.passed
+    assert set(metamer.unique().tolist()) <= {0.0, 1.0}
+    assert metamer.sum() == reference.sum()  # exactly the reference density over R
+    assert res.metrics["features"]["cosine"] < 0.5
+    # frozen boundary nodes keep their features, edges untouched
+    assert torch.equal(res.graph.x[~free], res.reference.x[~free])
+    assert torch.equal(res.graph.edge_index, res.reference.edge_index)
+    # running the model reproduces the reported loss and the full-graph reference output
+    recomputed = relative_loss(pyg_gcn, res.layer, res.graph, res.reference, res.center)
+    assert recomputed.item() == pytest.approx(res.loss, rel=1e-4, abs=1e-7)
+    with torch.no_grad():
+        full = pyg_gcn(synthetic.x, synthetic.edge_index)[node]
+        sub = pyg_gcn(res.reference.x, res.reference.edge_index)[res.center]
+    torch.testing.assert_close(sub, full, rtol=1e-5, atol=1e-5)
+    assert res.history.dim() == 1 and res.history[0] > 10 * res.loss
+
+
+def test_batched_targets_match_single_calls(synthetic, pyg_gcn):
+    nodes = synthetic.test_mask.nonzero().flatten()[:4].tolist()
+    batched = fm.generate(pyg_gcn, synthetic, nodes, steps=200, progress=False)
+    assert batched.loss.shape == (4,) and batched.passed.shape == (4,)
+    for i, node in enumerate(nodes):
+        single = fm.generate(pyg_gcn, synthetic, node, steps=200, progress=False)
+        assert batched.loss[i].item() == pytest.approx(single.loss, rel=1e-3, abs=1e-6)
+    assert batched.graph.batch.max() == 3
+    recomputed = relative_loss(pyg_gcn, batched.layer, batched.graph, batched.reference, batched.center)
+    torch.testing.assert_close(recomputed, batched.loss, rtol=1e-4, atol=1e-7)
+
+
+def test_seed_reproducible_and_seed_matters(synthetic, pyg_gcn):
+    a = fm.generate(pyg_gcn, synthetic, 7, steps=50, seed=3, progress=False)
+    b = fm.generate(pyg_gcn, synthetic, 7, steps=50, seed=3, progress=False)
+    c = fm.generate(pyg_gcn, synthetic, 7, steps=50, seed=4, progress=False)
+    assert torch.equal(a.graph.x, b.graph.x)
+    assert not torch.equal(a.graph.x, c.graph.x)
+
+
+def test_per_row_keeps_each_nodes_ones(synthetic, pyg_gcn):
+    res = fm.generate(pyg_gcn, synthetic, 11, steps=300, per_row=True, progress=False)
+    free = res.graph.free_mask
+    assert torch.equal(res.graph.x[free].sum(1), res.reference.x[free].sum(1))
+    assert res.loss < res.history[0]
+
+
+def test_continuous_features_stay_in_range():
+    graph = awkward_graph(num_nodes=50, num_features=6, seed=5)
+    torch.manual_seed(0)
+    model = GCN(6, 16, num_layers=2, out_channels=4).eval()
+    res = fm.generate(model, graph, 0, steps=400, progress=False)
+    free = res.graph.free_mask
+    ref = res.reference.x[free]
+    assert (res.graph.x[free] >= ref.min(0).values - 1e-6).all()
+    assert (res.graph.x[free] <= ref.max(0).values + 1e-6).all()
+    assert res.loss < 1e-3 and res.metrics["features"]["relative_l2"] > 0.5
+
+
+def test_size_independent_mode_learns_only_statistics(synthetic, pyg_gcn):
+    res = fm.generate(pyg_gcn, synthetic, 3, steps=300, size_independent=True, progress=False)
+    assert res.loss < res.history[0]
+    assert res.settings["size_independent"]
+
+
+def test_whole_graph_metamer():
+    graph = fm.datasets.synthetic_graph(num_nodes=150, num_features=40, seed=2)
+    torch.manual_seed(0)
+    from conftest import train_node_classifier
+    model = train_node_classifier(GCN(40, 16, num_layers=2, out_channels=5), graph, epochs=50)
+    res = fm.generate(model, graph, None, steps=300, progress=False)
+    assert res.graph.num_nodes == graph.num_nodes and res.passed.shape == (graph.num_nodes,)
+    assert isinstance(res.loss, float) and res.loss < 0.05
+    assert res.graph.x.sum() == graph.x.sum()
+
+
+# --- structure and joint metamers --------------------------------------------------------------
+
+def _undirected_pairs(data: Data, nodes: torch.Tensor) -> set:
+    mask = torch.zeros(data.num_nodes, dtype=torch.bool)
+    mask[nodes] = True
+    src, dst = data.edge_index
+    keep = mask[src] & mask[dst] & (src != dst)
+    return {(min(a, b), max(a, b)) for a, b in data.edge_index[:, keep].t().tolist()}
+
+
+@pytest.mark.parametrize("dense_max_nodes", [10_000, 5])
+def test_structure_metamer_keeps_budget(synthetic, dense_max_nodes):
+    model = fm.models.GCN(synthetic.num_features, int(synthetic.y.max()) + 1, hidden=16)
+    from conftest import train_node_classifier
+    train_node_classifier(model, synthetic, epochs=60)
+    res = fm.generate(model, synthetic, [5, 9], kind="structure", steps=150,
+                      dense_max_nodes=dense_max_nodes, block_size=64, resample_every=20, progress=False)
+    for c in range(2):
+        nodes = ((res.graph.batch == c) & res.graph.free_mask).nonzero().flatten()
+        new, old = _undirected_pairs(res.graph, nodes), _undirected_pairs(res.reference, nodes)
+        assert len(new) == len(old) > 0
+    src, dst = res.graph.edge_index
+    free_pair = res.graph.free_mask[src] & res.graph.free_mask[dst]
+    ref_src, ref_dst = res.reference.edge_index
+    assert (src == dst).sum() == (ref_src == ref_dst).sum()  # no new self loops
+    # symmetric: every edge among free nodes appears in both directions
+    pairs = set(map(tuple, res.graph.edge_index[:, free_pair].t().tolist()))
+    assert all((b, a) in pairs for a, b in pairs)
+    assert torch.equal(res.graph.x, res.reference.x)
+    assert (res.loss < res.history[0]).all()
+    recomputed = relative_loss(model, res.layer, res.graph, res.reference, res.center)
+    torch.testing.assert_close(recomputed, res.loss, rtol=1e-4, atol=1e-6)
+
+
+def test_joint_metamer_changes_both(synthetic):
+    model = fm.models.GCN(synthetic.num_features, int(synthetic.y.max()) + 1, hidden=16)
+    from conftest import train_node_classifier
+    train_node_classifier(model, synthetic, epochs=60)
+    res = fm.generate(model, synthetic, 4, kind="joint", steps=300, progress=False)
+    assert res.loss < 1e-2
+    assert not torch.equal(res.graph.x, res.reference.x)
+    assert res.metrics["structure"]["edge_jaccard"] < 1.0
+
+
+# --- bad input (SPEC §8) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("node, message", [
+    (10_000, "out of range"), (-1, "out of range"), ([], "empty"), ([1, 1], "duplicate"),
+    ("3", "node must be"), (True, "bool"), (1.5, "node must be"),
+])
+def test_bad_nodes(synthetic, pyg_gcn, node, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        fm.generate(pyg_gcn, synthetic, node, steps=1, progress=False)
+
+
+def _with(graph: Data, **fields) -> Data:
+    out = graph.clone()
+    for key, value in fields.items():
+        setattr(out, key, value)
+    return out
+
+
+@pytest.mark.parametrize("fields, error, message", [
+    ({"edge_index": torch.zeros(3, 4, dtype=torch.long)}, ValueError, r"shape \[2, num_edges\]"),
+    ({"edge_index": torch.zeros(2, 4)}, TypeError, "dtype"),
+    ({"edge_index": torch.tensor([[0, 1], [1, 10_000]])}, ValueError, "outside"),
+    ({"edge_index": torch.tensor([[0, -1], [1, 2]])}, ValueError, "outside"),
+    ({"x": None}, ValueError, "graph.x"),
+    ({"edge_weight": torch.ones(3)}, ValueError, "edge_weight"),
+])
+def test_bad_graphs(synthetic, pyg_gcn, fields, error, message):
+    with pytest.raises(error, match=message):
+        fm.generate(pyg_gcn, _with(synthetic, **fields), 0, steps=1, progress=False)
+
+
+def test_nan_features(synthetic, pyg_gcn):
+    x = synthetic.x.clone()
+    x[5, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        fm.generate(pyg_gcn, _with(synthetic, x=x), 0, steps=1, progress=False)
+
+
+def test_not_a_graph(pyg_gcn):
+    with pytest.raises(TypeError, match="Data"):
+        fm.generate(pyg_gcn, {"x": torch.zeros(2, 2)}, 0)
+
+
+def test_unknown_layer_lists_valid_names(synthetic, pyg_gcn):
+    with pytest.raises(ValueError, match="convs.1"):
+        fm.generate(pyg_gcn, synthetic, 0, layer="convs.7", progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        fm.generate(pyg_gcn, synthetic, 0, layer=5, progress=False)
+
+
+def test_bad_kind_option_steps(synthetic, pyg_gcn):
+    with pytest.raises(ValueError, match="kind"):
+        fm.generate(pyg_gcn, synthetic, 0, kind="edges")
+    with pytest.raises(TypeError, match="unknown option"):
+        fm.generate(pyg_gcn, synthetic, 0, learning_rate=3)
+    with pytest.raises(ValueError, match="steps"):
+        fm.generate(pyg_gcn, synthetic, 0, steps=0)
+    with pytest.raises(ValueError, match="backend"):
+        fm.generate(pyg_gcn, synthetic, 0, backend="tpu")
+
+
+def test_structure_needs_edge_weights(synthetic):
+    torch.manual_seed(0)
+    sage = GraphSAGE(synthetic.num_features, 8, num_layers=2, out_channels=5).eval()
+    with pytest.raises(ValueError, match="ignores edge_weight"):
+        fm.generate(sage, synthetic, 0, kind="structure", progress=False)
+    mlp = fm.models.MLP(synthetic.num_features, 5, hidden=8)
+    with pytest.raises(ValueError, match="ignores edge_weight|no message-passing"):
+        fm.generate(mlp, synthetic, 0, kind="structure", layer="layers.1", progress=False)
+
+
+def test_structure_needs_edges(pyg_gcn, synthetic):
+    empty = _with(synthetic, edge_index=torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="no edges"):
+        fm.generate(pyg_gcn, empty, 0, kind="structure", progress=False)
+
+
+def test_feature_metamer_on_graph_without_edges_and_single_node(pyg_gcn, synthetic):
+    empty = _with(synthetic, edge_index=torch.zeros(2, 0, dtype=torch.long))
+    res = fm.generate(pyg_gcn, empty, 0, steps=50, progress=False)
+    assert res.graph.num_nodes == 1
+    one = Data(x=synthetic.x[:1], edge_index=torch.zeros(2, 0, dtype=torch.long))
+    res = fm.generate(pyg_gcn, one, 0, steps=50, progress=False)
+    assert res.graph.num_nodes == 1 and torch.isinf(res.null_threshold).all()
+
+
+# --- result -------------------------------------------------------------------------------------
+
+def test_result_save_load_and_dict(tmp_path, synthetic, pyg_gcn):
+    import json
+
+    res = fm.generate(pyg_gcn, synthetic, [2, 3], steps=20, progress=False)
+    res.save(tmp_path / "res.pt")
+    again = fm.MetamerResult.load(tmp_path / "res.pt")
+    assert torch.equal(again.graph.x, res.graph.x) and torch.equal(again.loss, res.loss)
+    summary = json.loads((tmp_path / "res.json").read_text())
+    assert summary["nodes"] == [2, 3] and len(summary["loss"]) == 2
+    assert summary == json.loads(json.dumps(res.to_dict()))
