@@ -162,3 +162,66 @@ def _row_top_mask(prob: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     k = counts.unsqueeze(1)
     threshold = 0.5 * (padded.gather(1, k) + padded.gather(1, k + 1))
     return hard, threshold
+
+
+class FusedBinaryFeatures:
+    """Binary straight-through features stepped by the fused update kernels.
+
+    The same mathematics as :class:`FeatureParam` (binary, full mode) followed by the
+    optimiser's masked Adam, but the selection (``top_mask``) and the whole elementwise update
+    (sigmoid, margin term, straight-through chain rule, Adam, masking) each run as one fused op
+    of ``kernels``. ``features()`` also leaves ``self.ones``, the pattern of the ones of X', so
+    the engine can gather weight rows instead of multiplying by the dense 0/1 matrix.
+    """
+
+    params: list[Tensor] = []
+
+    def __init__(self, sub: Subgraph, noise: Tensor, kernels, schedule, *, per_row: bool,
+                 slope: float, margin: float, margin_weight: float):
+        from ..engines.csr import Pattern
+
+        self._pattern = Pattern
+        self.sub, self.kernels, self.schedule = sub, kernels, schedule
+        self.binary, self.slope, self.margin = True, slope, margin
+        stats = feature_stats(sub)
+        self.free_rows = sub.free.nonzero().flatten()
+        self.row_component = sub.component[sub.free]
+        self.theta = (stats.mean[self.row_component] + stats.std[self.row_component] * noise).contiguous()
+        self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.theta), torch.zeros_like(self.theta)
+        ptr = sub.free_ptr()
+        if per_row:
+            self.ptr, self.k = torch.arange(self.theta.shape[0] + 1), (sub.x[sub.free] > 0.5).sum(1)
+        else:
+            self.ptr, self.k = ptr, stats.ones
+        entries = ptr.diff().clamp_min(1) * self.theta.shape[1]
+        self.margin_scale = (margin_weight / entries.to(self.theta.dtype))[self.row_component].contiguous()
+        self.steps = 0
+
+    def _hard_x(self) -> Tensor:
+        hard, self.threshold = self.kernels.top_mask(self.theta, self.ptr, self.k, self.slope)
+        x = self.sub.x.clone()
+        x[self.free_rows] = hard
+        return x
+
+    def features(self) -> tuple[Tensor, Tensor]:
+        """(X' [m, d], a leaf whose .grad receives dL/dX'; a zero penalty: the margin term is
+        applied inside the fused update)."""
+        x = self._hard_x()
+        row, col = x.nonzero().t()
+        self.ones = self._pattern.from_coo(row, col, x.shape[0], x.shape[1])
+        self._x = x.requires_grad_()
+        return x, x.new_zeros(())
+
+    def fused_step(self, lr: float, active: Tensor) -> None:
+        """One fused straight-through + margin + Adam step from the gradient left in X'.grad."""
+        self.steps += 1
+        beta1, beta2 = self.schedule.betas
+        grad = self._x.grad[self.free_rows].contiguous()
+        self.kernels.adam_ste_update(
+            self.theta, grad, self.exp_avg, self.exp_avg_sq, step=self.steps, lr=lr, beta1=beta1,
+            beta2=beta2, eps=self.schedule.eps, slope=self.slope, threshold=self.threshold,
+            margin=self.margin, margin_scale=self.margin_scale, active=active[self.row_component])
+
+    def final(self) -> Tensor:
+        """The returned metamer features [m, d], exactly 0/1 at the reference density."""
+        return self._hard_x()

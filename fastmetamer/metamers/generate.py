@@ -10,9 +10,10 @@ from torch import Tensor, nn
 from torch_geometric.data import Data
 
 from ..validation import check_graph, check_nodes
-from . import backends
+from ..engines import FastEngine, make_engine
+from ..ops import dispatch
 from .criterion import null_distances, passes
-from .features import FeatureParam, is_binary
+from .features import FeatureParam, FusedBinaryFeatures, is_binary
 from .layers import count_hops, layer_output, resolve_layer
 from .optimize import Schedule, run_schedule
 from .receptive_field import Subgraph, disjoint_receptive_fields, receptive_field, whole_graph
@@ -141,10 +142,10 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts)
         reference_acts = layer_output(model, layer, sub.x, sub.edge_index, sub.edge_weight)[sub.center]
     target_ids = sub.node_ids[sub.center]
     null = _null(model, layer, graph, target_ids, reference_acts, hops, opts, seed)
-    engine = backends.make_engine(backend, model, layer, sub, reference_acts, joint=targets is None)
+    engine = make_engine(backend, model, layer, sub, reference_acts, joint=targets is None)
     generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(v)) for v in
                   (target_ids[:1] if targets is None else target_ids)]
-    feats, struct = _parameterise(kind, model, layer, sub, graph, generators, opts)
+    feats, struct = _parameterise(kind, model, layer, sub, graph, generators, opts, engine, schedule)
     started = time.perf_counter()
     history = run_schedule(
         [p for p in (feats, struct) if p is not None],
@@ -200,7 +201,7 @@ def _check_exact(full: Tensor, sub: Tensor, layer: str, hops: int) -> None:
             "torch_geometric MessagePassing.propagate: pass hops=<radius> explicitly")
 
 
-def _parameterise(kind, model, layer, sub: Subgraph, graph, generators, opts):
+def _parameterise(kind, model, layer, sub: Subgraph, graph, generators, opts, engine, schedule):
     feats = struct = None
     if kind in ("features", "joint"):
         binary = is_binary(graph.x) if opts.binary is None else opts.binary
@@ -209,9 +210,14 @@ def _parameterise(kind, model, layer, sub: Subgraph, graph, generators, opts):
         free_ptr = sub.free_ptr()
         noise = torch.cat([torch.randn(int(free_ptr[c + 1] - free_ptr[c]), sub.x.shape[1], generator=g)
                            for c, g in enumerate(generators)])
-        feats = FeatureParam(sub, noise.to(sub.x.dtype), binary=binary,
-                             size_independent=opts.size_independent, per_row=opts.per_row,
-                             slope=opts.slope, margin=opts.margin, margin_weight=opts.margin_weight)
+        settings = dict(per_row=opts.per_row, slope=opts.slope, margin=opts.margin,
+                        margin_weight=opts.margin_weight)
+        if binary and not opts.size_independent and isinstance(engine, FastEngine):
+            feats = FusedBinaryFeatures(sub, noise.to(sub.x.dtype), dispatch.get("update", engine.name),
+                                        schedule, **settings)
+        else:
+            feats = FeatureParam(sub, noise.to(sub.x.dtype), binary=binary,
+                                 size_independent=opts.size_independent, **settings)
     if kind in ("structure", "joint"):
         _check_uses_edge_weight(model, layer, sub)
         struct = StructureParam(sub, generators, slope=opts.edge_slope,
@@ -248,7 +254,7 @@ def _step_losses(engine, sub: Subgraph, feats, struct) -> tuple[Tensor, Tensor]:
         edge_index, edge_weight = struct.edges()
     else:
         edge_index, edge_weight = sub.edge_index, sub.edge_weight
-    return engine.losses(x, edge_index, edge_weight), penalty
+    return engine.losses(x, edge_index, edge_weight, x_ones=getattr(feats, "ones", None)), penalty
 
 
 def _metamer_graph(sub: Subgraph, graph: Data, feats, struct) -> Data:

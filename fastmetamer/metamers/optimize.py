@@ -74,7 +74,8 @@ def run_schedule(param_sets: list[Parameterisation], step_losses: Callable[[], t
     """Optimise; returns the loss history [steps_run, C] (loss before each update).
 
     ``step_losses()`` returns (per-component L_act [C], extra penalty scalar) with autograd
-    paths to the parameters. ``after_step(step, active)`` may replace parameters (e.g. a block
+    paths to the parameters. A parameter set with a ``fused_step(lr, active)`` method updates
+    itself (fused kernels) instead of going through this module's Adam. ``after_step(step, active)`` may replace parameters (e.g. a block
     resample) and returns True when it did, which resets Adam.
     """
     adam = Adam(schedule)
@@ -89,9 +90,14 @@ def run_schedule(param_sets: list[Parameterisation], step_losses: Callable[[], t
         if not active.any():
             break
         (losses[active].sum() + penalty).backward()
-        params = [p for ps in param_sets for p in ps.params]
-        owners = [o for ps in param_sets for o in ps.parameter_components()]
-        adam.step(params, owners, active, schedule.lr_at(step))
+        lr = schedule.lr_at(step)
+        autograd_sets = [ps for ps in param_sets if not hasattr(ps, "fused_step")]
+        for ps in param_sets:
+            if hasattr(ps, "fused_step"):
+                ps.fused_step(lr, active)
+        params = [p for ps in autograd_sets for p in ps.params]
+        owners = [o for ps in autograd_sets for o in ps.parameter_components()]
+        adam.step(params, owners, active, lr)
         for ps in param_sets:
             project = getattr(ps, "project", None)
             if project is not None:

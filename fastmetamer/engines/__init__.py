@@ -1,0 +1,37 @@
+"""Engines: where a metamer step's forward, loss and backward run.
+
+- :class:`ReferenceEngine`: plain PyTorch autograd through the user's model (the oracle).
+- :class:`FastEngine`: the model lowered to a program of fused ops on one backend.
+
+:func:`make_engine` is the single place that chooses between them.
+"""
+from __future__ import annotations
+
+import warnings
+
+from torch import Tensor, nn
+
+from ..metamers.receptive_field import Subgraph
+from ..ops import dispatch
+from .fast import FastEngine
+from .lowering import Unsupported, lower
+from .reference import ReferenceEngine
+
+__all__ = ["FastEngine", "ReferenceEngine", "make_engine", "lower", "Unsupported"]
+
+
+def make_engine(backend: str, model: nn.Module, layer: str, sub: Subgraph, target: Tensor,
+                joint: bool) -> ReferenceEngine | FastEngine:
+    """The engine for ``backend`` (``"auto"``: the fastest available; ``"reference"``: autograd).
+
+    A model or layer the fast engine cannot lower falls back to the reference engine with one
+    warning naming it."""
+    concrete = dispatch.resolve(backend, sub.x.device)
+    if concrete == "reference":
+        return ReferenceEngine(model, layer, sub, target, joint)
+    try:
+        program = lower(model, layer)
+    except Unsupported as err:
+        warnings.warn(f"fastmetamer fast engine: {err}; using the reference engine", stacklevel=3)
+        return ReferenceEngine(model, layer, sub, target, joint)
+    return FastEngine(program, concrete, model, sub, target, joint)

@@ -1,0 +1,153 @@
+"""The fast engine: runs a lowered program with fused kernels of one backend.
+
+Same interface as :class:`~fastmetamer.engines.reference.ReferenceEngine`; its ``losses`` is
+differentiable (through autograd functions over the fused ops) w.r.t. the features and the edge
+weights. Sparsity patterns, sort orders and transposes are cached per edge list, so a step of a
+feature metamer does no sorting, transposing or normalising of the graph.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
+
+from ..metamers.layers import layer_output
+from ..metamers.receptive_field import Subgraph
+from ..ops import dispatch
+from . import functions as F
+from .csr import Operator, Pattern
+from .lowering import Program, Stage
+
+
+def _coo(stage: Stage, edge_index: Tensor, edge_weight: Tensor | None, n: int):
+    """(row, col, value, num_cols) of the stage's operator in coordinate form (row = destination).
+
+    For a stage with a root weight the operator is [A | I] over the stacked input [x W; x W_r]."""
+    from ..models.convs import gcn_normalize
+
+    src, dst = edge_index
+    if not stage.weighted:
+        edge_weight = None
+    weight = torch.ones(src.numel()) if edge_weight is None else edge_weight
+    loops = torch.arange(n)
+    if stage.operator == "gcn":
+        index, value = gcn_normalize(edge_index, edge_weight, n, torch.float32)
+        return index[1], index[0], value, n
+    if stage.operator == "gcn_pyg":
+        index, value = gcn_norm(edge_index, edge_weight, n, improved=False, add_self_loops=True)
+        return index[1], index[0], value, n
+    if stage.operator == "sum_self":
+        self_value = torch.full((n,), 1.0 + stage.eps)
+        return torch.cat([dst, loops]), torch.cat([src, loops]), torch.cat([weight, self_value]), n
+    degree = torch.zeros(n).index_add(0, dst, weight)
+    degree = torch.where(degree > 0, degree, torch.ones_like(degree))
+    value = weight / degree[dst]
+    return torch.cat([dst, loops]), torch.cat([src, loops + n]), torch.cat([value, torch.ones(n)]), 2 * n
+
+
+class FastEngine:
+    """Fused-kernel engine for a lowered program (see ReferenceEngine for the arguments)."""
+
+    def __init__(self, program: Program, backend: str, model: nn.Module, sub: Subgraph,
+                 target: Tensor, joint: bool):
+        self.program, self.name, self.model, self.sub = program, backend, model, sub
+        self.layer = program.layer
+        self.kernels = {op: dispatch.get(op, backend) for op in dispatch.OPS}
+        self.target = target.contiguous()
+        self.component = (torch.zeros if joint else torch.arange)(target.shape[0], dtype=torch.long)
+        scale = target.pow(2).sum().view(1) if joint else target.pow(2).sum(1)
+        self.scale = scale.clamp_min(torch.finfo(target.dtype).tiny)
+        self._patterns: dict = {}
+        self._operators: dict = {}
+
+    def activations(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
+        """Layer-l activations at the targets [T, d_l] (no gradient needed: reference path)."""
+        return layer_output(self.model, self.layer, x, edge_index, edge_weight)[self.sub.center]
+
+    def losses(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None,
+               x_ones: Pattern | None = None) -> Tensor:
+        """L_act per problem [C], differentiable w.r.t. ``x`` [m, d] and ``edge_weight`` [E].
+
+        ``x_ones``: the pattern of the ones of a binary ``x`` (rows = nodes); the first dense
+        product then gathers weight rows instead of multiplying by the dense matrix."""
+        n, h = x.shape[0], x
+        stages = self.program.stages
+        for i, stage in enumerate(stages):
+            operator = self._operator(stage, edge_index, edge_weight, n)
+            inputs = self._transform(stage, h, x_ones if i == 0 else None)
+            if i == len(stages) - 1:
+                return self._matched(stage, h, inputs, operator)
+            h = self._propagate(stage, h, inputs, operator)
+        raise AssertionError("a program has at least one stage")
+
+    def _operator(self, stage: Stage, edge_index: Tensor, edge_weight: Tensor | None, n: int) -> Operator:
+        if not stage.weighted:
+            edge_weight = None
+        cache_key = (stage.operator, stage.eps, id(edge_index), id(edge_weight))
+        cached = self._operators.get(cache_key)
+        if cached is not None and cached[0] is edge_index and cached[1] is edge_weight:
+            return cached[2]
+        row, col, value, num_cols = _coo(stage, edge_index, edge_weight, n)
+        pattern_key = (stage.operator, id(edge_index))
+        known = self._patterns.get(pattern_key)
+        if known is None or known[0] is not edge_index:
+            known = (edge_index, Pattern.from_coo(row, col, n, num_cols))
+            self._patterns[pattern_key] = known
+        operator = Operator.build(known[1], value.float())
+        if edge_weight is None or not edge_weight.requires_grad:
+            self._operators[cache_key] = (edge_index, edge_weight, operator)
+        return operator
+
+    def _transform(self, stage: Stage, h: Tensor, ones: Pattern | None) -> Tensor:
+        """The aggregation's input: h @ weight (stacked with h @ root_weight when present)."""
+        def product(weight: Tensor) -> Tensor:
+            if ones is None:
+                return h @ weight
+            unit = Operator(ones, torch.ones(ones.col.numel()), torch.ones(ones.col.numel()))
+            return F.binary_linear(h, weight, unit, self.kernels)
+
+        inputs = product(stage.weight)
+        if stage.root_weight is not None:
+            inputs = torch.cat([inputs, product(stage.root_weight)])
+        return inputs
+
+    def _residual(self, stage: Stage, h: Tensor) -> Tensor | None:
+        if stage.residual is None:
+            return None
+        return h if isinstance(stage.residual, str) else h @ stage.residual
+
+    def _propagate(self, stage: Stage, h: Tensor, inputs: Tensor, operator: Operator) -> Tensor:
+        if stage.fused_epilogue:
+            return F.aggregate(inputs, operator, self.kernels, stage.bias, stage.act, self._residual(stage, h))
+        out = F.aggregate(inputs, operator, self.kernels, stage.bias, stage.act)
+        return self._post(stage, out, h)
+
+    def _post(self, stage: Stage, out: Tensor, h: Tensor) -> Tensor:
+        from ..ops.activations import apply
+
+        for dense in stage.post:
+            out = apply(out @ dense.weight + (0 if dense.bias is None else dense.bias), dense.act)
+        residual = self._residual(stage, h)
+        return out if residual is None else out + residual
+
+    def _matched(self, stage: Stage, h: Tensor, inputs: Tensor, operator: Operator) -> Tensor:
+        rows = self._target_operator(operator)
+        if stage.fused_epilogue and stage.residual is None:
+            return F.matched_loss(inputs, rows, self.kernels, self.target, self.component,
+                                  self.scale, stage.bias, stage.act)
+        out = F.aggregate(inputs, rows, self.kernels, stage.bias, stage.act)
+        center_h = h[self.sub.center] if stage.residual is not None else h
+        diff = (self._post(stage, out, center_h) - self.target).pow(2).sum(1)
+        return torch.zeros_like(self.scale).index_add(0, self.component, diff) / self.scale
+
+    def _target_operator(self, operator: Operator) -> Operator:
+        """The operator's rows at the targets (pattern cached with the operator's pattern)."""
+        key = ("rows", id(operator.pattern))
+        known = self._patterns.get(key)
+        if known is None or known[0] is not operator.pattern:
+            known = (operator.pattern, operator.pattern.rows(self.sub.center))
+            self._patterns[key] = known
+        rows = known[1]
+        # rows.order indexes coordinate-order values; recover them from the CSR-order values.
+        coo_value = torch.empty_like(operator.value).index_put((operator.pattern.order,), operator.value)
+        return Operator.build(rows, coo_value)

@@ -1,0 +1,95 @@
+"""Autograd functions over the fused ops, so lowered programs compose with PyTorch autograd.
+
+Each function's forward and backward call the op modules of the chosen backend (``kernels``
+maps an op family name of :mod:`fastmetamer.ops.dispatch` to its backend module); gradients flow to node states, to operator values (edge
+weights, for structure metamers) and, for sparse binary inputs, to the dense input features.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .csr import Operator
+
+
+class _Aggregate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, value, residual, bias, op: Operator, act: str, kernels: dict):
+        p = op.pattern
+        out, saved = kernels["aggregate"].aggregate_forward(p.rowptr, p.col, value.detach(), x.detach(), bias, act,
+                                               None if residual is None else residual.detach())
+        ctx.save_for_backward(x, saved)
+        ctx.op, ctx.act, ctx.kernels = op, act, kernels
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, saved = ctx.saved_tensors
+        op, act, kernels = ctx.op, ctx.act, ctx.kernels
+        p = op.pattern
+        grad_out = grad_out.contiguous()
+        grad_x = grad_value = None
+        if ctx.needs_input_grad[0]:
+            grad_x = kernels["aggregate"].aggregate_backward(p.t_rowptr, p.t_col, op.t_value, grad_out, saved, act)
+        if ctx.needs_input_grad[1]:
+            grad_value = kernels["aggregate"].edge_grad(p.rowptr, p.col, grad_out, saved, act, x.detach())
+        grad_residual = grad_out if ctx.needs_input_grad[2] else None
+        return grad_x, grad_value, grad_residual, None, None, None, None
+
+
+def aggregate(x: Tensor, op: Operator, kernels: dict, bias: Tensor | None = None,
+              act: str = "none", residual: Tensor | None = None) -> Tensor:
+    """act(A x + bias) + residual with A = ``op`` [n, m], x [m, f]; returns [n, f]."""
+    return _Aggregate.apply(x.contiguous(), op.value, residual, bias, op, act, kernels)
+
+
+class _MatchedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, value, op: Operator, bias, act, target, component, scale, kernels):
+        p = op.pattern
+        loss, grad_pre = kernels["loss"].matched_loss(p.rowptr, p.col, value.detach(), x.detach(), target,
+                                              component, scale, bias, act)
+        ctx.save_for_backward(x, grad_pre, component)
+        ctx.op, ctx.kernels = op, kernels
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, grad_pre, component = ctx.saved_tensors
+        op, kernels = ctx.op, ctx.kernels
+        p = op.pattern
+        grad_pre = (grad_pre * grad_loss[component].unsqueeze(1)).contiguous()
+        empty = grad_pre.new_empty(0)
+        grad_x = grad_value = None
+        if ctx.needs_input_grad[0]:
+            grad_x = kernels["aggregate"].aggregate_backward(p.t_rowptr, p.t_col, op.t_value, grad_pre, empty,
+                                                             "none")
+        if ctx.needs_input_grad[1]:
+            grad_value = kernels["aggregate"].edge_grad(p.rowptr, p.col, grad_pre, empty, "none", x.detach())
+        return grad_x, grad_value, None, None, None, None, None, None, None
+
+
+def matched_loss(x: Tensor, op: Operator, kernels: dict, target: Tensor, component: Tensor,
+                 scale: Tensor, bias: Tensor | None = None, act: str = "none") -> Tensor:
+    """Per-problem L_act [C] of the layer act(A x + bias) at the operator's rows (the targets)."""
+    return _MatchedLoss.apply(x.contiguous(), op.value, op, bias, act, target, component, scale, kernels)
+
+
+class _BinaryLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, ones: Operator, kernels):
+        p = ones.pattern
+        out, _ = kernels["aggregate"].aggregate_forward(p.rowptr, p.col, ones.value, weight.contiguous(), None, "none", None)
+        ctx.save_for_backward(weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (weight,) = ctx.saved_tensors
+        return grad_out @ weight.t(), None, None, None
+
+
+def binary_linear(x: Tensor, weight: Tensor, ones: Operator, kernels: dict) -> Tensor:
+    """x @ weight for binary x [n, d] whose ones are the pattern of ``ones`` (values 1): a sparse
+    gather-sum of weight [d, f] rows forward, the dense gradient grad @ weight^T backward."""
+    return _BinaryLinear.apply(x, weight, ones, kernels)

@@ -1,0 +1,58 @@
+"""Reference (plain PyTorch) CSR aggregation with fused epilogue, its backward and edge gradient.
+
+A CSR matrix A [n, m] is (rowptr [n+1], col [E], weight [E]); row i holds the edges into
+destination i from sources col[rowptr[i]:rowptr[i+1]].
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import activations
+
+
+def _rows(rowptr: Tensor) -> Tensor:
+    return torch.repeat_interleave(torch.arange(rowptr.numel() - 1), rowptr.diff())
+
+
+def spmm(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+    """A @ x: [n, f] with out[i] = sum_e weight[e] * x[col[e]] over row i."""
+    out = x.new_zeros(rowptr.numel() - 1, x.shape[1])
+    return out.index_add_(0, _rows(rowptr), weight.unsqueeze(1) * x[col])
+
+
+def aggregate_forward(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor,
+                      bias: Tensor | None = None, act: str = "none",
+                      residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """out = act(A @ x + bias) + residual.
+
+    Args: rowptr [n+1], col [E], weight [E], x [m, f], bias [f] or None, residual [n, f] or None.
+    Returns: (out [n, f], saved) with ``saved`` as in :mod:`fastmetamer.ops.activations`.
+    """
+    pre = spmm(rowptr, col, weight, x)
+    if bias is not None:
+        pre = pre + bias
+    out = activations.apply(pre, act)
+    if residual is not None:
+        out = out + residual
+    return out, activations.save_for_backward(pre, act)
+
+
+def aggregate_backward(t_rowptr: Tensor, t_col: Tensor, t_weight: Tensor, grad_out: Tensor,
+                       saved: Tensor, act: str) -> Tensor:
+    """grad_x = A^T @ (grad_out * act'(pre)), over the transposed CSR of A.
+
+    Args: t_rowptr [m+1], t_col [E] (destination ids), t_weight [E]: A^T in CSR; grad_out [n, f];
+    saved: the forward's saved state. Returns grad_x [m, f].
+    """
+    grad_pre = grad_out * activations.saved_derivative(saved, act, tuple(grad_out.shape))
+    return spmm(t_rowptr, t_col, t_weight, grad_pre)
+
+
+def edge_grad(rowptr: Tensor, col: Tensor, grad_out: Tensor, saved: Tensor, act: str,
+              x: Tensor) -> Tensor:
+    """SDDMM: d loss / d weight[e] = <grad_out[i] * act'(pre[i]), x[col[e]]> for e in row i.
+
+    Returns [E]."""
+    grad_pre = grad_out * activations.saved_derivative(saved, act, tuple(grad_out.shape))
+    return (grad_pre[_rows(rowptr)] * x[col]).sum(1)

@@ -1,0 +1,1 @@
+"""Op family: update (see fastmetamer.ops)."""

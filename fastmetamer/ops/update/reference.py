@@ -1,0 +1,62 @@
+"""Reference fused update of binary straight-through features: top-rho selection and Adam.
+
+Features are parameterised by logits theta [F, d]; P = sigmoid(slope * theta); the model sees
+the hard top-k mask of P per block of rows (a problem, or a single row in per-row mode).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def top_mask(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+    """Hard mask of the k[c] largest entries of each row block and the threshold between them.
+
+    Args: theta [F, d]; ptr [C+1] row offsets of the blocks; k [C] ones per block; slope s.
+    Returns: (hard [F, d] float 0/1, threshold [F]: for every row, its block's
+        t = (P_(k) + P_(k+1)) / 2 with P_(j) the j-th largest of P = sigmoid(s theta) in the
+        block; max P + 1e-6 when k = 0 and min P - 1e-6 when k = block size).
+    """
+    hard = torch.zeros_like(theta)
+    threshold = theta.new_empty(theta.shape[0])
+    for c in range(ptr.numel() - 1):
+        lo, hi = int(ptr[c]), int(ptr[c + 1])
+        if hi == lo:
+            continue
+        prob = torch.sigmoid(slope * theta[lo:hi]).reshape(-1)
+        kc = int(k[c])
+        if kc <= 0:
+            t = prob.max() + 1e-6
+        elif kc >= prob.numel():
+            hard[lo:hi] = 1.0
+            t = prob.min() - 1e-6
+        else:
+            top = torch.topk(prob, kc + 1)
+            hard[lo:hi].view(-1)[top.indices[:kc]] = 1.0
+            t = 0.5 * (top.values[kc - 1] + top.values[kc])
+        threshold[lo:hi] = t
+    return hard, threshold
+
+
+def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
+                    step: int, lr: float, beta1: float, beta2: float, eps: float, slope: float,
+                    threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor) -> None:
+    """One fused straight-through + margin + Adam step, in place on theta, exp_avg, exp_avg_sq.
+
+    With P = sigmoid(s theta) and t the row's threshold:
+      dL/dP = grad_x + margin_scale[row] * (-sign(P - t)) * [|P - t| < margin]
+      g = dL/dP * s P (1 - P);  m, v <- Adam moments of g (every row);
+      theta -= active[row] * lr * m_hat / (sqrt(v_hat) + eps), with bias-corrected m_hat, v_hat
+      (``step`` counts from 1).
+    Args: theta, grad_x, exp_avg, exp_avg_sq [F, d]; threshold, margin_scale [F]; active [F] bool.
+    """
+    prob = torch.sigmoid(slope * theta)
+    gap = prob - threshold.unsqueeze(1)
+    near = (gap.abs() < margin).to(theta.dtype)
+    grad_prob = grad_x - margin_scale.unsqueeze(1) * torch.sign(gap) * near
+    grad = grad_prob * slope * prob * (1 - prob)
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(eps)
+    update = (exp_avg / (1 - beta1 ** step)) / denom
+    theta.sub_(lr * active.to(theta.dtype).unsqueeze(1) * update)
