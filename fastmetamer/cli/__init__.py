@@ -1,0 +1,1 @@
+"""The ``fastmetamer`` command line: one module per subcommand, wired in :mod:`.main`."""

@@ -1,0 +1,4 @@
+"""``python -m fastmetamer.cli``."""
+from .main import main
+
+raise SystemExit(main())

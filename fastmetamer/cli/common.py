@@ -1,0 +1,71 @@
+"""Helpers shared by the subcommands: argument types, dataset loading and report writing."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from torch_geometric.data import Data
+
+from .. import datasets
+from ..metamers.result import MetamerResult
+from ..report import SUMMARY_COLUMNS, markdown_table, plot_loss_curves, result_figures, summary_rows, \
+    write_report
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--dataset`` and ``--root``."""
+    parser.add_argument("--dataset", default="synthetic",
+                        help="dataset name (default: synthetic; also Cora, CiteSeer, ... with --root)")
+    parser.add_argument("--root", default=None, help="data folder for PyG datasets")
+
+
+def load_node_graph(name: str, root: str | None) -> Data:
+    """Load a node-classification dataset (one graph); ValueError for graph datasets."""
+    graph = datasets.load(name, root=root)
+    if not isinstance(graph, Data):
+        raise ValueError(f"dataset {name!r} is a graph-classification dataset; this command needs a "
+                         "node-classification dataset (one graph), e.g. synthetic or Cora")
+    return graph
+
+
+def status(message: str) -> None:
+    """Print a progress message to stderr (stdout stays for results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def write_results(folder, results: dict[str, MetamerResult], meta: dict) -> list[dict]:
+    """Print the summary table, draw the figures and write ``report.md`` + ``results.json`` into
+    ``folder``. Returns the summary rows."""
+    folder = Path(folder)
+    rows = [row for result in results.values() for row in summary_rows(result)]
+    print(markdown_table(rows, SUMMARY_COLUMNS))
+    status("drawing figures ...")
+    figures = {"loss curves": plot_loss_curves(results, folder / "loss_curves.png")}
+    for label, result in results.items():
+        figures.update(result_figures(folder, label, result))
+    report = write_report(folder, rows, results, figures, meta)
+    print(f"report: {report}  ({len(figures)} figures, results.json)")
+    return rows
