@@ -20,3 +20,4 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not triton"
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton tests/triton

@@ -1,0 +1,288 @@
+"""Triton backend of the fused ops against the reference (SPEC §7 tolerance).
+
+Run in its own process: ``TRITON_INTERPRET=1 python -m pytest tests/triton -q`` (the interpreter
+must be selected before triton is imported), or on a machine with a CUDA device.
+"""
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not (INTERPRET or torch.cuda.is_available()):
+    pytest.skip("triton tests need a CUDA device or TRITON_INTERPRET=1 (in their own process)",
+                allow_module_level=True)
+pytest.importorskip("triton")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from ops.common import assert_close_to_float64, csr_cases, random_csr, transpose_csr  # noqa: E402
+
+from fastmetamer.ops import activations, dispatch  # noqa: E402
+from fastmetamer.ops.aggregate import reference as agg_ref  # noqa: E402
+from fastmetamer.ops.aggregate import triton as agg_tri  # noqa: E402
+from fastmetamer.ops.loss import reference as loss_ref  # noqa: E402
+from fastmetamer.ops.loss import triton as loss_tri  # noqa: E402
+from fastmetamer.ops.update import reference as upd_ref  # noqa: E402
+from fastmetamer.ops.update import triton as upd_tri  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+DEVICE = torch.device("cpu" if INTERPRET or not torch.cuda.is_available() else "cuda")
+ACTS = activations.ACTIVATIONS
+# (n, m, f, num_edges, seed, bias+residual): single node, self loops + duplicates on one node,
+# no edges, a hub with an isolated row, two feature blocks (f > 128), few sources (duplicates).
+CASES = [
+    (1, 1, 1, 0, 0, False),
+    (1, 1, 5, 6, 1, True),
+    (6, 6, 9, 0, 2, True),
+    (24, 24, 19, 77, 3, True),
+    (5, 12, 130, 20, 4, False),
+    (25, 3, 8, 60, 5, True),
+]
+
+
+def dev(t):
+    return None if t is None else t.to(DEVICE)
+
+
+def host(t):
+    return t.cpu()
+
+
+def _inputs(n, m, f, num_edges, seed, extras):
+    rowptr, col, weight = random_csr(n, m, num_edges, seed)
+    gen = torch.Generator().manual_seed(seed + 1000)
+    x = torch.randn(m, f, generator=gen)
+    bias = torch.randn(f, generator=gen) * 0.5 if extras else None
+    residual = torch.randn(n, f, generator=gen) if extras else None
+    grad_out = torch.randn(n, f, generator=gen)
+    return rowptr, col, weight, x, bias, residual, grad_out
+
+
+def _f64(t):
+    return None if t is None else t.double()
+
+
+def check_aggregate(n, m, f, num_edges, seed, extras, act):
+    rowptr, col, w, x, bias, res, gout = _inputs(n, m, f, num_edges, seed, extras)
+    t_rowptr, t_col, t_w = transpose_csr(rowptr, col, w, m)
+    graph = (rowptr, col)
+    for fast_dtype in (torch.float32, torch.float64):
+        def cast(t, dtype):
+            return None if t is None else t.to(dtype)
+
+        # --- forward
+        ref = {dt: agg_ref.aggregate_forward(*graph, w.to(dt), x.to(dt), cast(bias, dt), act, cast(res, dt))
+               for dt in (torch.float32, torch.float64)}
+        out, saved = agg_tri.aggregate_forward(*map(dev, graph), dev(w.to(fast_dtype)), dev(x.to(fast_dtype)),
+                                               dev(cast(bias, fast_dtype)), act, dev(cast(res, fast_dtype)))
+        assert out.dtype == fast_dtype and out.device.type == DEVICE.type
+        assert_close_to_float64(host(out), ref[torch.float32][0], ref[torch.float64][0], 2, name=f"out {act}")
+        if act == "none":
+            assert saved.numel() == 0
+        elif act == "relu":
+            assert saved.dtype == torch.uint8 and saved.shape == (n, -(-f // 8))
+            pre64 = agg_ref.aggregate_forward(*graph, w.double(), x.double(), _f64(bias))[0]
+            bits, ref_bits = activations.unpack_bits(host(saved), f), pre64 > 0
+            decided = pre64.abs() > 1e-5
+            assert torch.equal(bits[decided], ref_bits[decided])
+            # padding bits of the last byte stay zero
+            assert torch.equal(activations.unpack_bits(host(saved), -(-f // 8) * 8)[:, f:],
+                               torch.zeros(n, -(-f // 8) * 8 - f, dtype=torch.bool))
+        else:
+            assert saved.shape == (n, f)
+            assert_close_to_float64(host(saved), ref[torch.float32][1], ref[torch.float64][1], 2,
+                                    name=f"saved {act}")
+
+        # --- backward over the transpose and edge gradient, fed the reference's saved state
+        def saved_of(dt):
+            return ref[torch.float32][1] if act == "relu" else ref[dt][1]
+
+        back = {dt: agg_ref.aggregate_backward(t_rowptr, t_col, t_w.to(dt), gout.to(dt), saved_of(dt), act)
+                for dt in (torch.float32, torch.float64)}
+        fast = agg_tri.aggregate_backward(dev(t_rowptr), dev(t_col), dev(t_w.to(fast_dtype)),
+                                          dev(gout.to(fast_dtype)), dev(saved_of(fast_dtype)), act)
+        assert fast.shape == (m, f) and fast.dtype == fast_dtype
+        assert_close_to_float64(host(fast), back[torch.float32], back[torch.float64], 3, name=f"grad_x {act}")
+
+        eg = {dt: agg_ref.edge_grad(*graph, gout.to(dt), saved_of(dt), act, x.to(dt))
+              for dt in (torch.float32, torch.float64)}
+        fast = agg_tri.edge_grad(*map(dev, graph), dev(gout.to(fast_dtype)), dev(saved_of(fast_dtype)), act,
+                                 dev(x.to(fast_dtype)))
+        assert fast.shape == (col.numel(),) and fast.dtype == fast_dtype
+        assert_close_to_float64(host(fast), eg[torch.float32], eg[torch.float64], 3, name=f"edge_grad {act}")
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "n{}-m{}-f{}-e{}".format(*c[:4]))
+def test_aggregate_fixed_cases(case, act):
+    check_aggregate(*case, act)
+
+
+@settings(max_examples=5, deadline=None, derandomize=True)
+@given(csr_cases(max_nodes=24, max_features=12), st.sampled_from(ACTS), st.booleans())
+def test_aggregate_random(case, act, extras):
+    check_aggregate(*case, extras, act)
+
+
+def check_matched_loss(n, m, f, num_edges, seed, extras, act, num_comp=3):
+    rowptr, col, w, x, bias, _, _ = _inputs(n, m, f, num_edges, seed, extras)
+    gen = torch.Generator().manual_seed(seed + 7)
+    target = torch.randn(n, f, generator=gen)
+    component = torch.randint(0, num_comp, (n,), generator=gen)  # unsorted; a component may be empty
+    scale = torch.rand(num_comp, generator=gen) * 3 + 0.5
+    ref = {dt: loss_ref.matched_loss(rowptr, col, w.to(dt), x.to(dt), target.to(dt), component, scale.to(dt),
+                                     None if bias is None else bias.to(dt), act)
+           for dt in (torch.float32, torch.float64)}
+    for dt in (torch.float32, torch.float64):
+        loss, grad_pre = loss_tri.matched_loss(dev(rowptr), dev(col), dev(w.to(dt)), dev(x.to(dt)),
+                                               dev(target.to(dt)), dev(component), dev(scale.to(dt)),
+                                               None if bias is None else dev(bias.to(dt)), act)
+        assert loss.shape == (num_comp,) and grad_pre.shape == (n, f) and loss.dtype == dt
+        assert_close_to_float64(host(loss), ref[torch.float32][0], ref[torch.float64][0], 2, name=f"loss {act}")
+        assert_close_to_float64(host(grad_pre), ref[torch.float32][1], ref[torch.float64][1], 3,
+                                name=f"grad_pre {act}")
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]], ids=["single", "hub", "wide"])
+def test_matched_loss(case, act):
+    check_matched_loss(*case, act)
+
+
+def test_matched_loss_no_edges_and_deterministic():
+    check_matched_loss(6, 6, 9, 0, 2, True, "gelu", num_comp=4)
+    rowptr, col, w, x, bias, _, _ = _inputs(24, 24, 19, 77, 3, True)
+    component = torch.randint(0, 2, (24,))
+    args = (dev(rowptr), dev(col), dev(w), dev(x), dev(torch.randn(24, 19)), dev(component),
+            dev(torch.ones(2)), dev(bias), "tanh")
+    first, again = loss_tri.matched_loss(*args), loss_tri.matched_loss(*args)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+# ----------------------------------------------------------------------------- top_mask
+def _check_top_mask(theta, ptr, k, slope, exact_reference):
+    hard, threshold = upd_tri.top_mask(dev(theta), dev(ptr), dev(k), slope)
+    hard, threshold = host(hard), host(threshold)
+    ref_hard, ref_threshold = upd_ref.top_mask(theta, ptr, k, slope)
+    assert hard.dtype == theta.dtype and hard.shape == theta.shape
+    assert set(hard.unique().tolist()) <= {0.0, 1.0}
+    prob = torch.sigmoid(slope * theta)
+    d = theta.shape[1]
+    for c in range(ptr.numel() - 1):
+        lo, hi = int(ptr[c]), int(ptr[c + 1])
+        if hi == lo:
+            continue
+        block, p = hard[lo:hi].reshape(-1), prob[lo:hi].reshape(-1)
+        assert int(block.sum()) == min(max(int(k[c]), 0), (hi - lo) * d), f"block {c}"  # exactly k ones
+        if 0 < block.sum() < block.numel():
+            assert p[block == 1].min() >= p[block == 0].max(), f"block {c} not a top-k"
+        tol = 1e-6 if theta.dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(threshold[lo:hi], ref_threshold[lo:hi], atol=tol, rtol=tol)
+    if exact_reference:
+        assert torch.equal(hard, ref_hard)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_mask_blocks(dtype):
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(13, 6, generator=gen, dtype=dtype)
+    # blocks: an empty one, k = 0, a middle k, k = size, k > size, a one-row block
+    ptr = torch.tensor([0, 2, 2, 5, 9, 11, 12, 13])
+    k = torch.tensor([5, 3, 0, 11, 12, 40, 1])
+    _check_top_mask(theta, ptr, k, 1.7, exact_reference=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_mask_ties_exact_k(dtype):
+    gen = torch.Generator().manual_seed(1)
+    values = torch.tensor([-50.0, -40.0, -1.5, 0.0, 0.7, 40.0, 50.0], dtype=dtype)  # P = 1.0 at 40 and 50
+    theta = values[torch.randint(0, values.numel(), (12, 5), generator=gen)]
+    ptr = torch.tensor([0, 4, 9, 12])
+    for k in ([7, 11, 1], [1, 24, 14], [0, 25, 15]):
+        _check_top_mask(theta, ptr, torch.tensor(k), 1.0, exact_reference=False)
+    # everything tied
+    _check_top_mask(torch.zeros(4, 3, dtype=dtype), torch.tensor([0, 4]), torch.tensor([5]), 2.0,
+                    exact_reference=False)
+
+
+def test_top_mask_rows_outside_blocks():
+    theta = torch.randn(5, 3, generator=torch.Generator().manual_seed(4))
+    hard, _ = upd_tri.top_mask(dev(theta), dev(torch.tensor([0, 3])), dev(torch.tensor([4])), 1.0)
+    hard = host(hard)
+    assert int(hard[:3].sum()) == 4 and not hard[3:].any()
+
+
+def test_top_mask_per_row():
+    gen = torch.Generator().manual_seed(2)
+    theta = torch.randn(9, 11, generator=gen)
+    k = torch.randint(0, 12, (9,), generator=gen)
+    _check_top_mask(theta, torch.arange(10), k, 3.0, exact_reference=True)
+
+
+# ----------------------------------------------------------------------------- adam
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adam_ste_update(dtype):
+    gen = torch.Generator().manual_seed(3)
+    rows, d, slope, margin = 9, 7, 2.0, 0.15
+    theta0 = torch.randn(rows, d, generator=gen)
+    ptr = torch.tensor([0, 4, 9])
+    active = torch.tensor([True, False, True, True, False, True, True, True, False])
+    margin_scale = torch.rand(rows, generator=gen) + 0.2
+    grads = [torch.randn(rows, d, generator=gen) * 0.3 for _ in range(3)]
+    hyper = dict(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8, slope=slope, margin=margin)
+    states = {}
+    for name, dt in (("ref32", torch.float32), ("ref64", torch.float64), ("fast", dtype)):
+        on = (lambda t: dev(t)) if name == "fast" else (lambda t: t)
+        states[name] = [on(theta0.to(dt).clone()), on(torch.zeros(rows, d, dtype=dt)), on(torch.zeros(rows, d, dtype=dt))]
+    for step, grad in enumerate(grads, start=1):
+        threshold = upd_ref.top_mask(states["ref32"][0], ptr, torch.tensor([10, 12]), slope)[1]
+        for name, state in states.items():
+            dt = state[0].dtype
+            fn = upd_tri.adam_ste_update if name == "fast" else upd_ref.adam_ste_update
+            on = (lambda t: dev(t)) if name == "fast" else (lambda t: t)
+            fn(*state[:1], on(grad.to(dt)), *state[1:], step=step, threshold=on(threshold.to(dt)),
+               margin_scale=on(margin_scale.to(dt)), active=on(active), **hyper)
+        for i, what in enumerate(("theta", "exp_avg", "exp_avg_sq")):
+            assert_close_to_float64(host(states["fast"][i]), states["ref32"][i], states["ref64"][i], 3,
+                                    name=f"{what} step {step}")
+    # inactive rows keep their logits, but their moments move
+    assert torch.equal(host(states["fast"][0])[~active], theta0.to(dtype)[~active])
+    assert (host(states["fast"][1])[~active] != 0).any()
+
+
+def test_adam_non_contiguous_in_place():
+    theta = torch.randn(5, 8).t()  # [8, 5], not contiguous
+    m, v = torch.zeros(8, 5), torch.zeros(8, 5)
+    grad = torch.randn(8, 5)
+    ref_theta = theta.clone()
+    kw = dict(step=1, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, slope=1.0, threshold=torch.full((8,), 0.5),
+              margin=0.1, margin_scale=torch.ones(8), active=torch.ones(8, dtype=torch.bool))
+    upd_ref.adam_ste_update(ref_theta, grad, m.clone(), v.clone(), **kw)
+    theta, m, v = dev(theta), dev(m), dev(v)
+    upd_tri.adam_ste_update(theta, dev(grad), m, v, **{a: dev(b) if torch.is_tensor(b) else b for a, b in kw.items()})
+    torch.testing.assert_close(host(theta), ref_theta, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- plumbing
+def test_dispatch_finds_triton():
+    assert dispatch.is_available("triton")
+    assert dispatch.get("aggregate", "triton") is agg_tri
+    assert dispatch.get("loss", "triton") is loss_tri
+    assert dispatch.get("update", "triton") is upd_tri
+
+
+def test_imports_cleanly_without_triton(monkeypatch):
+    """With triton unimportable each backend file still imports, with AVAILABLE False."""
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    for module in (agg_tri, loss_tri, upd_tri):
+        package = module.__name__.rsplit(".", 1)[0]
+        spec = importlib.util.spec_from_file_location(f"{package}._triton_probe", module.__file__)
+        probe = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(probe)
+        assert probe.AVAILABLE is False, module.__name__
+        assert probe.triton is None
