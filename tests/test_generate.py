@@ -304,3 +304,26 @@ def test_result_save_load_and_dict(tmp_path, synthetic, pyg_gcn):
     summary = json.loads((tmp_path / "res.json").read_text())
     assert summary["nodes"] == [2, 3] and len(summary["loss"]) == 2
     assert summary == json.loads(json.dumps(res.to_dict()))
+
+
+# --- graph-level metamers ----------------------------------------------------------------------
+
+def test_graph_level_metamer_matches_pooled_embedding():
+    graphs = fm.datasets.synthetic_graphs(num_graphs=40, seed=0)
+    torch.manual_seed(0)
+    model = fm.models.GIN(graphs[0].num_features, 2, hidden=16, pool="add")
+    fm.models.train(model, graphs, epochs=20)
+    graph = graphs[0]
+    res = fm.generate(model, graph, None, layer="readout", kind="features", binary=False, steps=400,
+                      null_graphs=graphs[1:], progress=False)
+    assert res.graph.num_nodes == graph.num_nodes
+    with torch.no_grad():
+        a = model.readout(layer_output(model, "layers.1", res.graph.x, res.graph.edge_index))
+        r = model.readout(layer_output(model, "layers.1", graph.x, graph.edge_index))
+    assert ((a - r).pow(2).sum() / r.pow(2).sum()).item() == pytest.approx(res.loss, rel=1e-3, abs=1e-7)
+    assert res.loss < 1e-3 and bool(res.passed[0])
+    assert res.metrics["features"]["relative_l2"] > 0.3
+    with pytest.raises(ValueError, match="graph-level"):
+        fm.generate(model, graph, 0, layer="readout", progress=False)
+    alone = fm.generate(model, graph, None, layer="readout", steps=5, progress=False)
+    assert not bool(alone.passed[0])  # no null graphs: the criterion cannot pass

@@ -7,12 +7,12 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import Tensor, nn
-from torch_geometric.data import Data
+from torch_geometric.data import Batch, Data
 
 from ..validation import check_graph, check_nodes
 from ..engines import FastEngine, make_engine
 from ..ops import dispatch
-from .criterion import null_distances, passes
+from .criterion import NullDistances, null_distances, passes
 from .features import FeatureParam, FusedBinaryFeatures, is_binary
 from .layers import count_hops, layer_output, resolve_layer
 from .optimize import Schedule, run_schedule
@@ -39,6 +39,9 @@ class Options:
     hops: receptive-field radius override (default: counted from the model's propagate calls).
     dense_max_nodes, block_size, resample_every: structure candidate settings.
     null_max_nodes: graphs larger than this use a random sample of nodes as the null set.
+    null_graphs: for a graph-level (pooled) layer, other real graphs whose embeddings form the
+        null distribution of the success criterion (without them nothing passes).
+    scores: compute ``res.metrics`` (distances and consistency; False leaves it empty).
     progress: tqdm bar (None: only on a terminal).
     """
 
@@ -56,6 +59,8 @@ class Options:
     block_size: int | None = None
     resample_every: int = 50
     null_max_nodes: int = 100_000
+    null_graphs: list | None = None
+    scores: bool = True
     progress: bool | None = None
 
     @classmethod
@@ -77,7 +82,8 @@ def generate(model: nn.Module, graph: Data, node: int | list[int] | Tensor | Non
         model: a trained module called as ``model(x, edge_index[, edge_weight])``.
         graph: the reference graph (``x`` [n, d], ``edge_index`` [2, E], optional ``edge_weight``).
         node: a target node id, a list of ids (independent problems batched as a disjoint union
-            of receptive fields), or None (all nodes jointly, one shared X').
+            of receptive fields), or None (all nodes jointly, one shared X'; with a pooled
+            graph-level layer such as a zoo model's ``"readout"``, the graph embedding).
         layer: module name or index among message-passing layers (default: the last one).
         kind: ``"features"``, ``"structure"`` or ``"joint"``.
         steps: optimisation steps in total (default by kind); lr: initial Adam learning rate.
@@ -139,9 +145,17 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts)
     else:
         sub = disjoint_receptive_fields(graph.x, graph.edge_index, weight, targets, hops)
     with torch.no_grad():
-        reference_acts = layer_output(model, layer, sub.x, sub.edge_index, sub.edge_weight)[sub.center]
-    target_ids = sub.node_ids[sub.center]
-    null = _null(model, layer, graph, target_ids, reference_acts, hops, opts, seed)
+        reference_out = layer_output(model, layer, sub.x, sub.edge_index, sub.edge_weight)
+    if reference_out.shape[0] != sub.num_nodes:  # a pooled, graph-level layer
+        if targets is not None:
+            raise ValueError(f"layer {layer!r} is graph-level (pooled); use node=None")
+        sub.center = torch.arange(reference_out.shape[0])
+        null = _graph_null(model, layer, reference_out, opts.null_graphs)
+        target_ids = sub.node_ids[:1]
+    else:
+        target_ids = sub.node_ids[sub.center]
+        null = _null(model, layer, graph, target_ids, reference_out[sub.center], hops, opts, seed)
+    reference_acts = reference_out[sub.center]
     engine = make_engine(backend, model, layer, sub, reference_acts, joint=targets is None)
     generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(v)) for v in
                   (target_ids[:1] if targets is None else target_ids)]
@@ -167,7 +181,7 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts)
         history=history[:, 0] if history.shape[1] == 1 else history,
         passed=bool(passed[0]) if single else passed,
         distance=distance, null_threshold=null.threshold, twins=null.twins,
-        metrics=metamer_metrics(metamer, reference, sub, metamer_acts, reference_acts, kind),
+        metrics=metamer_metrics(metamer, reference, sub, metamer_acts, reference_acts, kind) if opts.scores else {},
         kind=kind, layer=layer, hops=hops, nodes=None if targets is None else targets.tolist(),
         seconds=seconds, settings={**asdict(opts), "steps": schedule.steps, "lr": schedule.lr,
                                    "seed": seed, "backend": engine.name,
@@ -190,6 +204,19 @@ def _null(model, layer, graph, target_ids, reference_acts, hops, opts, seed):
             part = receptive_field(graph.x, graph.edge_index, weight, null_ids, hops)
             null_acts = layer_output(model, layer, part.x, part.edge_index, part.edge_weight)[part.center]
     return null_distances(null_acts, null_ids, target_ids, reference_acts)
+
+
+def _graph_null(model, layer, reference_acts, null_graphs):
+    """Null distances of a graph-level embedding [1, d] from those of ``null_graphs`` (other
+    real graphs); with none given the criterion cannot be evaluated and nothing passes."""
+    if not null_graphs:
+        return NullDistances(torch.full((reference_acts.shape[0],), float("nan")),
+                             torch.zeros(reference_acts.shape[0], dtype=torch.long))
+    batch = Batch.from_data_list(list(null_graphs))
+    with torch.no_grad():
+        acts = layer_output(model, layer, batch.x, batch.edge_index, getattr(batch, "edge_weight", None),
+                            batch=batch.batch)
+    return null_distances(acts, torch.arange(acts.shape[0]), torch.tensor([-1]), reference_acts)
 
 
 def _check_exact(full: Tensor, sub: Tensor, layer: str, hops: int) -> None:

@@ -1,0 +1,143 @@
+"""Metamer benchmarks: fastmetamer against the plain PyG loop doing the same work, same run.
+
+Cases (binary features, straight-through top-rho, margin term, Adam, relative loss):
+  whole   -- whole-graph feature-metamer steps (node=None), time per step;
+  nodes64 -- 64 independent node metamers of 100 steps: one batched fastmetamer call against a
+             Python loop of the PyG version over k-hop subgraphs.
+Graphs: Cora (from ../shared/data or $FASTMETAMER_DATA) and a 100k-node synthetic graph.
+Models: PyG's GCN, GraphSAGE and GIN (2 layers, hidden 64, seeded random weights: the work per
+step does not depend on training). Every measurement runs in a fresh subprocess so its peak
+resident memory (ru_maxrss, minus the RSS after loading the data and model) is its own.
+
+    python benchmarks/run_benchmarks.py [--quick] [--out benchmarks/results]
+
+writes ``metamer_benchmarks.json`` and ``metamer_benchmarks.md`` (with the machine description).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+MODELS = ("GCN", "GraphSAGE", "GIN")
+SHARED = HERE.parents[1] / "shared" / "data"
+
+
+def _graph(name: str):
+    import fastmetamer as fm
+
+    if name == "Cora":
+        return fm.datasets.load("Cora", root=os.environ.get("FASTMETAMER_DATA", SHARED))
+    return fm.datasets.synthetic_graph(num_nodes=100_000, num_features=500, num_classes=10, seed=0)
+
+
+def _model(name: str, graph):
+    from torch_geometric.nn import models
+
+    torch.manual_seed(0)
+    return getattr(models, name)(graph.num_features, 64, num_layers=2, out_channels=int(graph.y.max()) + 1).eval()
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(case: str, graph_name: str, model_name: str, impl: str, steps: int) -> dict:
+    """One measurement (in this process): wall time, time per step, peak RSS increase, loss."""
+    import fastmetamer as fm
+
+    from pyg_baseline import feature_metamer, node_metamers
+
+    graph = _graph(graph_name)
+    model = _model(model_name, graph)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    nodes = graph.test_mask.nonzero().flatten()[:64].tolist()
+    base_rss = _rss_mb()
+    start = time.perf_counter()
+    if impl == "pyg":
+        if case == "whole":
+            history = feature_metamer(model, graph.x, graph.edge_index, None, steps)
+            final = history[-1]
+        else:
+            histories = node_metamers(model, graph.x, graph.edge_index, nodes, hops=2, steps=steps)
+            final = float(torch.tensor([h[-1] for h in histories]).median())
+        total = time.perf_counter() - start
+        per_step = total / (steps * (1 if case == "whole" else len(nodes)))
+    else:
+        res = fm.generate(model, graph, None if case == "whole" else nodes, steps=steps, tol=0.0,
+                          progress=False, scores=False)
+        total = time.perf_counter() - start
+        per_step = res.seconds / len(res.history)
+        final = float(res.history[-1].median())
+        impl = f"fastmetamer[{res.settings['backend']}]"
+    return {"case": case, "graph": graph_name, "model": model_name, "impl": impl, "steps": steps,
+            "seconds_total": total, "seconds_per_step": per_step,
+            "peak_rss_increase_mb": _rss_mb() - base_rss, "final_loss": final}
+
+
+def machine() -> dict:
+    """A description of the machine the numbers come from."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _subprocess(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--one", *args], check=True, capture_output=True, text=True,
+                         cwd=HERE)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _markdown(rows: list[dict], info: dict) -> str:
+    lines = ["# Metamer benchmarks", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
+             "| case | graph | model | impl | steps | total s | ms/step | peak RSS +MB | speed-up | final loss |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['case']} | {row['graph']} | {row['model']} | {row['impl']} | {row['steps']} | "
+                     f"{row['seconds_total']:.2f} | {1000 * row['seconds_per_step']:.2f} | "
+                     f"{row['peak_rss_increase_mb']:.0f} | {row.get('speedup', 1.0):.2f}x | {row['final_loss']:.2e} |")
+    lines += ["", "speed-up = PyG total time / fastmetamer total time (whole: time per step), same run."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--one", nargs=5, metavar=("CASE", "GRAPH", "MODEL", "IMPL", "STEPS"))
+    parser.add_argument("--quick", action="store_true", help="Cora only, GCN only")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+    if args.one:
+        case, graph, model, impl, steps = args.one
+        print(json.dumps(run_one(case, graph, model, impl, int(steps))))
+        return
+    graphs = ("Cora",) if args.quick else ("Cora", "synthetic-100k")
+    models = ("GCN",) if args.quick else MODELS
+    rows = []
+    for graph in graphs:
+        for model in models:
+            for case, steps in (("whole", 20 if graph == "Cora" else 5), ("nodes64", 100)):
+                pair = [_subprocess([case, graph, model, impl, str(steps)]) for impl in ("pyg", "fast")]
+                key = "seconds_per_step" if case == "whole" else "seconds_total"
+                pair[1]["speedup"] = pair[0][key] / pair[1][key]
+                rows += pair
+                print(_markdown(pair, {}).splitlines()[-3], flush=True)
+    info = machine()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "metamer_benchmarks.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    (args.out / "metamer_benchmarks.md").write_text(_markdown(rows, info))
+
+
+if __name__ == "__main__":
+    main()
