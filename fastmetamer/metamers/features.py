@@ -14,6 +14,9 @@ from torch import Tensor
 from .receptive_field import Subgraph
 
 
+LOGIT_BOUND = 4.0  # |s * X_soft| bound for binary features: P stays in [0.018, 0.982]
+
+
 @dataclass
 class FeatureStats:
     """Per-component reference statistics over the free rows: each [C, d] (density: [C])."""
@@ -39,6 +42,19 @@ def feature_stats(sub: Subgraph) -> FeatureStats:
     return FeatureStats(mean, (sq - mean * mean).clamp_min(0).sqrt(), low, high, ones)
 
 
+def draw_noise(ptr: Tensor, dim: int, generators: list[torch.Generator], out: Tensor | None = None,
+               components: list[int] | None = None) -> Tensor:
+    """Standard-normal noise [F, dim] for the free rows, component c's rows ``ptr[c]:ptr[c+1]``
+    drawn from ``generators[c]`` (so a batched problem draws what a single call would). With
+    ``out`` and ``components``, redraws only those components' rows of ``out`` in place."""
+    if out is None:
+        out = torch.empty(int(ptr[-1]), dim)
+        components = list(range(len(generators)))
+    for c in components:
+        out[ptr[c]:ptr[c + 1]] = torch.randn(int(ptr[c + 1] - ptr[c]), dim, generator=generators[c])
+    return out
+
+
 def is_binary(x: Tensor) -> bool:
     """Whether every entry of ``x`` is exactly 0 or 1."""
     return bool(((x == 0) | (x == 1)).all())
@@ -57,21 +73,53 @@ class FeatureParam:
         margin, margin_weight: m and lambda of the margin term mean(relu(m - |P - t|)).
     """
 
-    def __init__(self, sub: Subgraph, noise: Tensor, *, binary: bool, size_independent: bool,
-                 per_row: bool, slope: float, margin: float, margin_weight: float):
-        self.sub, self.noise = sub, noise
+    def __init__(self, sub: Subgraph, generators: list[torch.Generator], *, binary: bool,
+                 size_independent: bool, per_row: bool, slope: float, margin: float, margin_weight: float):
+        self.sub, self.generators = sub, generators
         self.binary, self.size_independent, self.per_row = binary, size_independent, per_row
         self.slope, self.margin, self.margin_weight = slope, margin, margin_weight
         self.stats = feature_stats(sub)
         self.free_component = sub.component[sub.free]
         self.ptr = sub.free_ptr()
         self.row_ones = (sub.x[sub.free] > 0.5).sum(1)
+        self.noise = draw_noise(self.ptr, sub.x.shape[1], generators).to(sub.x.dtype)
         if size_independent:
             self.params = [self.stats.mean.clone().requires_grad_(),
                            self.stats.std.clone().requires_grad_()]
         else:
-            start = self.stats.mean[self.free_component] + self.stats.std[self.free_component] * noise
-            self.params = [start.requires_grad_()]
+            self.params = [self._start().requires_grad_()]
+
+    def _start(self) -> Tensor:
+        return self.stats.mean[self.free_component] + self.stats.std[self.free_component] * self.noise
+
+    def _owned(self, c: int) -> list[Tensor]:
+        """Views of component c's entries in every parameter tensor (and its noise rows)."""
+        rows = slice(int(self.ptr[c]), int(self.ptr[c + 1]))
+        if self.size_independent:
+            return [self.params[0][c], self.params[1][c], self.noise[rows]]
+        return [self.params[0][rows], self.noise[rows]]
+
+    def restart(self, stalled: Tensor) -> None:
+        """Start the ``stalled`` [C] components again from a fresh draw of their noise."""
+        comps = stalled.nonzero().flatten().tolist()
+        draw_noise(self.ptr, self.noise.shape[1], self.generators, self.noise, comps)
+        with torch.no_grad():
+            if self.size_independent:
+                self.params[0][comps] = self.stats.mean[comps]
+                self.params[1][comps] = self.stats.std[comps]
+            else:
+                self.params[0].copy_(torch.where(stalled[self.free_component].unsqueeze(1), self._start(),
+                                                 self.params[0]))
+
+    def component_state(self, c: int) -> list[Tensor]:
+        """A copy of component c's parameters and noise."""
+        return [t.detach().clone() for t in self._owned(c)]
+
+    def load_component_state(self, c: int, state: list[Tensor]) -> None:
+        """Put back a state from :meth:`component_state`."""
+        with torch.no_grad():
+            for view, saved in zip(self._owned(c), state):
+                view.copy_(saved)
 
     def parameter_components(self) -> list[Tensor]:
         """For each parameter tensor, the component owning each of its rows."""
@@ -132,10 +180,15 @@ class FeatureParam:
             return x.detach()
 
     def project(self) -> None:
-        """After a step: clip continuous features to the reference per-feature range."""
-        if self.binary or self.size_independent:
+        """After a step: clip continuous features to the reference per-feature range; keep
+        binary logits within |s * X_soft| <= LOGIT_BOUND so the sigmoid never saturates (a
+        saturated P would stop the straight-through gradient for good)."""
+        if self.size_independent:
             return
         with torch.no_grad():
+            if self.binary:
+                self.params[0].clamp_(-LOGIT_BOUND / self.slope, LOGIT_BOUND / self.slope)
+                return
             p = self.params[0]
             p.copy_(torch.minimum(torch.maximum(p, self.stats.low[self.free_component]),
                                   self.stats.high[self.free_component]))
@@ -176,8 +229,8 @@ class FusedBinaryFeatures:
 
     params: list[Tensor] = []
 
-    def __init__(self, sub: Subgraph, noise: Tensor, kernels, schedule, *, per_row: bool,
-                 slope: float, margin: float, margin_weight: float):
+    def __init__(self, sub: Subgraph, generators: list[torch.Generator], kernels, schedule, *,
+                 per_row: bool, slope: float, margin: float, margin_weight: float):
         from ..engines.csr import Pattern
 
         self._pattern = Pattern
@@ -186,9 +239,11 @@ class FusedBinaryFeatures:
         stats = feature_stats(sub)
         self.free_rows = sub.free.nonzero().flatten()
         self.row_component = sub.component[sub.free]
+        ptr = sub.free_ptr()
+        self.generators, self.stats, self.comp_ptr = generators, stats, ptr
+        noise = draw_noise(ptr, sub.x.shape[1], generators)
         self.theta = (stats.mean[self.row_component] + stats.std[self.row_component] * noise).contiguous()
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.theta), torch.zeros_like(self.theta)
-        ptr = sub.free_ptr()
         if per_row:
             self.ptr, self.k = torch.arange(self.theta.shape[0] + 1), (sub.x[sub.free] > 0.5).sum(1)
         else:
@@ -225,3 +280,24 @@ class FusedBinaryFeatures:
     def final(self) -> Tensor:
         """The returned metamer features [m, d], exactly 0/1 at the reference density."""
         return self._hard_x()
+
+    def _rows(self, c: int) -> slice:
+        return slice(int(self.comp_ptr[c]), int(self.comp_ptr[c + 1]))
+
+    def restart(self, stalled: Tensor) -> None:
+        """Start the ``stalled`` [C] components again from a fresh draw, with fresh moments."""
+        comps = stalled.nonzero().flatten().tolist()
+        noise = draw_noise(self.comp_ptr, self.theta.shape[1], self.generators, torch.zeros_like(self.theta), comps)
+        rows = stalled[self.row_component]
+        start = self.stats.mean[self.row_component] + self.stats.std[self.row_component] * noise
+        for tensor, value in ((self.theta, start), (self.exp_avg, 0.0), (self.exp_avg_sq, 0.0)):
+            tensor[rows] = value if isinstance(value, float) else value[rows]
+
+    def component_state(self, c: int) -> list[Tensor]:
+        """A copy of component c's logits and Adam moments."""
+        return [t[self._rows(c)].clone() for t in (self.theta, self.exp_avg, self.exp_avg_sq)]
+
+    def load_component_state(self, c: int, state: list[Tensor]) -> None:
+        """Put back a state from :meth:`component_state`."""
+        for tensor, saved in zip((self.theta, self.exp_avg, self.exp_avg_sq), state):
+            tensor[self._rows(c)] = saved

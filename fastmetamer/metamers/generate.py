@@ -15,7 +15,7 @@ from ..ops import dispatch
 from .criterion import NullDistances, null_distances, passes
 from .features import FeatureParam, FusedBinaryFeatures, is_binary
 from .layers import count_hops, layer_output, resolve_layer
-from .optimize import Schedule, run_schedule
+from .optimize import Restarts, Schedule, run_schedule
 from .receptive_field import Subgraph, disjoint_receptive_fields, receptive_field, whole_graph
 from .scoring import metamer_metrics
 from .result import MetamerResult
@@ -36,6 +36,9 @@ class Options:
     slope, margin, margin_weight: sigmoid slope s; margin m and weight lambda of the margin term.
     edge_slope: sigmoid slope for edge logits.
     stages: learning-rate halving stages; tol: early-stop tolerance on L_act per target.
+    restart_patience: a node target's feature metamer that has not improved by 1% for this many
+        steps while failing the null criterion restarts from a new draw, keeping its best state
+        (None: never restart).
     hops: receptive-field radius override (default: counted from the model's propagate calls).
     dense_max_nodes, block_size, resample_every: structure candidate settings.
     null_max_nodes: graphs larger than this use a random sample of nodes as the null set.
@@ -54,6 +57,7 @@ class Options:
     edge_slope: float = 1.0
     stages: int = 4
     tol: float = 1e-5
+    restart_patience: int | None = 150
     hops: int | None = None
     dense_max_nodes: int = 400
     block_size: int | None = None
@@ -165,7 +169,8 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts)
         [p for p in (feats, struct) if p is not None],
         lambda: _step_losses(engine, sub, feats, struct), schedule, sub.num_components,
         progress=opts.progress,
-        after_step=None if struct is None else struct.maybe_resample)
+        after_step=None if struct is None else struct.maybe_resample,
+        restarts=_restarts(kind, targets, null, reference_acts, opts))
     seconds = time.perf_counter() - started
     metamer = _metamer_graph(sub, graph, feats, struct)
     with torch.no_grad():
@@ -206,6 +211,15 @@ def _null(model, layer, graph, target_ids, reference_acts, hops, opts, seed):
     return null_distances(null_acts, null_ids, target_ids, reference_acts)
 
 
+def _restarts(kind, targets, null, reference_acts, opts) -> Restarts | None:
+    """Restarts for node-target feature metamers: a target stalls unless it passes, i.e. unless
+    L_act < threshold^2 / ||h||^2."""
+    if kind != "features" or targets is None or opts.restart_patience is None:
+        return None
+    pass_loss = null.threshold.double().pow(2) / reference_acts.double().pow(2).sum(1).clamp_min(1e-30)
+    return Restarts(pass_loss.float(), opts.restart_patience)
+
+
 def _graph_null(model, layer, reference_acts, null_graphs):
     """Null distances of a graph-level embedding [1, d] from those of ``null_graphs`` (other
     real graphs); with none given the criterion cannot be evaluated and nothing passes."""
@@ -234,16 +248,13 @@ def _parameterise(kind, model, layer, sub: Subgraph, graph, generators, opts, en
         binary = is_binary(graph.x) if opts.binary is None else opts.binary
         if binary and not is_binary(sub.x[sub.free]):
             raise ValueError("binary=True but the reference features are not all 0/1")
-        free_ptr = sub.free_ptr()
-        noise = torch.cat([torch.randn(int(free_ptr[c + 1] - free_ptr[c]), sub.x.shape[1], generator=g)
-                           for c, g in enumerate(generators)])
         settings = dict(per_row=opts.per_row, slope=opts.slope, margin=opts.margin,
                         margin_weight=opts.margin_weight)
         if binary and not opts.size_independent and isinstance(engine, FastEngine):
-            feats = FusedBinaryFeatures(sub, noise.to(sub.x.dtype), dispatch.get("update", engine.name),
-                                        schedule, **settings)
+            feats = FusedBinaryFeatures(sub, generators, dispatch.get("update", engine.name), schedule,
+                                        **settings)
         else:
-            feats = FeatureParam(sub, noise.to(sub.x.dtype), binary=binary,
+            feats = FeatureParam(sub, generators, binary=binary,
                                  size_independent=opts.size_independent, **settings)
     if kind in ("structure", "joint"):
         _check_uses_edge_weight(model, layer, sub)
