@@ -12,10 +12,10 @@ import sys
 import torch
 
 from .. import __version__
-from . import demo, generate, train
+from . import demo, dimension, generate, study, train
 from .common import positive_int
 
-COMMANDS = (demo, train, generate)
+COMMANDS = (demo, train, generate, dimension, study)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,18 +28,34 @@ class FeatureStats:
     ones: Tensor  # [C] number of ones (binary features) in the component's free rows
 
 
-def feature_stats(sub: Subgraph) -> FeatureStats:
-    """Mean, population std, min, max and count of ones of the reference over each R."""
+MIN_STAT_NODES = 8  # receptive fields smaller than this take mean, std and range from the graph
+
+
+def feature_stats(sub: Subgraph, population: Tensor | None = None) -> FeatureStats:
+    """Mean, population std, min, max and count of ones of the reference over each R.
+
+    A receptive field of fewer than MIN_STAT_NODES nodes (a 0-hop layer: R is the target alone)
+    says little about the feature distribution; its mean, std and range come from
+    ``population`` [N, d] (the whole graph's features) instead, so the metamer does not start
+    at the reference. The number of ones always comes from R."""
     x, comp = sub.x[sub.free], sub.component[sub.free]
     c, d = sub.num_components, x.shape[1]
-    count = torch.bincount(comp, minlength=c).clamp_min(1).unsqueeze(1).to(x.dtype)
+    nodes = torch.bincount(comp, minlength=c)
+    count = nodes.clamp_min(1).unsqueeze(1).to(x.dtype)
     mean = x.new_zeros(c, d).index_add_(0, comp, x) / count
     sq = x.new_zeros(c, d).index_add_(0, comp, x * x) / count
     index = comp.unsqueeze(1).expand_as(x)
     low = x.new_full((c, d), float("inf")).scatter_reduce(0, index, x, "amin")
     high = x.new_full((c, d), float("-inf")).scatter_reduce(0, index, x, "amax")
     ones = torch.zeros(c, dtype=torch.long).index_add_(0, comp, (x > 0.5).sum(1))
-    return FeatureStats(mean, (sq - mean * mean).clamp_min(0).sqrt(), low, high, ones)
+    stats = FeatureStats(mean, (sq - mean * mean).clamp_min(0).sqrt(), low, high, ones)
+    small = nodes < MIN_STAT_NODES
+    if population is not None and small.any():
+        whole = (population.mean(0), population.std(0, unbiased=False), population.min(0).values,
+                 population.max(0).values)
+        for field, value in zip(("mean", "std", "low", "high"), whole):
+            getattr(stats, field)[small] = value
+    return stats
 
 
 def draw_noise(ptr: Tensor, dim: int, generators: list[torch.Generator], out: Tensor | None = None,
@@ -71,14 +87,16 @@ class FeatureParam:
         per_row: binary mode keeps each node's own number of ones instead of the density of R.
         slope: s in P = sigmoid(s * X_soft).
         margin, margin_weight: m and lambda of the margin term mean(relu(m - |P - t|)).
+        population: the whole graph's features [N, d] (statistics of tiny receptive fields).
     """
 
     def __init__(self, sub: Subgraph, generators: list[torch.Generator], *, binary: bool,
-                 size_independent: bool, per_row: bool, slope: float, margin: float, margin_weight: float):
+                 size_independent: bool, per_row: bool, slope: float, margin: float, margin_weight: float,
+                 population: Tensor | None = None):
         self.sub, self.generators = sub, generators
         self.binary, self.size_independent, self.per_row = binary, size_independent, per_row
         self.slope, self.margin, self.margin_weight = slope, margin, margin_weight
-        self.stats = feature_stats(sub)
+        self.stats = feature_stats(sub, population)
         self.free_component = sub.component[sub.free]
         self.ptr = sub.free_ptr()
         self.row_ones = (sub.x[sub.free] > 0.5).sum(1)
@@ -230,13 +248,14 @@ class FusedBinaryFeatures:
     params: list[Tensor] = []
 
     def __init__(self, sub: Subgraph, generators: list[torch.Generator], kernels, schedule, *,
-                 per_row: bool, slope: float, margin: float, margin_weight: float):
+                 per_row: bool, slope: float, margin: float, margin_weight: float,
+                 population: Tensor | None = None):
         from ..engines.csr import Pattern
 
         self._pattern = Pattern
         self.sub, self.kernels, self.schedule = sub, kernels, schedule
         self.binary, self.slope, self.margin = True, slope, margin
-        stats = feature_stats(sub)
+        stats = feature_stats(sub, population)
         self.free_rows = sub.free.nonzero().flatten()
         self.row_component = sub.component[sub.free]
         ptr = sub.free_ptr()

@@ -249,7 +249,7 @@ def _parameterise(kind, model, layer, sub: Subgraph, graph, generators, opts, en
         if binary and not is_binary(sub.x[sub.free]):
             raise ValueError("binary=True but the reference features are not all 0/1")
         settings = dict(per_row=opts.per_row, slope=opts.slope, margin=opts.margin,
-                        margin_weight=opts.margin_weight)
+                        margin_weight=opts.margin_weight, population=graph.x)
         if binary and not opts.size_independent and isinstance(engine, FastEngine):
             feats = FusedBinaryFeatures(sub, generators, dispatch.get("update", engine.name), schedule,
                                         **settings)

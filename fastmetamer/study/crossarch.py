@@ -1,0 +1,80 @@
+"""Cross-architecture recognisability (SPEC §4): metamers made from model A at its output layer
+are classified by model B. Node metamers are put back into the full graph (the target's
+receptive field replaced by the metamer, the rest real) before B classifies the target, so B
+sees its own, possibly larger, receptive field."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.data import Data
+
+from .. import models
+from .config import Cell, ModelSpec, StudyConfig
+
+
+def source_cells(config: StudyConfig, dataset: str, seed: int) -> list[Cell]:
+    """The output-layer cells (base grid, no mitigation) whose metamers are judged."""
+    specs = [ModelSpec(dataset, arch, "none", 2, 64, seed) for arch in config.architectures]
+    return [Cell(spec, spec.layers()[-1]) for spec in specs]
+
+
+def predictions(config: StudyConfig, dataset: str, seed: int, data, folder: Path) -> list[dict]:
+    """For every (source A, judge B) pair with saved metamers: B's predicted classes on A's
+    metamers and on the references, and the labels (lists over targets)."""
+    sources = [c for c in source_cells(config, dataset, seed)
+               if (folder / "metamers" / f"{c.key}.pt").is_file()]
+    judges = {c.model.arch: models.load_checkpoint(folder / "models" / f"{c.model.key}.pt")
+              for c in sources}
+    rows = []
+    for cell in sources:
+        saved = torch.load(folder / "metamers" / f"{cell.key}.pt", weights_only=False)
+        judge = _node_judgements if cell.model.task == "node" else _graph_judgements
+        for name, model in judges.items():
+            metamer, reference, labels = judge(model, saved, data)
+            rows.append({"dataset": dataset, "source": cell.model.arch, "judge": name, "seed": seed,
+                         "metamer": metamer,
+                         "reference": reference, "labels": labels})
+    return rows
+
+
+@torch.no_grad()
+def _node_judgements(model: nn.Module, saved: dict, graph: Data) -> tuple[list, list, list]:
+    """B's classes of each target with its receptive field replaced by the metamer, of the
+    unchanged graph, and the labels."""
+    result, targets = saved["results"][0], torch.tensor(saved["targets"])
+    metamer = result.graph
+    weight = getattr(graph, "edge_weight", None)
+    reference = model(graph.x, graph.edge_index, weight).argmax(1)[targets]
+    classes = []
+    for t, node in enumerate(targets.tolist()):
+        rows = (metamer.batch == t) & metamer.free_mask
+        x = graph.x.clone()
+        x[metamer.n_id[rows]] = metamer.x[rows].to(x.dtype)
+        classes.append(int(model(x, graph.edge_index, weight)[node].argmax()))
+    return classes, reference.tolist(), graph.y[targets].tolist()
+
+
+@torch.no_grad()
+def _graph_judgements(model: nn.Module, saved: dict, graphs: list) -> tuple[list, list, list]:
+    """B's classes of each metamer graph and of its reference graph, and the labels."""
+    def predict(g: Data) -> int:
+        return int(model(g.x, g.edge_index, getattr(g, "edge_weight", None)).argmax())
+
+    metamers = [predict(r.graph) for r in saved["results"]]
+    references = [predict(graphs[i]) for i in saved["targets"]]
+    return metamers, references, [int(graphs[i].y.view(-1)[0]) for i in saved["targets"]]
+
+
+def pooled(rows: list[dict], dataset: str) -> dict[tuple[str, str], tuple[Tensor, Tensor, Tensor]]:
+    """``{(source, judge): (metamer, reference, labels)}`` over all seeds of ``dataset``, as
+    :func:`fastmetamer.analysis.recognisability_matrix` takes it."""
+    pairs: dict = {}
+    for row in rows:
+        if row["dataset"] != dataset:
+            continue
+        entry = pairs.setdefault((row["source"], row["judge"]), ([], [], []))
+        for part, key in zip(entry, ("metamer", "reference", "labels")):
+            part.extend(row[key])
+    return {pair: tuple(torch.tensor(p) for p in parts) for pair, parts in pairs.items()}

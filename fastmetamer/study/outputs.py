@@ -1,0 +1,141 @@
+"""Writing the study's results: CSV tables, PNG figures and the Markdown report ``study.md``."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..report import plot_neighbourhood
+from . import figures
+from .config import Cell, ModelSpec, StudyConfig, is_base
+from .tables import cross_rows, markdown, summary_rows, target_rows, write_csv
+
+DEFINITIONS = """\
+Definitions. Each cell optimises feature metamers of its targets (all in one batched call) at
+its matched layer. `passed`: share of targets whose metamer activation is closer to the
+reference than any other real node's (graph's) activation; `loss`: final relative activation
+loss L_act; `act_cosine` / `feature_cosine`: cosine similarity of activations / input features
+(receptive field) to the reference; consistency C = 1 - |S_match - S_in| with S_match the
+activation cosine and S_in the feature cosine (both clipped to [0, 1]): low C = the model calls
+very different inputs the same; `relevant`: share of metamers with S_match >= 0.99 and
+S_in <= 0.5; `dimension` D_v = |R| d - rank J_v (local dimension of the metamer manifold),
+`dimension_ratio` = D_v / (|R| d), `rank_deficit` = d_l - rank J_v, `log_volume` = sum of the log
+singular values of J_v. Brackets: 95% percentile-bootstrap CIs over targets pooled over seeds;
+`accuracy`: test accuracy of the trained model (mean over seeds).
+"""
+
+
+def write_study_report(config: StudyConfig, folder: Path, records: list[dict], predictions: list[dict],
+                       unavailable: dict[str, str]) -> Path:
+    """Write ``study.csv``, ``targets.csv``, ``cross_architecture.csv``, ``figures/*.png`` and
+    ``study.md`` into ``folder``; returns the report path."""
+    summary, cross = summary_rows(records), cross_rows(predictions)
+    write_csv(folder / "study.csv", summary)
+    write_csv(folder / "targets.csv", target_rows(records))
+    write_csv(folder / "cross_architecture.csv", cross)
+    pictures = _figures(folder, records, summary, cross)
+    text = _markdown(config, records, summary, cross, unavailable, pictures, folder)
+    report = folder / "study.md"
+    report.write_text(text)
+    return report
+
+
+def _base_none(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["mitigation"] == "none" and r["depth"] == 2 and r["width"] == 64]
+
+
+def _output_records(records: list[dict]) -> list[dict]:
+    """Records of the output layer of base-grid models without mitigation."""
+    def output(record):
+        spec = ModelSpec(**{k: record["cell"][k] for k in ("dataset", "arch", "mitigation", "depth",
+                                                          "width", "seed")})
+        return Cell(spec, record["cell"]["layer"]).is_output and spec.mitigation == "none" and is_base(spec)
+
+    return [r for r in records if r["status"] == "ok" and output(r)]
+
+
+def _figures(folder: Path, records, summary, cross) -> dict[str, Path]:
+    """Caption -> PNG path of every figure there is data for."""
+    out, pictures = folder / "figures", {}
+    layered = [r for r in _base_none(summary) if r["task"] == "node"]
+    if layered:
+        pictures["Consistency per matched layer"] = figures.layer_consistency(layered, out / "layer_consistency.png")
+    finals = _output_records(records)
+    if finals:
+        pictures["Metamer dimension and volume (output layer)"] = figures.dimension_histograms(
+            target_rows(finals), out / "dimension_histograms.png")
+        pictures["Loss curves (output layer)"] = figures.loss_curves(finals, out / "loss_curves.png")
+    if cross:
+        pictures["Cross-architecture recognisability"] = figures.cross_architecture(
+            cross, out / "cross_architecture.png")
+    pictures.update(_neighbourhoods(folder, finals))
+    return pictures
+
+
+def _neighbourhoods(folder: Path, finals: list[dict]) -> dict[str, Path]:
+    """Original vs metamer receptive field of the first target of the first node-level
+    output-layer cell of each dataset."""
+    pictures, seen = {}, set()
+    for record in finals:
+        dataset = record["cell"]["dataset"]
+        if record["cell"]["task"] != "node" or dataset in seen:
+            continue
+        seen.add(dataset)
+        saved = torch.load(folder / "metamers" / f"{record['key']}.pt", weights_only=False)
+        path = folder / "figures" / f"neighbourhood_{record['key']}.png"
+        pictures[f"Neighbourhood: {record['key']}, node {record['targets'][0]}"] = plot_neighbourhood(
+            saved["results"][0], path, 0)
+    return pictures
+
+
+def _markdown(config, records, summary, cross, unavailable, pictures, folder) -> str:
+    status = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "error")}
+    metrics = ("passed", "consistency", "relevant", "feature_cosine", "dimension_ratio", "log_volume")
+    base = [r for r in summary if r["depth"] == 2 and r["width"] == 64]
+    outputs = [r for r in base if r["layer"] in ("readout", _last_layer(summary, r))]
+    sweeps = [r for r in summary if r["mitigation"] == "none" and r["arch"] in config.sweep_architectures
+              and r["layer"] == _last_layer(summary, r)]
+    parts = [
+        "# fastmetamer invariance study\n",
+        f"- datasets: {', '.join(config.datasets)}; architectures: {', '.join(config.architectures)}",
+        f"- mitigations: {', '.join(config.mitigations)}; seeds: {config.seeds} (from {config.seed}); "
+        f"targets per cell: {config.targets}; steps: {config.steps}",
+        f"- cells: {status['ok']} ok, {status['skipped']} skipped, {status['error']} failed\n",
+        DEFINITIONS,
+        "## Output layer: architectures x mitigations (depth 2, width 64)\n",
+        markdown(outputs, ("dataset", "arch", "mitigation", "accuracy"), metrics),
+        "## Per matched layer (no mitigation, depth 2, width 64)\n",
+        markdown(_base_none(summary), ("dataset", "arch", "layer"),
+                 ("passed", "consistency", "act_cosine", "dimension", "log_volume")),
+        "## Depth and width sweeps (output layer, no mitigation)\n",
+        markdown(sweeps, ("dataset", "arch", "depth", "width", "accuracy"), ("passed", "consistency", "log_volume")),
+        "## Cross-architecture recognisability\n",
+        "Judge B's accuracy on metamers made from source A at A's output layer, and on the references.\n",
+        markdown(_ci_columns(cross), ("dataset", "source", "judge", "n"), ("metamer_acc", "reference_acc")),
+    ]
+    parts += _problems(records, unavailable)
+    parts += ["## Figures\n"] + [f"### {caption}\n\n![{caption}]({Path(os.path.relpath(path, folder)).as_posix()})\n"
+                                 for caption, path in pictures.items()]
+    return "\n".join(parts)
+
+
+def _last_layer(summary: list[dict], row: dict) -> str:
+    """The output layer of ``row``'s model: its last layer in the summary."""
+    layers = [r["layer"] for r in summary
+              if all(r[k] == row[k] for k in ("dataset", "arch", "mitigation", "depth", "width"))]
+    return layers[-1]
+
+
+def _ci_columns(rows: list[dict]) -> list[dict]:
+    """Cross rows with ``*_lo`` / ``*_hi`` keys (as the summary rows have) for Markdown."""
+    return [{**r, **{f"{m}_lo": r[f"{m[:-4]}_ci_low"] for m in ("metamer_acc", "reference_acc")},
+             **{f"{m}_hi": r[f"{m[:-4]}_ci_high"] for m in ("metamer_acc", "reference_acc")}} for r in rows]
+
+
+def _problems(records, unavailable) -> list[str]:
+    """Markdown listing unavailable datasets and skipped / failed cells with their reasons."""
+    rows = [{"what": name, "status": "dataset unavailable", "reason": why} for name, why in unavailable.items()]
+    rows += [{"what": r["key"], "status": r["status"], "reason": r["reason"]}
+             for r in records if r["status"] != "ok"]
+    return ["## Skipped and failed\n", markdown(rows, ("what", "status", "reason"))] if rows else []

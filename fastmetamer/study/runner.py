@@ -1,0 +1,118 @@
+"""``run_study``: the whole invariance study in one call, resumable cell by cell (SPEC §6).
+
+Output folder layout::
+
+    cells/<cell>.json          one record per finished cell (rerun skips cells with status "ok")
+    cells/cross-<data>-s<seed>.json   cross-architecture predictions
+    models/, metamers/         checkpoints and saved metamers (see :mod:`.cells`)
+    study.csv, targets.csv, cross_architecture.csv, study.md, figures/*.png
+"""
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import crossarch
+from .cells import DataCache, run_cell
+from .config import Cell, StudyConfig, cells, full_config, quick_config
+from .outputs import write_study_report
+
+
+def run_study(out_dir, *, quick: bool = False, datasets=None, architectures=None, mitigations=None,
+              depths=None, widths=None, sweep_architectures=None, targets: int | None = None,
+              steps: int | None = None, seeds: int | None = None, root=None, seed: int = 0,
+              progress: bool | None = None, **settings) -> Path:
+    """Run the invariance study (datasets x architectures x mitigations x matched layers, plus
+    depth and width sweeps) and write its tables, figures and report into ``out_dir``.
+
+    Args:
+        out_dir: output folder (created; finished cells found there are not recomputed).
+        quick: the CI-sized preset (:func:`~.config.quick_config`) instead of the full one.
+        datasets, architectures, mitigations, depths, widths, sweep_architectures, targets,
+            steps, seeds: override the preset (see :class:`~.config.StudyConfig`); None keeps it.
+        root: data folder for PyG datasets; seed: base seed; progress: tqdm bar (None: on a tty).
+        **settings: any other :class:`~.config.StudyConfig` field (``epochs``, ``adversarial``,
+            ``null_graphs``, ``dataset_options``).
+
+    Returns:
+        the path of the Markdown report ``study.md``.
+    """
+    overrides = dict(datasets=datasets, architectures=architectures, mitigations=mitigations,
+                     depths=depths, widths=widths, sweep_architectures=sweep_architectures,
+                     targets=targets, steps=steps, seeds=seeds)
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
+    config = (quick_config if quick else full_config)(root=root, seed=seed, progress=progress,
+                                                      **overrides, **settings)
+    return run_config(config, out_dir)
+
+
+def run_config(config: StudyConfig, out_dir) -> Path:
+    """Run the study described by ``config`` into ``out_dir``; returns the report path."""
+    folder = Path(out_dir)
+    (folder / "cells").mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    data = DataCache(config)
+    unavailable = _unavailable(config, data)
+    todo = [c for c in cells(config) if c.model.dataset not in unavailable]
+    records = [_cell(c, config, data, folder) for c in tqdm(todo, desc="study cells", disable=_tqdm_disable(config))]
+    predictions = _cross(config, data, folder, unavailable)
+    return write_study_report(config, folder, records, predictions, unavailable)
+
+
+def _tqdm_disable(config: StudyConfig) -> bool | None:
+    """tqdm's ``disable``: None shows the bar only on a terminal."""
+    return None if config.progress is None else not config.progress
+
+
+def _unavailable(config: StudyConfig, data: DataCache) -> dict[str, str]:
+    """Datasets that cannot be loaded (e.g. raw files absent offline) -> reason."""
+    missing = {}
+    for name in config.datasets:
+        try:
+            data(name)
+        except FileNotFoundError as err:
+            missing[name] = str(err).splitlines()[0]
+    return missing
+
+
+def _cell(cell: Cell, config: StudyConfig, data: DataCache, folder: Path) -> dict:
+    """The cell's record: read from ``cells/`` when it finished before, else run and saved.
+    A graph-level cell the core cannot run yet is recorded as "skipped", any other failure as
+    "error" (both are retried on the next run)."""
+    path = folder / "cells" / f"{cell.key}.json"
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if record.get("status") == "ok":
+            return record
+    try:
+        record = run_cell(cell, config, data, folder)
+    except Exception as err:  # noqa: BLE001 - one failing cell must not end a long study
+        graph_level = cell.model.task == "graph" and isinstance(err, (NotImplementedError, ValueError, TypeError))
+        record = {"key": cell.key, "cell": cell.to_dict(), "status": "skipped" if graph_level else "error",
+                  "reason": f"{type(err).__name__}: {err}",
+                  "traceback": traceback.format_exc(limit=-3)}
+    path.write_text(json.dumps(record))
+    return record
+
+
+def _cross(config: StudyConfig, data: DataCache, folder: Path, unavailable) -> list[dict]:
+    """Cross-architecture predictions of every dataset and seed (cached in ``cells/`` once every
+    architecture's metamers exist)."""
+    rows = []
+    for dataset in (d for d in config.datasets if d not in unavailable):
+        for seed in range(config.seed, config.seed + config.seeds):
+            path = folder / "cells" / f"cross-{dataset}-s{seed}.json"
+            if path.is_file():
+                rows += json.loads(path.read_text())
+                continue
+            found = crossarch.predictions(config, dataset, seed, data(dataset), folder)
+            if len({row["source"] for row in found}) == len(config.architectures):  # complete
+                path.write_text(json.dumps(found))
+            rows += found
+    return rows
+
+
+__all__ = ["run_study", "run_config", "full_config", "quick_config"]

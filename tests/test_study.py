@@ -1,0 +1,154 @@
+"""The invariance study: grid, quick run outputs, resumability, skipped graph-level cells, CLI."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+
+import pytest
+import torch
+
+import fastmetamer as fm
+from fastmetamer.cli import dimension as dimension_command, study as study_command
+from fastmetamer.study import run_study
+from fastmetamer.study import cells as study_cells
+from fastmetamer.study.config import (ARCHITECTURES, StudyConfig, cells, check_mitigation, full_config,
+                                      mitigation_names, model_specs, quick_config)
+
+SMALL = dict(quick=True, architectures=["gcn", "gat"], targets=4, steps=40)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: much faster for these tiny problems on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """A small quick study, run once for the module."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("study")
+    return out, run_study(out, **SMALL)
+
+
+def test_mitigations_are_every_combination():
+    names = mitigation_names()
+    assert names[0] == "none" and len(names) == 8 and "elu+residual+adversarial" in names
+    for bad in ["relu", "elu+elu", "", "elu+"]:
+        with pytest.raises(ValueError, match="mitigation"):
+            check_mitigation(bad)
+    with pytest.raises(ValueError, match="architecture"):
+        StudyConfig(datasets=("synthetic",), architectures=("transformer",))
+
+
+def test_full_grid():
+    config = full_config()
+    specs = model_specs(config)
+    node = [s for s in specs if s.dataset == "Cora"]
+    base = [s for s in node if s.depth == 2 and s.width == 64]
+    assert len(base) == len(ARCHITECTURES) * 8
+    assert {(s.depth, s.width) for s in node if s.arch == "gcn" and s.mitigation == "none"} == \
+        {(2, 64), (3, 64), (4, 64), (2, 16), (2, 256)}
+    assert {s.arch for s in node if (s.depth, s.width) != (2, 64)} == {"gcn", "graphsage"}
+    sgc = next(s for s in node if s.arch == "sgc" and s.depth == 2)
+    assert sgc.build_kwargs()["K"] == 2 and sgc.build_kwargs()["depth"] == 1
+    graph_cells = [c for c in cells(config) if c.model.dataset == "MUTAG"]
+    assert graph_cells and {c.layer for c in graph_cells} == {"readout"}
+    gcn_layers = [c.layer for c in cells(config) if c.model == base[0]]
+    assert gcn_layers == ["layers.0", "layers.1"]
+    assert len({c.key for c in cells(config)}) == len(cells(config))
+
+
+def test_quick_study_writes_tables_figures_and_report(quick_run):
+    out, report = quick_run
+    assert report == out / "study.md"
+    text = report.read_text()
+    assert "## Cross-architecture recognisability" in text and "0 failed" in text
+    with open(out / "study.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["dataset"] for r in rows} == {"synthetic", "synthetic_graphs"}
+    assert {r["mitigation"] for r in rows} == {"none", "elu+adversarial"}
+    assert {"consistency", "consistency_lo", "consistency_hi", "passed", "dimension", "log_volume"} <= set(rows[0])
+    assert all(float(r["consistency_lo"]) <= float(r["consistency"]) <= float(r["consistency_hi"]) for r in rows)
+    with open(out / "cross_architecture.csv") as handle:
+        cross = list(csv.DictReader(handle))
+    assert len(cross) == 2 * 2 * 2  # datasets x sources x judges
+    pngs = {p.name for p in (out / "figures").glob("*.png")}
+    assert {"layer_consistency.png", "dimension_histograms.png", "cross_architecture.png",
+            "loss_curves.png"} <= pngs and any(p.startswith("neighbourhood_") for p in pngs)
+    records = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json") if not p.name.startswith("cross")]
+    assert records and all(r["status"] == "ok" for r in records)
+    node = next(r for r in records if r["cell"]["task"] == "node")
+    assert len(node["targets"]) == 4 and len(node["per_target"]["dimension"]) == 4
+
+
+def test_rerun_skips_finished_cells(quick_run, monkeypatch):
+    out, _ = quick_run
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(study_cells, "generate", refuse)
+    monkeypatch.setattr(study_cells.models, "train", refuse)
+    run_study(out, **SMALL)
+    assert before == {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+
+
+def test_graph_level_failure_is_skipped_then_retried(tmp_path, monkeypatch):
+    options = dict(quick=True, datasets=["synthetic_graphs"], architectures=["gcn"], mitigations=["none"],
+                   depths=[2], widths=[64], targets=2, steps=10)
+    real = study_cells.generate
+
+    def unsupported(model, graph, node, **kwargs):
+        if node is None:
+            raise NotImplementedError("graph-level metamers are not supported yet")
+        return real(model, graph, node, **kwargs)
+
+    monkeypatch.setattr(study_cells, "generate", unsupported)
+    text = run_study(tmp_path, **options).read_text()
+    assert "skipped" in text and "graph-level metamers are not supported yet" in text
+    monkeypatch.setattr(study_cells, "generate", real)
+    assert "1 ok, 0 skipped" in run_study(tmp_path, **options).read_text()
+
+
+def parser_with(add) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_study_parser_maps_arguments(monkeypatch, tmp_path, capsys):
+    seen = {}
+    monkeypatch.setattr(study_command, "run_study", lambda out, **kw: seen.update(out=out, **kw) or tmp_path / "study.md")
+    args = parser_with(study_command.add_parser).parse_args(
+        ["study", "--quick", "--out", str(tmp_path), "--architectures", "GCN", "gin", "--mitigations", "none",
+         "elu+residual", "--depths", "2", "3", "--steps", "5"])
+    assert args.run(args) == 0
+    assert seen["quick"] and seen["architectures"] == ["gcn", "gin"] and seen["steps"] == 5
+    assert seen["mitigations"] == ["none", "elu+residual"] and seen["depths"] == [2, 3]
+    assert "study.md" in capsys.readouterr().out
+
+
+def test_dimension_command(tmp_path, capsys):
+    graph = fm.datasets.load("synthetic")  # what the command loads
+    model = fm.models.GCN(graph.num_features, int(graph.y.max()) + 1, hidden=8)
+    fm.models.save_checkpoint(model, tmp_path / "ckpt.pt")
+    args = parser_with(dimension_command.add_parser).parse_args(
+        ["dimension", "--checkpoint", str(tmp_path / "ckpt.pt"), "--node", "3", "--node", "5",
+         "--out", str(tmp_path / "dim")])
+    assert args.run(args) == 0
+    payload = json.loads((tmp_path / "dim" / "dimension.json").read_text())
+    assert payload["nodes"] == [3, 5] and len(payload["dimension"]) == 2
+    assert (tmp_path / "dim" / "dimension.png").is_file() and (tmp_path / "dim" / "dimension.md").is_file()
+    assert "2 targets" in capsys.readouterr().out
+
+
+def test_quick_config_is_small():
+    config = quick_config()
+    assert config.datasets == ("synthetic", "synthetic_graphs") and len(config.mitigations) == 2
+    assert len(cells(config)) < 40
