@@ -9,9 +9,9 @@ trained GNN represents them identically, and measure what GNNs are blind to.
     fm.models.train(model, graph)
     res = fm.generate(model, graph, node=0)
 """
-from . import datasets, metrics, models
+from . import datasets, metrics, models, study
 from .analysis.dimension import DimensionResult, metamer_dimension
 from .metamers import MetamerResult, generate
 
 __version__ = "0.1.0"
-__all__ = ["generate", "MetamerResult", "metamer_dimension", "DimensionResult", "datasets", "metrics", "models", "__version__"]
+__all__ = ["generate", "MetamerResult", "metamer_dimension", "DimensionResult", "datasets", "metrics", "models", "study", "__version__"]
