@@ -35,7 +35,8 @@ class Options:
     size_independent: learn only per-feature mean and std (parameters independent of |R|).
     slope, margin, margin_weight: sigmoid slope s; margin m and weight lambda of the margin term.
     edge_slope: sigmoid slope for edge logits.
-    stages: learning-rate halving stages; tol: early-stop tolerance on L_act per target.
+    stages: learning-rate halving stages; tol: early-stop tolerance on L_act per target (a node
+        target also stops only once its loss is below half the loss that passes the criterion).
     restart_patience: a node target's feature metamer that has not improved by 1% for this many
         steps while failing the null criterion restarts from a new draw, keeping its best state
         (None: never restart).
@@ -164,13 +165,15 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts)
     generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(v)) for v in
                   (target_ids[:1] if targets is None else target_ids)]
     feats, struct = _parameterise(kind, model, layer, sub, graph, generators, opts, engine, schedule)
+    pass_loss = None if targets is None else _pass_loss(null, reference_acts)
     started = time.perf_counter()
     history = run_schedule(
         [p for p in (feats, struct) if p is not None],
         lambda: _step_losses(engine, sub, feats, struct), schedule, sub.num_components,
         progress=opts.progress,
         after_step=None if struct is None else struct.maybe_resample,
-        restarts=_restarts(kind, targets, null, reference_acts, opts))
+        restarts=_restarts(kind, targets, pass_loss, opts),
+        stop_below=None if pass_loss is None else torch.clamp(0.5 * pass_loss, max=schedule.tol))
     seconds = time.perf_counter() - started
     metamer = _metamer_graph(sub, graph, feats, struct)
     with torch.no_grad():
@@ -211,13 +214,16 @@ def _null(model, layer, graph, target_ids, reference_acts, hops, opts, seed):
     return null_distances(null_acts, null_ids, target_ids, reference_acts)
 
 
-def _restarts(kind, targets, null, reference_acts, opts) -> Restarts | None:
-    """Restarts for node-target feature metamers: a target stalls unless it passes, i.e. unless
-    L_act < threshold^2 / ||h||^2."""
+def _pass_loss(null: NullDistances, reference_acts: Tensor) -> Tensor:
+    """[T] the L_act below which each target passes: threshold^2 / ||h||^2."""
+    return (null.threshold.double().pow(2) / reference_acts.double().pow(2).sum(1).clamp_min(1e-30)).float()
+
+
+def _restarts(kind, targets, pass_loss, opts) -> Restarts | None:
+    """Restarts for node-target feature metamers: a target stalls unless it passes."""
     if kind != "features" or targets is None or opts.restart_patience is None:
         return None
-    pass_loss = null.threshold.double().pow(2) / reference_acts.double().pow(2).sum(1).clamp_min(1e-30)
-    return Restarts(pass_loss.float(), opts.restart_patience)
+    return Restarts(pass_loss, opts.restart_patience)
 
 
 def _graph_null(model, layer, reference_acts, null_graphs):

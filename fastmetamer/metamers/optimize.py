@@ -122,14 +122,15 @@ class Restarts:
 def run_schedule(param_sets: list[Parameterisation], step_losses: Callable[[], tuple[Tensor, Tensor]],
                  schedule: Schedule, num_components: int, *, progress: bool | None = None,
                  after_step: Callable[[int, Tensor], bool] | None = None,
-                 restarts: Restarts | None = None) -> Tensor:
+                 restarts: Restarts | None = None, stop_below: Tensor | None = None) -> Tensor:
     """Optimise; returns the loss history [steps_run, C] (loss before each update).
 
     ``step_losses()`` returns (per-component L_act [C], extra penalty scalar) with autograd
     paths to the parameters. A parameter set with a ``fused_step(lr, active)`` method updates
     itself (fused kernels) instead of going through this module's Adam. ``after_step(step, active)`` may replace parameters (e.g. a block
     resample) and returns True when it did, which resets Adam. With ``restarts``, stalled
-    problems start again from a new draw (their update is skipped on the restart step).
+    problems start again from a new draw (their update is skipped on the restart step). A
+    problem stops once its loss is below ``stop_below`` [C] (default: the schedule's ``tol``).
     """
     adam = Adam(schedule)
     active = torch.ones(num_components, dtype=torch.bool)
@@ -139,7 +140,7 @@ def run_schedule(param_sets: list[Parameterisation], step_losses: Callable[[], t
     for step in bar:
         losses, penalty = step_losses()
         history.append(losses.detach().clone())
-        active &= losses.detach() >= schedule.tol
+        active &= losses.detach() >= (schedule.tol if stop_below is None else stop_below)
         if not active.any():
             break
         (losses[active].sum() + penalty).backward()
