@@ -1,0 +1,24 @@
+// Python bindings of the CPU kernels: the module fastmetamer._C. Activations are passed as the
+// integer codes of fastmetamer.ops.activations.ACT_CODES.
+#include "common.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastmetamer CPU (C++/OpenMP) fused kernels";
+  m.def("aggregate_forward", &fm::aggregate_forward, "CSR aggregation with fused bias/activation/residual",
+        py::arg("rowptr"), py::arg("col"), py::arg("weight"), py::arg("x"), py::arg("bias"), py::arg("act"),
+        py::arg("residual"));
+  m.def("aggregate_backward", &fm::aggregate_backward, "A^T (grad_out * act'(pre)) over the transposed CSR",
+        py::arg("t_rowptr"), py::arg("t_col"), py::arg("t_weight"), py::arg("grad_out"), py::arg("saved"),
+        py::arg("act"));
+  m.def("edge_grad", &fm::edge_grad, "SDDMM edge-weight gradient", py::arg("rowptr"), py::arg("col"),
+        py::arg("grad_out"), py::arg("saved"), py::arg("act"), py::arg("x"));
+  m.def("matched_loss", &fm::matched_loss, "matched layer fused with the activation-matching loss",
+        py::arg("rowptr"), py::arg("col"), py::arg("weight"), py::arg("x"), py::arg("target"),
+        py::arg("component"), py::arg("scale"), py::arg("bias"), py::arg("act"));
+  m.def("top_mask", &fm::top_mask, "top-k hard mask and threshold per row block", py::arg("theta"),
+        py::arg("ptr"), py::arg("k"), py::arg("slope"));
+  m.def("adam_ste_update", &fm::adam_ste_update, "fused margin + straight-through + Adam step (in place)",
+        py::arg("theta"), py::arg("grad_x"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"),
+        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("slope"),
+        py::arg("threshold"), py::arg("margin"), py::arg("margin_scale"), py::arg("active"));
+}

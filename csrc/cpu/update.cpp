@@ -1,0 +1,294 @@
+// Binary straight-through feature update: top-k selection per row block (top_mask) and the fused
+// margin + straight-through + Adam step (adam_ste_update). Contract:
+// fastmetamer/ops/update/reference.py.
+#include "fast_math.h"  // first: FP options and SIMD clones
+#include "common.h"
+
+#include <cmath>
+#include <functional>
+#include <limits>
+
+namespace fm {
+namespace {
+
+// ---------------------------------------------------------------- leaf kernels (SIMD clones)
+FM_SIMD_CLONES void sigmoid_into(float* __restrict p, const float* __restrict th, i64 cnt, float s) {
+  for (i64 i = 0; i < cnt; ++i) p[i] = fast_sigmoid(s * th[i]);
+}
+
+// out[i] = key[i] >= v (key may be out itself).
+FM_SIMD_CLONES void mark_ge(const float* key, float* out, i64 cnt, float v) {
+#pragma omp simd
+  for (i64 i = 0; i < cnt; ++i) out[i] = key[i] >= v ? 1.f : 0.f;
+}
+
+// Copies the entries >= bound to out (may be p itself or a region before it), in order; returns
+// how many. Branch-free.
+FM_SIMD_CLONES i64 compact_ge(const float* p, i64 cnt, float bound, float* out) {
+  i64 j = 0;
+  for (i64 i = 0; i < cnt; ++i) {
+    const float v = p[i];
+    out[j] = v;
+    j += v >= bound;
+  }
+  return j;
+}
+
+// One row chunk of the fused margin + straight-through + Adam step.
+FM_SIMD_CLONES void adam_rows(i64 r0, i64 r1, i64 d, float* th, const float* gx, float* m1, float* m2,
+                              const float* thr, const float* ms, const bool* active, float s, float mg,
+                              float b1, float c1, float b2, float c2, float bc1, float bc2, float ep, float lr) {
+  for (i64 r = r0; r < r1; ++r) {
+    const float t = thr[r], msr = ms[r], lra = active[r] ? lr : 0.f;
+    float* __restrict tr = th + r * d;
+    const float* __restrict gr = gx + r * d;
+    float* __restrict ar = m1 + r * d;
+    float* __restrict vr = m2 + r * d;
+#pragma omp simd
+    for (i64 c = 0; c < d; ++c) {
+      const float p = fast_sigmoid(s * tr[c]);
+      const float gap = p - t;
+      const float sign = (gap > 0.f ? 1.f : 0.f) - (gap < 0.f ? 1.f : 0.f);
+      const float near = std::fabs(gap) < mg ? 1.f : 0.f;
+      const float gp = gr[c] - msr * sign * near;
+      const float g = gp * s * p * (1.f - p);
+      const float mv = ar[c] * b1 + c1 * g;
+      const float vv = vr[c] * b2 + c2 * g * g;
+      ar[c] = mv;
+      vr[c] = vv;
+      const float denom = fast_sqrt(vv / bc2) + ep;
+      tr[c] -= lra * ((mv / bc1) / denom);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- selection
+inline i64 chunk_lo(i64 cnt, int tid, int team) { return cnt * tid / team; }
+
+// Runs body(lo, hi, tid) over `team` equal chunks of [0, cnt) (in parallel when team > 1).
+template <class Body>
+void chunked(i64 cnt, int team, Body&& body) {
+  if (team <= 1) {
+    body(i64(0), cnt, 0);
+    return;
+  }
+#pragma omp parallel num_threads(team)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), nthr = omp_get_num_threads();
+#else
+    const int tid = 0, nthr = 1;
+#endif
+    if (nthr == team) {
+      body(chunk_lo(cnt, tid, team), chunk_lo(cnt, tid + 1, team), tid);
+    } else if (tid == 0) {  // the runtime gave fewer threads: do every chunk here
+      for (int q = 0; q < team; ++q) body(chunk_lo(cnt, q, team), chunk_lo(cnt, q + 1, team), q);
+    }
+  }
+}
+
+// The k-th and (k+1)-th largest of p[0:cnt), 0 < k < cnt, with std::nth_element on a scratch
+// copy. When k is a small share of the block, a strided sample gives a bound L that the k+1
+// largest very probably exceed; only the entries >= L are copied (and selected among). If the
+// sample misled (fewer than k+1 entries >= L), all entries are used.
+struct Kth {
+  float vk;      // k-th largest
+  float next;    // (k+1)-th largest
+  i64 greater;   // how many entries exceed vk
+};
+
+Kth kth_pair(const float* p, i64 cnt, i64 k, std::vector<float>& scratch, int team) {
+  if (static_cast<i64>(scratch.size()) < cnt) scratch.resize(cnt);
+  float* sc = scratch.data();
+  i64 ncand = -1;
+  if (cnt >= 512 && (k + 1) * 8 <= cnt) {
+    // sample size ~ 4 sqrt(cnt): balances selecting in the sample against selecting among the
+    // candidates it lets through
+    const i64 S = std::min<i64>(cnt / 4, std::clamp<i64>(static_cast<i64>(4.0 * std::sqrt(double(cnt))), 64, 1 << 15));
+    for (i64 i = 0; i < S; ++i) sc[i] = p[static_cast<i64>((static_cast<double>(i) + 0.5) * cnt / S)];
+    const double expect = static_cast<double>(k + 1) * S / cnt;
+    const i64 r = static_cast<i64>(std::ceil(expect + 4.0 * std::sqrt(expect) + 8.0));  // 1-based rank
+    if (r < S) {
+      std::nth_element(sc, sc + (r - 1), sc + S, std::greater<float>());
+      const float bound = sc[r - 1];
+      std::vector<i64> found(team, 0);
+      chunked(cnt, team, [&](i64 lo, i64 hi, int tid) { found[tid] = compact_ge(p + lo, hi - lo, bound, sc + lo); });
+      i64 total = 0;
+      for (int q = 0; q < team; ++q) {  // gather the per-chunk candidates to the front
+        const i64 lo = chunk_lo(cnt, q, team);
+        if (lo != total) std::memmove(sc + total, sc + lo, sizeof(float) * found[q]);
+        total += found[q];
+      }
+      if (total >= k + 1) ncand = total;
+    }
+  }
+  if (ncand < 0) {
+    chunked(cnt, team, [&](i64 lo, i64 hi, int) { std::memcpy(sc + lo, p + lo, sizeof(float) * (hi - lo)); });
+    ncand = cnt;
+  }
+  std::nth_element(sc, sc + k, sc + ncand, std::greater<float>());
+  const float next = sc[k];  // (k+1)-th largest
+  float vk = sc[0];          // k-th largest = the minimum of the k largest
+  for (i64 i = 1; i < k; ++i) vk = sc[i] < vk ? sc[i] : vk;
+  i64 greater = 0;           // every entry > vk is among the k largest
+  for (i64 i = 0; i < k; ++i) greater += sc[i] > vk;
+  return {vk, next, greater};
+}
+
+// Selects in one block of theta and writes its hard mask to `out`; returns the block threshold.
+// For slope > 0, P = sigmoid(s theta) is non-decreasing in theta: the k largest theta are k
+// largest P, and P's order statistics are the sigmoid of theta's, so the selection runs on theta
+// directly (no sigmoid pass over the block). Otherwise P is computed into `out` and selected on.
+// `team` threads work inside the block (1 for the small blocks that run in parallel).
+float select_block(float* out, const float* th, i64 cnt, i64 kc, float s, std::vector<float>& scratch, int team) {
+  const bool by_theta = s > 0.f;
+  const float* key = th;
+  if (!by_theta) {
+    chunked(cnt, team, [&](i64 lo, i64 hi, int) { sigmoid_into(out + lo, th + lo, hi - lo, s); });
+    key = out;
+  }
+  auto to_p = [&](float v) { return by_theta ? fast_sigmoid(s * v) : v; };
+  if (kc <= 0 || kc >= cnt) {
+    float lo_v = std::numeric_limits<float>::infinity(), hi_v = -lo_v;
+    for (i64 i = 0; i < cnt; ++i) {
+      lo_v = key[i] < lo_v ? key[i] : lo_v;
+      hi_v = key[i] > hi_v ? key[i] : hi_v;
+    }
+    const float fill = kc <= 0 ? 0.f : 1.f;
+    chunked(cnt, team, [&](i64 lo, i64 hi, int) { std::fill(out + lo, out + hi, fill); });
+    return kc <= 0 ? to_p(hi_v) + 1e-6f : to_p(lo_v) - 1e-6f;
+  }
+  const auto [vk, next, greater] = kth_pair(key, cnt, kc, scratch, team);
+  if (next < vk) {  // no tie across the boundary: exactly the entries >= vk
+    chunked(cnt, team, [&](i64 lo, i64 hi, int) { mark_ge(key + lo, out + lo, hi - lo, vk); });
+  } else {
+    // Ties at the k-th value: all entries > vk, then the first (memory order) ties up to k.
+    // Pass 1 marks > vk and flags ties with -1; pass 2 resolves the flags chunk by chunk.
+    std::vector<i64> ties(team + 1, 0);
+    chunked(cnt, team, [&](i64 lo, i64 hi, int tid) {
+      i64 mine = 0;
+      for (i64 i = lo; i < hi; ++i) {
+        const float v = key[i];
+        mine += v == vk;
+        out[i] = v > vk ? 1.f : (v == vk ? -1.f : 0.f);
+      }
+      ties[tid + 1] = mine;
+    });
+    const i64 needed = kc - greater;
+    for (int q = 0; q < team; ++q) ties[q + 1] += ties[q];  // prefix: ties before each chunk
+    chunked(cnt, team, [&](i64 lo, i64 hi, int tid) {
+      if (ties[tid + 1] == ties[tid]) return;
+      i64 before = ties[tid];
+      for (i64 i = lo; i < hi; ++i)
+        if (out[i] == -1.f) out[i] = (before++ < needed) ? 1.f : 0.f;
+    });
+  }
+  return 0.5f * (to_p(vk) + to_p(next));
+}
+
+// Blocks at least this large (entries) are processed with all threads inside the block.
+constexpr i64 BIG_BLOCK = 1 << 17;
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> top_mask(const at::Tensor& theta, const at::Tensor& ptr, const at::Tensor& k,
+                                            double slope) {
+  check_tensor(theta, "theta", at::kFloat, 2);
+  check_tensor(ptr, "ptr", at::kLong, 1);
+  check_tensor(k, "k", at::kLong, 1);
+  const i64 F = theta.size(0), d = theta.size(1);
+  TORCH_CHECK_VALUE(ptr.numel() >= 1, "ptr must have C + 1 >= 1 entries");
+  const i64 C = ptr.numel() - 1;
+  TORCH_CHECK_VALUE(k.numel() == C, "k must have one entry per block (", C, "), got ", k.numel());
+  const i64* pp = ptr.data_ptr<i64>();
+  const i64* kp = k.data_ptr<i64>();
+  bool ok = pp[0] >= 0 && pp[C] <= F;
+  for (i64 c = 0; c < C; ++c) ok &= pp[c] <= pp[c + 1];
+  TORCH_CHECK_VALUE(ok, "ptr must be non-decreasing row offsets within [0, ", F, "]");
+  const bool covers = pp[0] == 0 && pp[C] == F;
+  // Rows outside every block (only when ptr does not cover [0, F)) get mask 0 and threshold 0.
+  at::Tensor hard = covers ? at::empty({F, d}, theta.options()) : at::zeros({F, d}, theta.options());
+  at::Tensor threshold = at::zeros({F}, theta.options());
+  if (F == 0 || C == 0 || d == 0) return {hard, threshold};
+  const float s = static_cast<float>(slope);
+  const float* th = theta.data_ptr<float>();
+  float* hp = hard.data_ptr<float>();
+  float* tp = threshold.data_ptr<float>();
+  const int nt = max_threads();
+
+  std::vector<i64> small, big;
+  i64 small_total = 0;
+  for (i64 c = 0; c < C; ++c) {
+    const i64 cnt = (pp[c + 1] - pp[c]) * d;
+    if (cnt == 0) continue;
+    if (nt > 1 && cnt >= BIG_BLOCK) {
+      big.push_back(c);
+    } else {
+      small.push_back(c);
+      small_total += cnt;
+    }
+  }
+  auto run = [&](i64 c, std::vector<float>& scratch, int team) {
+    const i64 off = pp[c] * d, cnt = (pp[c + 1] - pp[c]) * d;
+    const float t = select_block(hp + off, th + off, cnt, kp[c], s, scratch, team);
+    for (i64 r = pp[c]; r < pp[c + 1]; ++r) tp[r] = t;
+  };
+  if (!small.empty()) {
+    const i64 ns = static_cast<i64>(small.size());
+    const int team = (nt > 1 && ns > 1 && small_total >= SERIAL_WORK) ? nt : 1;
+    if (team == 1) {
+      std::vector<float> scratch;
+      for (i64 c : small) run(c, scratch, 1);
+    } else {
+#pragma omp parallel num_threads(team)
+      {
+        std::vector<float> scratch;
+#pragma omp for schedule(dynamic, 1)
+        for (i64 q = 0; q < ns; ++q) run(small[q], scratch, 1);
+      }
+    }
+  }
+  std::vector<float> scratch;
+  for (i64 c : big) run(c, scratch, nt);
+  return {hard, threshold};
+}
+
+void adam_ste_update(at::Tensor theta, const at::Tensor& grad_x, at::Tensor exp_avg, at::Tensor exp_avg_sq,
+                     int64_t step, double lr, double beta1, double beta2, double eps, double slope,
+                     const at::Tensor& threshold, double margin, const at::Tensor& margin_scale,
+                     const at::Tensor& active) {
+  check_tensor(theta, "theta", at::kFloat, 2);
+  const i64 F = theta.size(0), d = theta.size(1);
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&grad_x, "grad_x"},
+                                {&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}}) {
+    check_tensor(*t, name, at::kFloat, 2);
+    TORCH_CHECK_VALUE(t->size(0) == F && t->size(1) == d, name, " must have the shape of theta ", theta.sizes(),
+                      ", got ", t->sizes());
+  }
+  check_tensor(threshold, "threshold", at::kFloat, 1);
+  check_tensor(margin_scale, "margin_scale", at::kFloat, 1);
+  check_tensor(active, "active", at::kBool, 1);
+  TORCH_CHECK_VALUE(threshold.numel() == F && margin_scale.numel() == F && active.numel() == F,
+                    "threshold, margin_scale and active must have one entry per row of theta (", F, ")");
+  TORCH_CHECK_VALUE(step >= 1, "step counts from 1, got ", step);
+  if (F == 0 || d == 0) return;
+  float* th = theta.data_ptr<float>();
+  const float* gx = grad_x.data_ptr<float>();
+  float* m1 = exp_avg.data_ptr<float>();
+  float* m2 = exp_avg_sq.data_ptr<float>();
+  const float* tr = threshold.data_ptr<float>();
+  const float* ms = margin_scale.data_ptr<float>();
+  const bool* act = active.data_ptr<bool>();
+  const float s = static_cast<float>(slope), mg = static_cast<float>(margin);
+  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
+  const float c1 = static_cast<float>(1.0 - beta1), c2 = static_cast<float>(1.0 - beta2);
+  const float bc1 = static_cast<float>(1.0 - std::pow(beta1, double(step)));
+  const float bc2 = static_cast<float>(1.0 - std::pow(beta2, double(step)));
+  const float ep = static_cast<float>(eps), lrf = static_cast<float>(lr);
+  const i64 grain = std::max<i64>(1, SERIAL_WORK / d);
+  at::parallel_for(0, F, grain, [&](i64 r0, i64 r1) {
+    adam_rows(r0, r1, d, th, gx, m1, m2, tr, ms, act, s, mg, b1, c1, b2, c2, bc1, bc2, ep, lrf);
+  });
+}
+
+}  // namespace fm

@@ -1,0 +1,93 @@
+"""CPU (C++ / OpenMP) CSR aggregation with fused epilogue, its backward and edge gradient.
+
+Same functions, signatures and saved-state format as :mod:`fastmetamer.ops.aggregate.reference`
+(the contract); float32 CPU tensors and int64 indices, contiguous. Inputs are validated here
+(dtype, device, contiguity, shapes: ValueError); the extension also checks the CSR structure
+(monotone rowptr, column ids in range) before touching memory.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import activations
+
+try:
+    from fastmetamer import _C
+except ImportError:  # extension not built: the backend reports itself unavailable
+    _C = None
+AVAILABLE = _C is not None
+
+
+def _check(t: Tensor | None, name: str, dtype: torch.dtype, dim: int, shape: tuple | None = None) -> None:
+    """Raise ValueError unless ``t`` is a contiguous CPU tensor of ``dtype`` with ``dim`` dims
+    (and, where given, ``shape``; ``None`` entries match any size)."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU for the cpu backend, got {t.device}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if shape is not None and any(s is not None and s != n for s, n in zip(shape, t.shape)):
+        want = ", ".join("*" if s is None else str(s) for s in shape)
+        raise ValueError(f"{name} must have shape [{want}], got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous())")
+
+
+def _check_csr(rowptr: Tensor, col: Tensor, weight: Tensor | None) -> int:
+    _check(rowptr, "rowptr", torch.int64, 1)
+    if rowptr.numel() < 1:
+        raise ValueError("rowptr must have n + 1 >= 1 entries")
+    _check(col, "col", torch.int64, 1)
+    if weight is not None:
+        _check(weight, "weight", torch.float32, 1, (col.numel(),))
+    return rowptr.numel() - 1
+
+
+def _check_saved(saved: Tensor, act: str, n: int, f: int) -> None:
+    if act == "none":
+        if not isinstance(saved, Tensor):
+            raise ValueError("saved must be a torch.Tensor (empty for act='none')")
+    elif act == "relu":
+        _check(saved, "saved (relu bits)", torch.uint8, 2, (n, -(-f // 8)))
+    else:
+        _check(saved, "saved (pre-activation)", torch.float32, 2, (n, f))
+
+
+def aggregate_forward(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor,
+                      bias: Tensor | None = None, act: str = "none",
+                      residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """out = act(A @ x + bias) + residual; returns (out [n, f], saved) as the reference."""
+    code = activations.check_activation(act)
+    n = _check_csr(rowptr, col, weight)
+    _check(x, "x", torch.float32, 2)
+    f = x.shape[1]
+    if bias is not None:
+        _check(bias, "bias", torch.float32, 1, (f,))
+    if residual is not None:
+        _check(residual, "residual", torch.float32, 2, (n, f))
+    return _C.aggregate_forward(rowptr, col, weight, x, bias, code, residual)
+
+
+def aggregate_backward(t_rowptr: Tensor, t_col: Tensor, t_weight: Tensor, grad_out: Tensor,
+                       saved: Tensor, act: str) -> Tensor:
+    """grad_x = A^T @ (grad_out * act'(pre)) over the transposed CSR; returns [m, f]."""
+    code = activations.check_activation(act)
+    _check_csr(t_rowptr, t_col, t_weight)
+    _check(grad_out, "grad_out", torch.float32, 2)
+    _check_saved(saved, act, *grad_out.shape)
+    return _C.aggregate_backward(t_rowptr, t_col, t_weight, grad_out, saved, code)
+
+
+def edge_grad(rowptr: Tensor, col: Tensor, grad_out: Tensor, saved: Tensor, act: str,
+              x: Tensor) -> Tensor:
+    """SDDMM: d loss / d weight[e] = <grad_out[i] * act'(pre[i]), x[col[e]]>; returns [E]."""
+    code = activations.check_activation(act)
+    n = _check_csr(rowptr, col, None)
+    _check(x, "x", torch.float32, 2)
+    _check(grad_out, "grad_out", torch.float32, 2, (n, x.shape[1]))
+    _check_saved(saved, act, n, x.shape[1])
+    return _C.edge_grad(rowptr, col, grad_out, saved, code, x)

@@ -1,0 +1,50 @@
+"""CPU (C++ / OpenMP) fused update of binary straight-through features.
+
+Same functions and signatures as :mod:`fastmetamer.ops.update.reference` (the contract).
+``top_mask`` selects with ``std::nth_element`` on a scratch copy per row block (blocks in
+parallel; one huge block uses all threads for the sigmoid and marking passes) and sets exactly
+k[c] ones per block (ties at the k-th value broken in memory order). ``adam_ste_update`` is one
+fused, parallel elementwise pass, in place. float32 / int64 / bool contiguous CPU tensors; bad
+inputs raise ValueError.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..aggregate.cpu import _C, _check
+
+AVAILABLE = _C is not None
+
+
+def top_mask(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+    """(hard [F, d] float 0/1, threshold [F]) as :func:`fastmetamer.ops.update.reference.top_mask`.
+
+    Blocks must be non-decreasing row offsets within [0, F]; rows outside every block (only when
+    ptr does not cover all rows) get mask 0 and threshold 0.
+    """
+    _check(theta, "theta", torch.float32, 2)
+    _check(ptr, "ptr", torch.int64, 1)
+    if ptr.numel() < 1:
+        raise ValueError("ptr must have C + 1 >= 1 entries")
+    _check(k, "k", torch.int64, 1, (ptr.numel() - 1,))
+    return _C.top_mask(theta, ptr, k, float(slope))
+
+
+def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
+                    step: int, lr: float, beta1: float, beta2: float, eps: float, slope: float,
+                    threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor) -> None:
+    """One fused straight-through + margin + Adam step, in place (see the reference)."""
+    _check(theta, "theta", torch.float32, 2)
+    shape = tuple(theta.shape)
+    _check(grad_x, "grad_x", torch.float32, 2, shape)
+    _check(exp_avg, "exp_avg", torch.float32, 2, shape)
+    _check(exp_avg_sq, "exp_avg_sq", torch.float32, 2, shape)
+    _check(threshold, "threshold", torch.float32, 1, shape[:1])
+    _check(margin_scale, "margin_scale", torch.float32, 1, shape[:1])
+    _check(active, "active", torch.bool, 1, shape[:1])
+    if int(step) < 1:
+        raise ValueError(f"step counts from 1, got {step}")
+    _C.adam_ste_update(theta, grad_x, exp_avg, exp_avg_sq, int(step), float(lr), float(beta1),
+                       float(beta2), float(eps), float(slope), threshold, float(margin),
+                       margin_scale, active)

@@ -1,0 +1,371 @@
+"""The ``cpu`` backend (C++ / OpenMP extension ``fastmetamer._C``) against the reference ops.
+
+SPEC §7 tolerance: error against a float64 run of the reference at most 2x (outputs) / 3x
+(gradients) the error of the float32 reference, plus a small floor. Gradients are also checked
+against torch.autograd of the float64 reference forward.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastmetamer.ops import activations, dispatch
+
+if not dispatch.is_available("cpu"):
+    pytest.skip("cpu backend (fastmetamer._C) not built", allow_module_level=True)
+
+from fastmetamer.ops.aggregate import cpu as agg_cpu  # noqa: E402
+from fastmetamer.ops.aggregate import reference as agg_ref  # noqa: E402
+from fastmetamer.ops.loss import cpu as loss_cpu  # noqa: E402
+from fastmetamer.ops.loss import reference as loss_ref  # noqa: E402
+from fastmetamer.ops.update import cpu as upd_cpu  # noqa: E402
+from fastmetamer.ops.update import reference as upd_ref  # noqa: E402
+
+try:
+    from .common import assert_close_to_float64, csr_cases, random_csr, transpose_csr
+except ImportError:  # tests/ops is not a package: pytest puts it on sys.path
+    from common import assert_close_to_float64, csr_cases, random_csr, transpose_csr
+
+ACTS = activations.ACTIVATIONS
+FAST = settings(deadline=None, max_examples=12, derandomize=True)
+
+
+def _problem(n, m, f, num_edges, seed, with_bias, with_residual):
+    gen = torch.Generator().manual_seed(seed + 1)
+    rowptr, col, weight = random_csr(n, m, num_edges, seed)
+    x = torch.randn(m, f, generator=gen)
+    bias = torch.randn(f, generator=gen) if with_bias else None
+    residual = torch.randn(n, f, generator=gen) if with_residual else None
+    grad_out = torch.randn(n, f, generator=gen)
+    return rowptr, col, weight, x, bias, residual, grad_out
+
+
+def _d(t):
+    return None if t is None else t.double()
+
+
+# ----------------------------------------------------------------------------- aggregate
+@pytest.mark.parametrize("act", ACTS)
+@FAST
+@given(case=csr_cases(), with_bias=st.booleans(), with_residual=st.booleans())
+def test_aggregate_forward(act, case, with_bias, with_residual):
+    n, m, f, num_edges, seed = case
+    rowptr, col, weight, x, bias, residual, _ = _problem(n, m, f, num_edges, seed, with_bias, with_residual)
+    out, saved = agg_cpu.aggregate_forward(rowptr, col, weight, x, bias, act, residual)
+    out32, saved32 = agg_ref.aggregate_forward(rowptr, col, weight, x, bias, act, residual)
+    out64, saved64 = agg_ref.aggregate_forward(rowptr, col, weight.double(), x.double(), _d(bias), act,
+                                               _d(residual))
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert_close_to_float64(out, out32, out64, factor=2, name=f"aggregate_forward[{act}]")
+    pre64 = agg_ref.spmm(rowptr, col, weight.double(), x.double()) + (0 if bias is None else bias.double())
+    if act == "none":
+        assert saved.numel() == 0
+    elif act == "relu":
+        assert saved.dtype == torch.uint8 and saved.shape == saved32.shape
+        decided = pre64.abs() > 1e-5  # away from 0 the sign cannot depend on rounding
+        got = activations.unpack_bits(saved, f)
+        assert torch.equal(got[decided], (pre64 > 0)[decided])
+        assert torch.equal(saved[decided.all(1)], saved32[decided.all(1)])
+    else:
+        assert saved.dtype == torch.float32 and saved.shape == (n, f)
+        assert_close_to_float64(saved, saved32, saved64, factor=2, name=f"saved pre [{act}]")
+
+
+def _saved_from(pre64, act):
+    """The saved state of a forward whose pre-activation is ``pre64``, in float32 (so that every
+    backend sees the same act' and only the backward pass itself is compared)."""
+    if act == "relu":
+        return activations.pack_bits(pre64 > 0)
+    return activations.save_for_backward(pre64.float(), act)
+
+
+def _autograd64(rowptr, col, weight, x, bias, act, grad_out):
+    """d <out, grad_out> / d x and / d weight through the float64 reference forward."""
+    x64 = x.double().requires_grad_(True)
+    w64 = weight.double().requires_grad_(True)
+    out64, _ = agg_ref.aggregate_forward(rowptr, col, w64, x64, _d(bias), act)
+    (out64 * grad_out.double()).sum().backward()
+    pre64 = agg_ref.spmm(rowptr, col, weight.double(), x.double()) + (0 if bias is None else bias.double())
+    return x64.grad, w64.grad, pre64
+
+
+@pytest.mark.parametrize("act", ACTS)
+@FAST
+@given(case=csr_cases(), with_bias=st.booleans())
+def test_aggregate_backward_and_edge_grad(act, case, with_bias):
+    n, m, f, num_edges, seed = case
+    rowptr, col, weight, x, bias, _, grad_out = _problem(n, m, f, num_edges, seed, with_bias, False)
+    t_rowptr, t_col, t_weight = transpose_csr(rowptr, col, weight, m)
+    gx64, gw64, pre64 = _autograd64(rowptr, col, weight, x, bias, act, grad_out)
+    saved = _saved_from(pre64, act)
+    saved64 = activations.save_for_backward(pre64, act) if act != "relu" else saved
+
+    gx = agg_cpu.aggregate_backward(t_rowptr, t_col, t_weight, grad_out, saved, act)
+    gx32 = agg_ref.aggregate_backward(t_rowptr, t_col, t_weight, grad_out, saved, act)
+    gx_ref64 = agg_ref.aggregate_backward(t_rowptr, t_col, t_weight.double(), grad_out.double(), saved64, act)
+    assert gx.shape == (m, f)
+    assert_close_to_float64(gx, gx32, gx_ref64, factor=3, name=f"aggregate_backward[{act}]")
+    assert_close_to_float64(gx, gx32, gx64, factor=3, name=f"aggregate_backward vs autograd [{act}]")
+
+    gw = agg_cpu.edge_grad(rowptr, col, grad_out, saved, act, x)
+    gw32 = agg_ref.edge_grad(rowptr, col, grad_out, saved, act, x)
+    gw_ref64 = agg_ref.edge_grad(rowptr, col, grad_out.double(), saved64, act, x.double())
+    assert gw.shape == col.shape
+    assert_close_to_float64(gw, gw32, gw_ref64, factor=3, name=f"edge_grad[{act}]")
+    assert_close_to_float64(gw, gw32, gw64, factor=3, name=f"edge_grad vs autograd [{act}]")
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_aggregate_large_parallel_paths(act):
+    """Big enough for the parallel, edge-balanced path and (gelu) the materialised grad_pre."""
+    n, f = 3000, 37
+    rowptr, col, weight, x, bias, residual, grad_out = _problem(n, n, f, 8 * n, 5, True, True)
+    out, saved = agg_cpu.aggregate_forward(rowptr, col, weight, x, bias, act, residual)
+    out32, _ = agg_ref.aggregate_forward(rowptr, col, weight, x, bias, act, residual)
+    out64, _ = agg_ref.aggregate_forward(rowptr, col, weight.double(), x.double(), bias.double(), act,
+                                         residual.double())
+    assert_close_to_float64(out, out32, out64, factor=2, name="forward")
+    t_rowptr, t_col, t_weight = transpose_csr(rowptr, col, weight, n)
+    gx64, gw64, pre64 = _autograd64(rowptr, col, weight, x, bias, act, grad_out)
+    saved = _saved_from(pre64, act)
+    gx = agg_cpu.aggregate_backward(t_rowptr, t_col, t_weight, grad_out, saved, act)
+    gx32 = agg_ref.aggregate_backward(t_rowptr, t_col, t_weight, grad_out, saved, act)
+    assert_close_to_float64(gx, gx32, gx64, factor=3, name="backward")
+    gw = agg_cpu.edge_grad(rowptr, col, grad_out, saved, act, x)
+    gw32 = agg_ref.edge_grad(rowptr, col, grad_out, saved, act, x)
+    assert_close_to_float64(gw, gw32, gw64, factor=3, name="edge_grad")
+
+
+def test_aggregate_thread_count_independent():
+    n, f = 2000, 16
+    rowptr, col, weight, x, bias, residual, grad_out = _problem(n, n, f, 6 * n, 3, True, False)
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, max(2, old)):
+            torch.set_num_threads(threads)
+            out, saved = agg_cpu.aggregate_forward(rowptr, col, weight, x, bias, "tanh")
+            t = transpose_csr(rowptr, col, weight, n)
+            results.append((out, saved, agg_cpu.aggregate_backward(*t, grad_out, saved, "tanh")))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- loss
+@pytest.mark.parametrize("act", ACTS)
+@FAST
+@given(case=csr_cases(), with_bias=st.booleans(), num_comp=st.integers(1, 4))
+def test_matched_loss(act, case, with_bias, num_comp):
+    T, m, f, num_edges, seed = case
+    rowptr, col, weight, x, bias, _, _ = _problem(T, m, f, num_edges, seed, with_bias, False)
+    gen = torch.Generator().manual_seed(seed + 7)
+    target = torch.randn(T, f, generator=gen)
+    component = torch.randint(0, num_comp, (T,), generator=gen)
+    scale = torch.rand(num_comp, generator=gen) * 5 + 0.5
+    loss, grad_pre = loss_cpu.matched_loss(rowptr, col, weight, x, target, component, scale, bias, act)
+    loss32, grad32 = loss_ref.matched_loss(rowptr, col, weight, x, target, component, scale, bias, act)
+    loss64, grad64 = loss_ref.matched_loss(rowptr, col, weight.double(), x.double(), target.double(), component,
+                                           scale.double(), _d(bias), act)
+    assert loss.shape == (num_comp,) and grad_pre.shape == (T, f)
+    assert_close_to_float64(loss, loss32, loss64, factor=2, name=f"matched_loss[{act}]")
+    assert_close_to_float64(grad_pre, grad32, grad64, factor=3, name=f"matched_loss grad_pre[{act}]")
+    # grad_pre is the gradient of sum(loss) w.r.t. the pre-activation (autograd, float64)
+    pre64 = agg_ref.spmm(rowptr, col, weight.double(), x.double()) + (0 if bias is None else bias.double())
+    pre64.requires_grad_(True)
+    diff = activations.apply(pre64, act) - target.double()
+    per_row = diff.pow(2).sum(1)
+    total = (per_row.new_zeros(num_comp).index_add(0, component, per_row) / scale.double()).sum()
+    (auto64,) = torch.autograd.grad(total, pre64, allow_unused=True)
+    if auto64 is None:
+        auto64 = torch.zeros_like(pre64)
+    assert_close_to_float64(grad_pre, grad32, auto64, factor=3, name=f"grad_pre vs autograd [{act}]")
+
+
+def test_matched_loss_deterministic():
+    T, m, f = 1500, 1800, 24
+    rowptr, col, weight, x, bias, _, _ = _problem(T, m, f, 9 * T, 11, True, False)
+    target = torch.randn(T, f)
+    component = torch.randint(0, 5, (T,))
+    scale = torch.rand(5) + 1
+    first = loss_cpu.matched_loss(rowptr, col, weight, x, target, component, scale, bias, "elu")
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = loss_cpu.matched_loss(rowptr, col, weight, x, target, component, scale, bias, "elu")
+    finally:
+        torch.set_num_threads(old)
+    again = loss_cpu.matched_loss(rowptr, col, weight, x, target, component, scale, bias, "elu")
+    for a, b, c in zip(first, single, again):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------- top_mask
+def _check_top_mask(theta, ptr, k, slope, name=""):
+    hard, thr = upd_cpu.top_mask(theta, ptr, k, slope)
+    _, thr32 = upd_ref.top_mask(theta, ptr, k, slope)
+    _, thr64 = upd_ref.top_mask(theta.double(), ptr, k, slope)
+    assert hard.shape == theta.shape and thr.shape == (theta.shape[0],)
+    assert ((hard == 0) | (hard == 1)).all(), name
+    prob = torch.sigmoid(slope * theta)
+    for c in range(ptr.numel() - 1):
+        lo, hi = int(ptr[c]), int(ptr[c + 1])
+        if hi == lo:
+            continue
+        h, p = hard[lo:hi].reshape(-1), prob[lo:hi].reshape(-1)
+        kc = min(max(int(k[c]), 0), h.numel())
+        assert int(h.sum()) == kc, f"{name}: block {c} has {int(h.sum())} ones, want {kc}"
+        if 0 < kc < h.numel():  # the ones are the k largest
+            assert p[h == 1].min() >= p[h == 0].max() - 1e-6, f"{name}: block {c}"
+    covered = torch.zeros(theta.shape[0], dtype=torch.bool)
+    covered[int(ptr[0]):int(ptr[-1])] = True
+    assert_close_to_float64(thr[covered], thr32[covered], thr64[covered], factor=2, name=f"threshold {name}")
+    return hard, thr
+
+
+@FAST
+@given(rows=st.integers(1, 30), d=st.integers(1, 25), blocks=st.integers(1, 6), seed=st.integers(0, 2**31 - 1),
+       ties=st.booleans(), slope=st.sampled_from([-2.0, 0.0, 0.5, 1.0, 4.0, 40.0]))
+def test_top_mask_blocks(rows, d, blocks, seed, ties, slope):
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.randn(rows, d, generator=gen)
+    if ties:  # many exactly equal values, including ties at the k-th value
+        theta = torch.round(theta * 2) / 2
+    cuts = torch.sort(torch.randint(0, rows + 1, (blocks - 1,), generator=gen)).values
+    ptr = torch.cat([torch.tensor([0]), cuts, torch.tensor([rows])])
+    sizes = ptr.diff() * d
+    k = (torch.rand(blocks, generator=gen) * (sizes + 3)).long() - 1   # includes -1, 0, size, size + 1
+    k[0] = 0 if blocks > 1 else k[0]
+    _check_top_mask(theta, ptr, k, slope, name="blocks")
+
+
+def test_top_mask_per_row():
+    F, d = 300, 143
+    theta = torch.randn(F, d)
+    theta[::7] = torch.round(theta[::7])             # rows with ties
+    ptr = torch.arange(F + 1)
+    k = torch.randint(0, d + 1, (F,))
+    k[:3] = torch.tensor([0, d, 1])
+    _check_top_mask(theta, ptr, k, 2.0, name="per row")
+
+
+@pytest.mark.parametrize("kind", ["plain", "ties", "saturated", "k0", "kall"])
+def test_top_mask_huge_block(kind):
+    """One block large enough for the intra-block parallel passes (incl. the parallel tie pass)."""
+    F, d = 500, 701
+    gen = torch.Generator().manual_seed(3)
+    theta = torch.randn(F, d, generator=gen)
+    slope = 1.0
+    if kind == "ties":
+        theta = torch.round(theta * 4) / 4
+    if kind == "saturated":                          # P == 1.0 exactly for many entries
+        slope = 30.0
+    k = {"k0": 0, "kall": F * d}.get(kind, int(0.013 * F * d))
+    _check_top_mask(theta, torch.tensor([0, F]), torch.tensor([k]), slope, name=kind)
+    # a second block next to the huge one, and uncovered trailing rows (mask 0, threshold 0)
+    ptr = torch.tensor([0, F - 50, F - 10])
+    hard, thr = _check_top_mask(theta, ptr, torch.tensor([k // 2, 17]), slope, name=kind + " +block")
+    assert (hard[F - 10:] == 0).all() and (thr[F - 10:] == 0).all()
+
+
+# ----------------------------------------------------------------------------- adam_ste_update
+@FAST
+@given(F=st.integers(1, 40), d=st.integers(1, 70), seed=st.integers(0, 2**31 - 1),
+       slope=st.sampled_from([0.5, 1.0, 3.0]))
+def test_adam_ste_update(F, d, seed, slope):
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.randn(F, d, generator=gen)
+    state = [theta.clone(), torch.zeros(F, d), torch.zeros(F, d)]        # cpu
+    state32 = [theta.clone(), torch.zeros(F, d), torch.zeros(F, d)]      # reference float32
+    state64 = [theta.double(), torch.zeros(F, d).double(), torch.zeros(F, d).double()]
+    hyper = dict(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8, slope=slope, margin=0.1)
+    for step in range(1, 6):
+        grad = torch.randn(F, d, generator=gen) * 0.1
+        threshold = torch.rand(F, generator=gen) * 0.4 + 0.3
+        margin_scale = torch.rand(F, generator=gen)
+        active = torch.rand(F, generator=gen) < 0.7
+        before = state[0].clone()
+        upd_cpu.adam_ste_update(state[0], grad, *state[1:], step=step, threshold=threshold, margin_scale=margin_scale,
+                                active=active, **hyper)
+        upd_ref.adam_ste_update(state32[0], grad, *state32[1:], step=step, threshold=threshold, margin_scale=margin_scale,
+                                active=active, **hyper)
+        upd_ref.adam_ste_update(state64[0], grad.double(), *state64[1:], step=step, threshold=threshold.double(),
+                                margin_scale=margin_scale.double(), active=active, **hyper)
+        for name, a, b, c in zip(("theta", "exp_avg", "exp_avg_sq"), state, state32, state64):
+            assert_close_to_float64(a, b, c, factor=2, name=f"{name} step {step}")
+        assert torch.equal(state[0][~active], before[~active])  # inactive rows do not move
+
+
+def test_adam_ste_update_large_parallel():
+    F, d = 2708, 143
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(F, d, generator=gen)
+    grad = torch.randn(F, d, generator=gen) * 1e-3
+    hard, threshold = upd_cpu.top_mask(theta, torch.tensor([0, F]), torch.tensor([int(0.02 * F * d)]), 2.0)
+    args = dict(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, slope=2.0, threshold=threshold, margin=0.2,
+                margin_scale=torch.full((F,), 0.01), active=torch.ones(F, dtype=torch.bool))
+    m1, m2 = torch.rand(F, d, generator=gen) * 1e-3, torch.rand(F, d, generator=gen) * 1e-6
+    fast = [theta.clone(), m1.clone(), m2.clone()]
+    ref32 = [theta.clone(), m1.clone(), m2.clone()]
+    ref64 = [theta.double(), m1.double(), m2.double()]
+    upd_cpu.adam_ste_update(fast[0], grad, *fast[1:], **args)
+    upd_ref.adam_ste_update(ref32[0], grad, *ref32[1:], **args)
+    args64 = dict(args, threshold=threshold.double(), margin_scale=args["margin_scale"].double())
+    upd_ref.adam_ste_update(ref64[0], grad.double(), *ref64[1:], **args64)
+    for a, b, c in zip(fast, ref32, ref64):
+        assert_close_to_float64(a, b, c, factor=2, name="large adam")
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_inputs_raise_value_error():
+    rowptr, col, weight = random_csr(5, 5, 12, 0)
+    x = torch.randn(5, 3)
+    t = transpose_csr(rowptr, col, weight, 5)
+    bad_calls = [
+        lambda: agg_cpu.aggregate_forward(rowptr, col, weight, x.double()),               # dtype
+        lambda: agg_cpu.aggregate_forward(rowptr.int(), col, weight, x),                  # index dtype
+        lambda: agg_cpu.aggregate_forward(rowptr, col, weight[:-1], x),                   # E mismatch
+        lambda: agg_cpu.aggregate_forward(rowptr, col, weight, x, torch.randn(4)),        # bias length
+        lambda: agg_cpu.aggregate_forward(rowptr, col, weight, x, None, "relu", torch.randn(4, 3)),
+        lambda: agg_cpu.aggregate_forward(rowptr, col, weight, x.t()),                    # non-contiguous
+        lambda: agg_cpu.aggregate_forward(rowptr, col, weight, x, act="swish"),           # activation
+        lambda: agg_cpu.aggregate_forward(rowptr, col, weight, x[:2]),                    # col out of range
+        lambda: agg_cpu.aggregate_forward(torch.cat([rowptr[:-1], rowptr[-1:] + 1]), col, weight, x),  # end != E
+        lambda: agg_cpu.aggregate_forward(rowptr.flip(0), col, weight, x),                # not monotone
+        lambda: agg_cpu.aggregate_backward(*t, torch.randn(5, 3), torch.zeros(5, 2, dtype=torch.uint8), "relu"),
+        lambda: agg_cpu.aggregate_backward(*t, torch.randn(5, 3), torch.randn(5, 4), "tanh"),
+        lambda: agg_cpu.aggregate_backward(*t, torch.randn(1, 3), torch.empty(0), "none"),  # dst ids >= 1
+        lambda: agg_cpu.edge_grad(rowptr, col, torch.randn(5, 4), torch.empty(0), "none", x),
+        lambda: loss_cpu.matched_loss(rowptr, col, weight, x, torch.randn(5, 2), torch.zeros(5, dtype=torch.long),
+                                      torch.ones(1)),
+        lambda: loss_cpu.matched_loss(rowptr, col, weight, x, torch.randn(5, 3), torch.full((5,), 3),
+                                      torch.ones(2)),                                     # component >= C
+        lambda: loss_cpu.matched_loss(rowptr, col, weight, x, torch.randn(5, 3), torch.zeros(5), torch.ones(1)),
+        lambda: upd_cpu.top_mask(x, torch.tensor([0, 5]), torch.tensor([1, 2]), 1.0),      # k length
+        lambda: upd_cpu.top_mask(x, torch.tensor([0, 6]), torch.tensor([1]), 1.0),         # ptr beyond F
+        lambda: upd_cpu.top_mask(x.double(), torch.tensor([0, 5]), torch.tensor([1]), 1.0),
+    ]
+    F, d = 4, 3
+    good = dict(step=1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, slope=1.0, threshold=torch.zeros(F),
+                margin=0.1, margin_scale=torch.zeros(F), active=torch.ones(F, dtype=torch.bool))
+    z = torch.zeros(F, d)
+    bad_calls += [
+        lambda: upd_cpu.adam_ste_update(z.clone(), z, z.clone(), z.clone(), **dict(good, active=torch.ones(F))),
+        lambda: upd_cpu.adam_ste_update(z.clone(), z, z.clone(), z.clone(), **dict(good, threshold=torch.zeros(3))),
+        lambda: upd_cpu.adam_ste_update(z.clone(), torch.zeros(F, 2), z.clone(), z.clone(), **good),
+        lambda: upd_cpu.adam_ste_update(z.clone(), z, z.clone(), z.clone(), **dict(good, step=0)),
+    ]
+    for i, call in enumerate(bad_calls):
+        with pytest.raises(ValueError):
+            call()
+            pytest.fail(f"bad call {i} did not raise")
+
+
+def test_dispatch_finds_cpu_backend():
+    assert dispatch.resolve("auto") == "cpu"
+    assert dispatch.get("aggregate", "cpu") is agg_cpu
+    assert dispatch.get("loss", "cpu") is loss_cpu
+    assert dispatch.get("update", "cpu") is upd_cpu
