@@ -38,7 +38,6 @@ inline void spmm_row(float* __restrict acc, i64 e0, i64 e1, const i64* __restric
   }
 }
 
-// Forward rows [r0, r1): pre = A x + bias (in acc), saved state, out = act(pre) + residual.
 // relu bits of one row: bit c % 8 of byte c / 8 set when v[c] > 0. `pos` is scratch of
 // >= 8 * ceil(f / 8) bytes (one 0/1 byte per feature, vectorised compare; then 8 bytes -> 1 by
 // a multiply that gathers the low bit of each byte into the top byte).
@@ -62,6 +61,7 @@ inline void pack_positive(const float* __restrict v, i64 f, uint8_t* __restrict 
 #endif
 }
 
+// Forward rows [r0, r1): pre = A x + bias (in acc), saved state, out = act(pre) + residual.
 template <int A>
 FM_SIMD_CLONES void forward_rows(i64 r0, i64 r1, float* __restrict acc, const i64* rowptr, const i64* col,
                                  const float* w, const float* x, i64 f, const float* bias, const float* res,
@@ -70,9 +70,10 @@ FM_SIMD_CLONES void forward_rows(i64 r0, i64 r1, float* __restrict acc, const i6
   uint8_t* pos = reinterpret_cast<uint8_t*>(acc + f);  // scratch beyond the accumulator
   for (i64 i = r0; i < r1; ++i) {
     spmm_row(acc, rowptr[i], rowptr[i + 1], col, w, x, f);
-    if (bias)
+    if (bias) {
 #pragma omp simd
       for (i64 c = 0; c < f; ++c) acc[c] += bias[c];
+    }
     if constexpr (A == ACT_RELU) {
       pack_positive(acc, f, pos, bits + i * nb);
     } else if constexpr (A != ACT_NONE) {

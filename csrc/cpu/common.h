@@ -45,11 +45,14 @@ inline i64 check_csr(const at::Tensor& rowptr, const at::Tensor& col, const at::
   const i64* rp = rowptr.data_ptr<i64>();
   TORCH_CHECK_VALUE(rp[0] == 0 && rp[n] == E, what, ": rowptr must start at 0 and end at col.numel() = ", E,
                     " (got ", rp[0], " .. ", rp[n], ")");
-  bool monotone = true;
+  const int nt = (n + E >= (1 << 18)) ? max_threads() : 1;  // O(n + E): parallel on big graphs
+  int monotone = 1;
+#pragma omp parallel for num_threads(nt) reduction(& : monotone) schedule(static) if (nt > 1)
   for (i64 i = 0; i < n; ++i) monotone &= rp[i] <= rp[i + 1];
   TORCH_CHECK_VALUE(monotone, what, ": rowptr must be non-decreasing");
   const i64* c = col.data_ptr<i64>();
-  bool in_range = true;
+  int in_range = 1;
+#pragma omp parallel for num_threads(nt) reduction(& : in_range) schedule(static) if (nt > 1)
   for (i64 e = 0; e < E; ++e) in_range &= (c[e] >= 0) & (c[e] < m);
   TORCH_CHECK_VALUE(in_range, what, ": col entries must lie in [0, ", m, ")");
   return n;

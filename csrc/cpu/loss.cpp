@@ -10,10 +10,12 @@
 namespace fm {
 namespace {
 
+// Target rows [r0, r1): pre = A x + bias (in acc), per_row[t] = ||act(pre) - target[t]||^2 (in
+// double), grad_pre[t] = 2 (act(pre) - target[t]) / scale[comp[t]] * act'(pre).
 template <int A>
-FM_SIMD_CLONES void loss_rows(i64 r0, i64 r1, float* __restrict acc, const i64* rowptr, const i64* col, const float* w,
-               const float* x, i64 f, const float* bias, const float* target, const i64* comp,
-               const float* scale, double* per_row, float* grad_pre) {
+FM_SIMD_CLONES void loss_rows(i64 r0, i64 r1, float* __restrict acc, const i64* rowptr, const i64* col,
+                              const float* w, const float* x, i64 f, const float* bias, const float* target,
+                              const i64* comp, const float* scale, double* per_row, float* grad_pre) {
   for (i64 t = r0; t < r1; ++t) {
 #pragma omp simd
     for (i64 c = 0; c < f; ++c) acc[c] = 0.f;
@@ -23,9 +25,10 @@ FM_SIMD_CLONES void loss_rows(i64 r0, i64 r1, float* __restrict acc, const i64* 
 #pragma omp simd
       for (i64 c = 0; c < f; ++c) acc[c] += we * xr[c];
     }
-    if (bias)
+    if (bias) {
 #pragma omp simd
       for (i64 c = 0; c < f; ++c) acc[c] += bias[c];
+    }
     const float* __restrict tr = target + t * f;
     float* __restrict gr = grad_pre + t * f;
     const float s = scale[comp[t]];

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fastmetamer.ops import activations, dispatch
@@ -30,6 +30,9 @@ except ImportError:  # tests/ops is not a package: pytest puts it on sys.path
 
 ACTS = activations.ACTIVATIONS
 FAST = settings(deadline=None, max_examples=12, derandomize=True)
+# (n, m, f, num_edges, seed) always checked: a single node (with and without its self loop), no
+# edges, and a hub-heavy square graph with a feature count that is not a multiple of 8
+SINGLE_NODE, SINGLE_LOOP, NO_EDGES, HUBS = (1, 1, 3, 0, 0), (1, 1, 9, 1, 1), (6, 4, 5, 0, 2), (30, 30, 17, 95, 3)
 
 
 def _problem(n, m, f, num_edges, seed, with_bias, with_residual):
@@ -50,6 +53,10 @@ def _d(t):
 @pytest.mark.parametrize("act", ACTS)
 @FAST
 @given(case=csr_cases(), with_bias=st.booleans(), with_residual=st.booleans())
+@example(case=HUBS, with_bias=True, with_residual=True)
+@example(case=SINGLE_LOOP, with_bias=True, with_residual=True)
+@example(case=NO_EDGES, with_bias=True, with_residual=False)
+@example(case=SINGLE_NODE, with_bias=False, with_residual=False)
 def test_aggregate_forward(act, case, with_bias, with_residual):
     n, m, f, num_edges, seed = case
     rowptr, col, weight, x, bias, residual, _ = _problem(n, m, f, num_edges, seed, with_bias, with_residual)
@@ -94,6 +101,10 @@ def _autograd64(rowptr, col, weight, x, bias, act, grad_out):
 @pytest.mark.parametrize("act", ACTS)
 @FAST
 @given(case=csr_cases(), with_bias=st.booleans())
+@example(case=HUBS, with_bias=True)
+@example(case=SINGLE_LOOP, with_bias=False)
+@example(case=NO_EDGES, with_bias=True)
+@example(case=SINGLE_NODE, with_bias=False)
 def test_aggregate_backward_and_edge_grad(act, case, with_bias):
     n, m, f, num_edges, seed = case
     rowptr, col, weight, x, bias, _, grad_out = _problem(n, m, f, num_edges, seed, with_bias, False)
@@ -159,6 +170,10 @@ def test_aggregate_thread_count_independent():
 @pytest.mark.parametrize("act", ACTS)
 @FAST
 @given(case=csr_cases(), with_bias=st.booleans(), num_comp=st.integers(1, 4))
+@example(case=HUBS, with_bias=True, num_comp=3)
+@example(case=SINGLE_LOOP, with_bias=True, num_comp=1)
+@example(case=NO_EDGES, with_bias=False, num_comp=2)
+@example(case=SINGLE_NODE, with_bias=False, num_comp=1)
 def test_matched_loss(act, case, with_bias, num_comp):
     T, m, f, num_edges, seed = case
     rowptr, col, weight, x, bias, _, _ = _problem(T, m, f, num_edges, seed, with_bias, False)
