@@ -14,4 +14,5 @@ from .analysis.dimension import DimensionResult, metamer_dimension
 from .metamers import MetamerResult, generate
 
 __version__ = "0.1.0"
-__all__ = ["generate", "MetamerResult", "metamer_dimension", "DimensionResult", "datasets", "metrics", "models", "study", "__version__"]
+__all__ = ["generate", "MetamerResult", "metamer_dimension", "DimensionResult", "datasets", "metrics",
+           "models", "study", "__version__"]
