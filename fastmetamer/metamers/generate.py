@@ -38,8 +38,8 @@ class Options:
     stages: learning-rate halving stages; tol: early-stop tolerance on L_act per target (a node
         target also stops only once its loss is below half the loss that passes the criterion).
     restart_patience: a node target's feature metamer that has not improved by 1% for this many
-        steps while failing the null criterion restarts from a new draw, keeping its best state
-        (None: never restart).
+        steps while failing the null criterion or above ``restart_above`` restarts from a new
+        draw, keeping its best state (None: never restart).
     hops: receptive-field radius override (default: counted from the model's propagate calls).
     dense_max_nodes, block_size, resample_every: structure candidate settings.
     null_max_nodes: graphs larger than this use a random sample of nodes as the null set.
@@ -58,7 +58,8 @@ class Options:
     edge_slope: float = 1.0
     stages: int = 4
     tol: float = 1e-5
-    restart_patience: int | None = 150
+    restart_patience: int | None = 100
+    restart_above: float = 1e-3
     hops: int | None = None
     dense_max_nodes: int = 400
     block_size: int | None = None
@@ -220,10 +221,11 @@ def _pass_loss(null: NullDistances, reference_acts: Tensor) -> Tensor:
 
 
 def _restarts(kind, targets, pass_loss, opts) -> Restarts | None:
-    """Restarts for node-target feature metamers: a target stalls unless it passes."""
+    """Restarts for node-target feature metamers: a target stalls unless it passes and its loss
+    is below ``restart_above``."""
     if kind != "features" or targets is None or opts.restart_patience is None:
         return None
-    return Restarts(pass_loss, opts.restart_patience)
+    return Restarts(torch.clamp(pass_loss, max=opts.restart_above), opts.restart_patience)
 
 
 def _graph_null(model, layer, reference_acts, null_graphs):
