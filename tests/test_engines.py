@@ -9,7 +9,9 @@ import fastmetamer as fm
 from fastmetamer.engines import FastEngine, ReferenceEngine, Unsupported, lower, make_engine
 from fastmetamer.metamers.layers import count_hops, layer_output, resolve_layer
 from fastmetamer.metamers.receptive_field import disjoint_receptive_fields, whole_graph
+from fastmetamer.engines.csr import BinaryRows
 from fastmetamer.ops import dispatch
+from fastmetamer.ops.update import reference as upd_ref
 
 from conftest import awkward_graph
 
@@ -65,6 +67,46 @@ def test_fast_engine_matches_reference(backend, seed):
                         assert got is None or not got.any(), (name, layer, what)
                         continue
                     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{name} {layer} {what}")
+
+
+def _binary_rows(sub, include_frozen: bool) -> BinaryRows:
+    """The sub-problem's features as BinaryRows: the free rows' ones (all rows: rows=None),
+    plus the frozen rows' ones when asked; a NaN-filled gradient buffer."""
+    rows = sub.free.nonzero().flatten()
+    rowptr, col = upd_ref.mask_to_csr(sub.x[rows])
+    frozen = None
+    if include_frozen:
+        frozen_rows = (~sub.free).nonzero().flatten()
+        row, col_frozen = sub.x[frozen_rows].nonzero().unbind(1)
+        frozen = (frozen_rows[row], col_frozen)
+    grad = torch.full((rows.numel(), sub.x.shape[1]), float("nan"))
+    return BinaryRows.from_csr(rowptr, col, None if bool(sub.free.all()) else rows, sub.num_nodes, grad,
+                               torch.zeros((), requires_grad=True), frozen)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_binary_rows_input_matches_dense(backend):
+    """Binary features given by their ones (the fused feature path) give the dense input's
+    losses and free-row gradients: with the frozen boundary ring counted as zero (exact while the
+    edges are fixed) and with its ones included; residual layers take the dense fallback."""
+    graph = awkward_graph(num_nodes=30, num_features=7, seed=2)
+    graph.x = (graph.x > graph.x.median()).float()
+    for name, model in _models(graph.num_features).items():
+        model.eval()
+        for layer in (resolve_layer(model, 0), resolve_layer(model, None)):
+            for sub, joint in _problems(graph, model, layer):
+                with torch.no_grad():
+                    target = layer_output(model, layer, sub.x, sub.edge_index)[sub.center] + 0.1
+                fast = FastEngine(lower(model, layer), backend, model, sub, target, joint)
+                weight = torch.rand(sub.edge_index.shape[1], generator=torch.Generator().manual_seed(2))
+                want_loss, want_grad, _ = _loss_and_grads(fast, sub, weight)
+                for include_frozen in (False, True):
+                    x = _binary_rows(sub, include_frozen)
+                    losses = fast.losses(x, sub.edge_index, weight)
+                    (losses * torch.arange(1, losses.numel() + 1)).sum().backward()
+                    what = f"{name} {layer} frozen={include_frozen}"
+                    torch.testing.assert_close(losses.detach(), want_loss, rtol=1e-5, atol=1e-6, msg=what)
+                    torch.testing.assert_close(x.grad, want_grad[sub.free], rtol=1e-4, atol=1e-5, msg=what)
 
 
 def test_unsupported_models_are_named_and_fall_back(synthetic):

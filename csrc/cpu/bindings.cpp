@@ -17,6 +17,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("component"), py::arg("scale"), py::arg("bias"), py::arg("act"));
   m.def("top_mask", &fm::top_mask, "top-k hard mask and threshold per row block", py::arg("theta"),
         py::arg("ptr"), py::arg("k"), py::arg("slope"));
+  m.def("top_mask_csr", &fm::top_mask_csr, "the ones of top_mask's mask as CSR (rowptr, col) and the threshold",
+        py::arg("theta"), py::arg("ptr"), py::arg("k"), py::arg("slope"));
   m.def("adam_ste_update", &fm::adam_ste_update, "fused margin + straight-through + Adam step (in place)",
         py::arg("theta"), py::arg("grad_x"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"),
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("slope"),

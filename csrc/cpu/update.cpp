@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <functional>
+#include <algorithm>
 #include <limits>
 
 namespace fm {
@@ -220,50 +221,25 @@ float select_block(float* out, const float* th, i64 cnt, i64 kc, float s, std::v
 // Blocks at least this large (entries) are processed with all threads inside the block.
 constexpr i64 BIG_BLOCK = 1 << 17;
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> top_mask(const at::Tensor& theta, const at::Tensor& ptr, const at::Tensor& k,
-                                            double slope) {
-  check_tensor(theta, "theta", at::kFloat, 2);
-  check_tensor(ptr, "ptr", at::kLong, 1);
-  check_tensor(k, "k", at::kLong, 1);
-  const i64 F = theta.size(0), d = theta.size(1);
-  TORCH_CHECK_VALUE(ptr.numel() >= 1, "ptr must have C + 1 >= 1 entries");
-  const i64 C = ptr.numel() - 1;
-  TORCH_CHECK_VALUE(k.numel() == C, "k must have one entry per block (", C, "), got ", k.numel());
-  const i64* pp = ptr.data_ptr<i64>();
-  const i64* kp = k.data_ptr<i64>();
-  bool ok = pp[0] >= 0 && pp[C] <= F;
-  for (i64 c = 0; c < C; ++c) ok &= pp[c] <= pp[c + 1];
-  TORCH_CHECK_VALUE(ok, "ptr must be non-decreasing row offsets within [0, ", F, "]");
-  const bool covers = pp[0] == 0 && pp[C] == F;
-  // Rows outside every block (only when ptr does not cover [0, F)) get mask 0 and threshold 0.
-  at::Tensor hard = covers ? at::empty({F, d}, theta.options()) : at::zeros({F, d}, theta.options());
-  at::Tensor threshold = at::zeros({F}, theta.options());
-  if (F == 0 || C == 0 || d == 0) return {hard, threshold};
-  const float s = static_cast<float>(slope);
-  const float* th = theta.data_ptr<float>();
-  float* hp = hard.data_ptr<float>();
-  float* tp = threshold.data_ptr<float>();
+// Runs run(c, scratch, team) for every non-empty block c of the row offsets pp [C + 1] (d
+// entries per row): small blocks in parallel (one thread each), big ones (at least BIG_BLOCK
+// entries and more than 1/threads of all) one after the other with all threads inside.
+template <class Run>
+void for_blocks(const i64* pp, i64 C, i64 d, Run&& run) {
   const int nt = max_threads();
-
+  const i64 total = (pp[C] - pp[0]) * d;
   std::vector<i64> small, big;
   i64 small_total = 0;
   for (i64 c = 0; c < C; ++c) {
     const i64 cnt = (pp[c + 1] - pp[c]) * d;
     if (cnt == 0) continue;
-    if (nt > 1 && cnt >= BIG_BLOCK) {
+    if (nt > 1 && cnt >= BIG_BLOCK && cnt * nt > total) {  // too big a share to run beside others
       big.push_back(c);
     } else {
       small.push_back(c);
       small_total += cnt;
     }
   }
-  auto run = [&](i64 c, std::vector<float>& scratch, int team) {
-    const i64 off = pp[c] * d, cnt = (pp[c + 1] - pp[c]) * d;
-    const float t = select_block(hp + off, th + off, cnt, kp[c], s, scratch, team);
-    for (i64 r = pp[c]; r < pp[c + 1]; ++r) tp[r] = t;
-  };
   if (!small.empty()) {
     const i64 ns = static_cast<i64>(small.size());
     const int team = (nt > 1 && ns > 1 && small_total >= SERIAL_WORK) ? nt : 1;
@@ -281,7 +257,160 @@ std::tuple<at::Tensor, at::Tensor> top_mask(const at::Tensor& theta, const at::T
   }
   std::vector<float> scratch;
   for (i64 c : big) run(c, scratch, nt);
+}
+
+// Checks theta [F, d], ptr [C + 1] (non-decreasing offsets within [0, F]) and k [C].
+void check_blocks(const at::Tensor& theta, const at::Tensor& ptr, const at::Tensor& k) {
+  check_tensor(theta, "theta", at::kFloat, 2);
+  check_tensor(ptr, "ptr", at::kLong, 1);
+  check_tensor(k, "k", at::kLong, 1);
+  const i64 F = theta.size(0);
+  TORCH_CHECK_VALUE(ptr.numel() >= 1, "ptr must have C + 1 >= 1 entries");
+  const i64 C = ptr.numel() - 1;
+  TORCH_CHECK_VALUE(k.numel() == C, "k must have one entry per block (", C, "), got ", k.numel());
+  const i64* pp = ptr.data_ptr<i64>();
+  bool ok = pp[0] >= 0 && pp[C] <= F;
+  for (i64 c = 0; c < C; ++c) ok &= pp[c] <= pp[c + 1];
+  TORCH_CHECK_VALUE(ok, "ptr must be non-decreasing row offsets within [0, ", F, "]");
+}
+
+// Writes the columns of the ones of rows [0, rows) of key [rows, d] to cols and each row's
+// count to counts: the entries > vk, and entries == vk while seen (ties met so far, updated)
+// stays below ties. Groups of 16 entries without any entry >= vk are skipped after a
+// vectorised test (feature densities are a few percent). Returns how many columns it wrote.
+FM_SIMD_CLONES i64 write_ones(const float* key, i64 rows, i64 d, float vk, i64 ties, i64& seen, i64* counts,
+                              i64* cols) {
+  constexpr int G = 16;
+  i64 out = 0;
+  for (i64 r = 0; r < rows; ++r) {
+    const float* kr = key + r * d;
+    const i64 start = out;
+    i64 c = 0;
+    auto take = [&](i64 j) {
+      const float v = kr[j];
+      if (v > vk || (v == vk && seen++ < ties)) cols[out++] = j;
+    };
+    for (; c + G <= d; c += G) {
+      int hits = 0;
+#pragma omp simd reduction(+ : hits)
+      for (int q = 0; q < G; ++q) hits += kr[c + q] >= vk;
+      if (hits == 0) continue;
+      for (int q = 0; q < G; ++q) take(c + q);
+    }
+    for (; c < d; ++c) take(c);
+    counts[r] = out - start;
+  }
+  return out;
+}
+
+// (entries > vk, entries == vk) of p[0:cnt).
+FM_SIMD_CLONES std::pair<i64, i64> count_gt_eq(const float* p, i64 cnt, float vk) {
+  i64 gt = 0, eq = 0;
+#pragma omp simd reduction(+ : gt, eq)
+  for (i64 i = 0; i < cnt; ++i) {
+    gt += p[i] > vk;
+    eq += p[i] == vk;
+  }
+  return {gt, eq};
+}
+
+// The ones of one block (key [rows, d], block-relative) as columns and row counts: the
+// entries > vk, and the first `ties` entries == vk in memory order. With team > 1 the rows are
+// split over the threads: a counting pass ranks each chunk's ties and places its columns.
+void block_ones(const float* key, i64 rows, i64 d, float vk, i64 ties, i64* counts, i64* cols, int team) {
+  if (team <= 1) {
+    i64 seen = 0;
+    write_ones(key, rows, d, vk, ties, seen, counts, cols);
+    return;
+  }
+  std::vector<i64> taken(team + 1, 0), equal(team + 1, 0);
+  chunked(rows, team, [&](i64 lo, i64 hi, int tid) {
+    const auto [gt, eq] = count_gt_eq(key + lo * d, (hi - lo) * d, vk);
+    taken[tid + 1] = gt;
+    equal[tid + 1] = eq;
+  });
+  for (int q = 0; q < team; ++q) {  // equal[q] holds the ties before chunk q once summed
+    const i64 ties_here = std::clamp<i64>(ties - equal[q], 0, equal[q + 1]);
+    equal[q + 1] += equal[q];
+    taken[q + 1] += taken[q] + ties_here;
+  }
+  chunked(rows, team, [&](i64 lo, i64 hi, int tid) {
+    i64 seen = equal[tid];
+    write_ones(key + lo * d, hi - lo, d, vk, ties, seen, counts + lo, cols + taken[tid]);
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> top_mask(const at::Tensor& theta, const at::Tensor& ptr, const at::Tensor& k,
+                                            double slope) {
+  check_blocks(theta, ptr, k);
+  const i64 F = theta.size(0), d = theta.size(1), C = ptr.numel() - 1;
+  const i64* pp = ptr.data_ptr<i64>();
+  const i64* kp = k.data_ptr<i64>();
+  const bool covers = pp[0] == 0 && pp[C] == F;
+  // Rows outside every block (only when ptr does not cover [0, F)) get mask 0 and threshold 0.
+  at::Tensor hard = covers ? at::empty({F, d}, theta.options()) : at::zeros({F, d}, theta.options());
+  at::Tensor threshold = at::zeros({F}, theta.options());
+  if (F == 0 || C == 0 || d == 0) return {hard, threshold};
+  const float s = static_cast<float>(slope);
+  const float* th = theta.data_ptr<float>();
+  float* hp = hard.data_ptr<float>();
+  float* tp = threshold.data_ptr<float>();
+  for_blocks(pp, C, d, [&](i64 c, std::vector<float>& scratch, int team) {
+    const i64 off = pp[c] * d, cnt = (pp[c + 1] - pp[c]) * d;
+    const float t = select_block(hp + off, th + off, cnt, kp[c], s, scratch, team);
+    for (i64 r = pp[c]; r < pp[c + 1]; ++r) tp[r] = t;
+  });
   return {hard, threshold};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> top_mask_csr(const at::Tensor& theta, const at::Tensor& ptr,
+                                                            const at::Tensor& k, double slope) {
+  check_blocks(theta, ptr, k);
+  const i64 F = theta.size(0), d = theta.size(1), C = ptr.numel() - 1;
+  const i64* pp = ptr.data_ptr<i64>();
+  const i64* kp = k.data_ptr<i64>();
+  // Every block holds exactly clamp(k, 0, size) ones: its slice of col is known up front.
+  std::vector<i64> start(C + 1, 0);
+  for (i64 c = 0; c < C; ++c) start[c + 1] = start[c] + std::clamp<i64>(kp[c], 0, (pp[c + 1] - pp[c]) * d);
+  at::Tensor counts = at::zeros({F}, ptr.options());
+  at::Tensor col = at::empty({start[C]}, ptr.options());
+  at::Tensor threshold = at::zeros({F}, theta.options());
+  if (F > 0 && C > 0 && d > 0) {
+    const float s = static_cast<float>(slope);
+    const float* th = theta.data_ptr<float>();
+    i64* cp = counts.data_ptr<i64>();
+    i64* colp = col.data_ptr<i64>();
+    float* tp = threshold.data_ptr<float>();
+    for_blocks(pp, C, d, [&](i64 c, std::vector<float>& scratch, int team) {
+      const i64 r0 = pp[c], rows = pp[c + 1] - pp[c], cnt = rows * d, kc = kp[c];
+      std::vector<float> prob;  // the key is theta itself for slope > 0 (sigmoid is increasing)
+      const float* key = th + r0 * d;
+      if (s <= 0.f) {
+        prob.resize(cnt);
+        chunked(cnt, team, [&](i64 lo, i64 hi, int) { sigmoid_into(prob.data() + lo, key + lo, hi - lo, s); });
+        key = prob.data();
+      }
+      auto to_p = [&](float v) { return s > 0.f ? fast_sigmoid(s * v) : v; };
+      float t;
+      if (kc <= 0 || kc >= cnt) {
+        const auto [lo_v, hi_v] = std::minmax_element(key, key + cnt);
+        t = kc <= 0 ? to_p(*hi_v) + 1e-6f : to_p(*lo_v) - 1e-6f;
+        block_ones(key, rows, d, kc <= 0 ? std::numeric_limits<float>::infinity()
+                                         : -std::numeric_limits<float>::infinity(),
+                   0, cp + r0, colp + start[c], team);
+      } else {
+        const auto [vk, next, greater] = kth_pair(key, cnt, kc, scratch, team);
+        t = 0.5f * (to_p(vk) + to_p(next));
+        block_ones(key, rows, d, vk, kc - greater, cp + r0, colp + start[c], team);
+      }
+      for (i64 r = r0; r < pp[c + 1]; ++r) tp[r] = t;
+    });
+  }
+  at::Tensor rowptr = at::zeros({F + 1}, ptr.options());
+  if (F > 0) rowptr.narrow(0, 1, F).copy_(counts.cumsum(0));
+  return {rowptr, col, threshold};
 }
 
 void adam_ste_update(at::Tensor theta, const at::Tensor& grad_x, at::Tensor exp_avg, at::Tensor exp_avg_sq,

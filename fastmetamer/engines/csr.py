@@ -51,6 +51,74 @@ class Pattern:
         return sub
 
 
+@dataclass
+class BinaryRows:
+    """Binary node features X' [m, d] given by their ones, for the fast engine's first layer.
+
+    Only rows ``rows`` [F] (sorted local ids; None: all m rows) are optimised; their gradient
+    dL/dX'[rows] [F, d] is written into the caller's buffer ``grad`` during backward (reused
+    every step: no fresh allocation of a large dense gradient), and ``token``, a scalar leaf that
+    requires grad, is autograd's handle on it. Gradients of other rows are not computed: that is
+    exact when those rows lie outside the matched rows' receptive field (the frozen boundary
+    ring), whose features never reach them.
+
+    Attributes: ones (pattern [m, d] of the ones, forward only), rows, grad, token; written
+    (False until a backward wrote ``grad``; later contributions add to it).
+    """
+
+    ones: Pattern
+    rows: Tensor | None
+    grad: Tensor
+    token: Tensor
+    written: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.ones.num_rows, self.ones.num_cols
+
+    @classmethod
+    def from_csr(cls, rowptr: Tensor, col: Tensor, rows: Tensor | None, num_rows: int, grad: Tensor,
+                 token: Tensor, frozen: tuple[Tensor, Tensor] | None = None) -> "BinaryRows":
+        """Wrap the ones of the F optimised rows (``rowptr`` [F + 1], ``col`` [nnz]) placed at
+        local ``rows`` [F] of an m-row graph; ``frozen`` (row [n1], col [n1]) adds the ones of
+        other rows, which get no gradient (needed when they can reach the matched rows, e.g.
+        when the edges change too)."""
+        if frozen is not None:
+            local = torch.arange(rowptr.numel() - 1) if rows is None else rows
+            row = torch.repeat_interleave(local, rowptr.diff())
+            row, col = torch.cat([row, frozen[0]]), torch.cat([col, frozen[1]])
+            order = torch.argsort(row * grad.shape[1] + col)
+            rowptr, col = _rowptr(row, num_rows), col[order]
+        elif rows is not None:
+            counts = torch.zeros(num_rows, dtype=torch.long).index_copy_(0, rows, rowptr.diff())
+            rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        empty = col.new_empty(0)
+        ones = Pattern(num_rows, grad.shape[1], rowptr, col, empty, empty, empty, empty)
+        return cls(ones, rows, grad, token)
+
+    def add_grad(self, grad_rows: Tensor, weight: Tensor | None = None) -> None:
+        """Add dL/dX'[rows] given either directly (``grad_rows`` [m, d]) or as the gradient
+        [m, f] of X' @ ``weight`` [d, f] (one GEMM into the buffer)."""
+        if self.rows is not None:
+            grad_rows = grad_rows.index_select(0, self.rows)
+        if weight is None:
+            if self.written:
+                self.grad.add_(grad_rows)
+            else:
+                self.grad.copy_(grad_rows)
+        elif self.written:
+            self.grad.addmm_(grad_rows, weight.t())
+        else:
+            torch.mm(grad_rows, weight.t(), out=self.grad)
+        self.written = True
+
+    def dense(self) -> Tensor:
+        """X' as a dense [m, d] 0/1 tensor (for layers that need it, e.g. a residual)."""
+        values = torch.ones(self.ones.col.numel())
+        row = torch.repeat_interleave(torch.arange(self.shape[0]), self.ones.rowptr.diff())
+        return torch.zeros(self.shape).index_put_((row, self.ones.col), values)
+
+
 def _rowptr(index: Tensor, size: int) -> Tensor:
     ptr = torch.zeros(size + 1, dtype=torch.long)
     ptr[1:] = torch.bincount(index, minlength=size).cumsum(0)

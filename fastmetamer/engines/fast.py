@@ -15,7 +15,7 @@ from ..metamers.layers import layer_output
 from ..metamers.receptive_field import Subgraph
 from ..ops import dispatch
 from . import functions as F
-from .csr import Operator, Pattern
+from .csr import BinaryRows, Operator, Pattern
 from .lowering import Program, Stage
 
 
@@ -64,17 +64,19 @@ class FastEngine:
         """Layer-l activations at the targets [T, d_l] (no gradient needed: reference path)."""
         return layer_output(self.model, self.layer, x, edge_index, edge_weight)[self.sub.center]
 
-    def losses(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None,
-               x_ones: Pattern | None = None) -> Tensor:
+    def losses(self, x: Tensor | BinaryRows, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
         """L_act per problem [C], differentiable w.r.t. ``x`` [m, d] and ``edge_weight`` [E].
 
-        ``x_ones``: the pattern of the ones of a binary ``x`` (rows = nodes); the first dense
-        product then gathers weight rows instead of multiplying by the dense matrix."""
-        n, h = x.shape[0], x
+        ``x`` may be :class:`~fastmetamer.engines.csr.BinaryRows` (binary features by their
+        ones): the first dense product then gathers weight rows instead of multiplying by the
+        dense 0/1 matrix, and the gradient goes to the optimised rows only."""
         stages = self.program.stages
+        sparse = x if isinstance(x, BinaryRows) else None
+        n = x.shape[0]
+        h = x if sparse is None else (F.binary_dense(sparse) if stages[0].residual is not None else None)
         for i, stage in enumerate(stages):
             operator = self._operator(stage, edge_index, edge_weight, n)
-            inputs = self._transform(stage, h, x_ones if i == 0 else None)
+            inputs = self._transform(stage, h, sparse if i == 0 else None)
             if i == len(stages) - 1:
                 return self._matched(stage, h, inputs, operator)
             h = self._propagate(stage, h, inputs, operator)
@@ -98,13 +100,10 @@ class FastEngine:
             self._operators[cache_key] = (edge_index, edge_weight, operator)
         return operator
 
-    def _transform(self, stage: Stage, h: Tensor, ones: Pattern | None) -> Tensor:
+    def _transform(self, stage: Stage, h: Tensor | None, sparse: BinaryRows | None) -> Tensor:
         """The aggregation's input: h @ weight (stacked with h @ root_weight when present)."""
         def product(weight: Tensor) -> Tensor:
-            if ones is None:
-                return h @ weight
-            unit = Operator(ones, torch.ones(ones.col.numel()), torch.ones(ones.col.numel()))
-            return F.binary_linear(h, weight, unit, self.kernels)
+            return h @ weight if sparse is None else F.binary_linear(sparse, weight, self.kernels)
 
         inputs = product(stage.weight)
         if stage.root_weight is not None:
@@ -141,7 +140,11 @@ class FastEngine:
         return torch.zeros_like(self.scale).index_add(0, self.component, diff) / self.scale
 
     def _target_operator(self, operator: Operator) -> Operator:
-        """The operator's rows at the targets (pattern cached with the operator's pattern)."""
+        """The operator's rows at the targets (pattern cached with the operator's pattern; the
+        whole operator cached too when its values carry no gradient)."""
+        known = self._patterns.get("rows")
+        if known is not None and known[0] is operator:
+            return known[1]
         key = ("rows", id(operator.pattern))
         known = self._patterns.get(key)
         if known is None or known[0] is not operator.pattern:
@@ -150,4 +153,7 @@ class FastEngine:
         rows = known[1]
         # rows.order indexes coordinate-order values; recover them from the CSR-order values.
         coo_value = torch.empty_like(operator.value).index_put((operator.pattern.order,), operator.value)
-        return Operator.build(rows, coo_value)
+        result = Operator.build(rows, coo_value)
+        if not operator.value.requires_grad:
+            self._patterns["rows"] = (operator, result)
+        return result

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .csr import Operator
+from .csr import BinaryRows, Operator
 
 
 class _Aggregate(torch.autograd.Function):
@@ -77,19 +77,40 @@ def matched_loss(x: Tensor, op: Operator, kernels: dict, target: Tensor, compone
 
 class _BinaryLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, ones: Operator, kernels):
-        p = ones.pattern
-        out, _ = kernels["aggregate"].aggregate_forward(p.rowptr, p.col, ones.value, weight.contiguous(), None, "none", None)
+    def forward(ctx, token, weight, x: BinaryRows, kernels):
+        ones = x.ones
+        unit = weight.new_ones(ones.col.numel())
+        out, _ = kernels["aggregate"].aggregate_forward(ones.rowptr, ones.col, unit, weight.contiguous(), None,
+                                                        "none", None)
         ctx.save_for_backward(weight)
+        ctx.x = x
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         (weight,) = ctx.saved_tensors
-        return grad_out @ weight.t(), None, None, None
+        ctx.x.add_grad(grad_out, weight)
+        return None, None, None, None
 
 
-def binary_linear(x: Tensor, weight: Tensor, ones: Operator, kernels: dict) -> Tensor:
-    """x @ weight for binary x [n, d] whose ones are the pattern of ``ones`` (values 1): a sparse
-    gather-sum of weight [d, f] rows forward, the dense gradient grad @ weight^T backward."""
-    return _BinaryLinear.apply(x, weight, ones, kernels)
+def binary_linear(x: BinaryRows, weight: Tensor, kernels: dict) -> Tensor:
+    """X' @ weight [m, f] for binary X' [m, d] given by its ones: a sparse gather-sum of weight
+    [d, f] rows forward; backward adds grad[rows] @ weight^T [F, d] into ``x.grad``."""
+    return _BinaryLinear.apply(x.token, weight, x, kernels)
+
+
+class _BinaryDense(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, token, x: BinaryRows):
+        ctx.x = x
+        return x.dense()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ctx.x.add_grad(grad_out)
+        return None, None
+
+
+def binary_dense(x: BinaryRows) -> Tensor:
+    """X' as a dense [m, d] tensor whose gradient goes into ``x.grad`` (rows ``x.rows``)."""
+    return _BinaryDense.apply(x.token, x)

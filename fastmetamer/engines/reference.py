@@ -37,9 +37,9 @@ class ReferenceEngine:
         out = layer_output(self.model, self.layer, x, edge_index, edge_weight)
         return out[self.sub.center]
 
-    def losses(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None, x_ones=None) -> Tensor:
+    def losses(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
         """L_act per independent problem [C] (one value, [1], for a joint whole-graph problem):
-        ||H'[S] - H[S]||^2 / ||H[S]||^2. ``x_ones`` (a sparsity hint for binary x) is unused."""
+        ||H'[S] - H[S]||^2 / ||H[S]||^2."""
         diff = (self.activations(x, edge_index, edge_weight) - self.target).pow(2)
         if self.joint:
             return (diff.sum() / self.scale).view(1)

@@ -241,28 +241,35 @@ class FusedBinaryFeatures:
     The same mathematics as :class:`FeatureParam` (binary, full mode) followed by the
     optimiser's masked Adam, but the selection (``top_mask``) and the whole elementwise update
     (sigmoid, margin term, straight-through chain rule, Adam, masking) each run as one fused op
-    of ``kernels``. ``features()`` also leaves ``self.ones``, the pattern of the ones of X', so
-    the engine can gather weight rows instead of multiplying by the dense 0/1 matrix.
+    of ``kernels``. ``features()`` gives X' by its ones (free rows only), so the fast engine
+    gathers weight rows instead of multiplying by the dense 0/1 matrix and back-propagates to
+    the free rows only.
     """
 
     params: list[Tensor] = []
 
     def __init__(self, sub: Subgraph, generators: list[torch.Generator], kernels, schedule, *,
                  per_row: bool, slope: float, margin: float, margin_weight: float,
-                 population: Tensor | None = None):
-        from ..engines.csr import Pattern
-
-        self._pattern = Pattern
+                 population: Tensor | None = None, fixed_edges: bool = True):
         self.sub, self.kernels, self.schedule = sub, kernels, schedule
         self.binary, self.slope, self.margin = True, slope, margin
         stats = feature_stats(sub, population)
         self.free_rows = sub.free.nonzero().flatten()
+        self.rows = None if bool(sub.free.all()) else self.free_rows
+        frozen_rows = (~sub.free).nonzero().flatten()
+        if fixed_edges or frozen_rows.numel() == 0:
+            self.frozen = None
+        else:
+            row, col = (sub.x[frozen_rows] > 0.5).nonzero().unbind(1)
+            self.frozen = (frozen_rows[row], col)
         self.row_component = sub.component[sub.free]
         ptr = sub.free_ptr()
         self.generators, self.stats, self.comp_ptr = generators, stats, ptr
         noise = draw_noise(ptr, sub.x.shape[1], generators)
         self.theta = (stats.mean[self.row_component] + stats.std[self.row_component] * noise).contiguous()
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.theta), torch.zeros_like(self.theta)
+        self.grad = torch.zeros_like(self.theta)  # dL/dX'[free], filled by the engine's backward
+        self.token = torch.zeros((), requires_grad=True)
         if per_row:
             self.ptr, self.k = torch.arange(self.theta.shape[0] + 1), (sub.x[sub.free] > 0.5).sum(1)
         else:
@@ -271,34 +278,35 @@ class FusedBinaryFeatures:
         self.margin_scale = (margin_weight / entries.to(self.theta.dtype))[self.row_component].contiguous()
         self.steps = 0
 
-    def _hard_x(self) -> Tensor:
-        hard, self.threshold = self.kernels.top_mask(self.theta, self.ptr, self.k, self.slope)
-        x = self.sub.x.clone()
-        x[self.free_rows] = hard
-        return x
+    def features(self) -> tuple:
+        """(X' as :class:`~fastmetamer.engines.csr.BinaryRows`: the ones of the free rows, with
+        the gradient buffer [F, d] that backward fills; the frozen rows count as zero, which is
+        exact while the edges stay fixed (they lie outside the receptive field), else their ones
+        are included. A zero penalty: the margin term is applied inside the fused update)."""
+        from ..engines.csr import BinaryRows
 
-    def features(self) -> tuple[Tensor, Tensor]:
-        """(X' [m, d], a leaf whose .grad receives dL/dX'; a zero penalty: the margin term is
-        applied inside the fused update)."""
-        x = self._hard_x()
-        row, col = x.nonzero().t()
-        self.ones = self._pattern.from_coo(row, col, x.shape[0], x.shape[1])
-        self._x = x.requires_grad_()
-        return x, x.new_zeros(())
+        rowptr, col, self.threshold = self.kernels.top_mask_csr(self.theta, self.ptr, self.k, self.slope)
+        self._x = BinaryRows.from_csr(rowptr, col, self.rows, self.sub.num_nodes, self.grad, self.token,
+                                      self.frozen)
+        return self._x, self.theta.new_zeros(())
 
     def fused_step(self, lr: float, active: Tensor) -> None:
-        """One fused straight-through + margin + Adam step from the gradient left in X'.grad."""
+        """One fused straight-through + margin + Adam step from the gradient left in ``self.grad``."""
+        if not self._x.written:  # no path from these features to the loss
+            self.grad.zero_()
         self.steps += 1
         beta1, beta2 = self.schedule.betas
-        grad = self._x.grad[self.free_rows].contiguous()
         self.kernels.adam_ste_update(
-            self.theta, grad, self.exp_avg, self.exp_avg_sq, step=self.steps, lr=lr, beta1=beta1,
-            beta2=beta2, eps=self.schedule.eps, slope=self.slope, threshold=self.threshold,
+            self.theta, self.grad, self.exp_avg, self.exp_avg_sq, step=self.steps, lr=lr,
+            beta1=beta1, beta2=beta2, eps=self.schedule.eps, slope=self.slope, threshold=self.threshold,
             margin=self.margin, margin_scale=self.margin_scale, active=active[self.row_component])
 
     def final(self) -> Tensor:
         """The returned metamer features [m, d], exactly 0/1 at the reference density."""
-        return self._hard_x()
+        hard, _ = self.kernels.top_mask(self.theta, self.ptr, self.k, self.slope)
+        x = self.sub.x.clone()
+        x[self.free_rows] = hard
+        return x
 
     def _rows(self, c: int) -> slice:
         return slice(int(self.comp_ptr[c]), int(self.comp_ptr[c + 1]))

@@ -260,7 +260,7 @@ def _parameterise(kind, model, layer, sub: Subgraph, graph, generators, opts, en
                         margin_weight=opts.margin_weight, population=graph.x)
         if binary and not opts.size_independent and isinstance(engine, FastEngine):
             feats = FusedBinaryFeatures(sub, generators, dispatch.get("update", engine.name), schedule,
-                                        **settings)
+                                        fixed_edges=kind == "features", **settings)
         else:
             feats = FeatureParam(sub, generators, binary=binary,
                                  size_independent=opts.size_independent, **settings)
@@ -300,7 +300,7 @@ def _step_losses(engine, sub: Subgraph, feats, struct) -> tuple[Tensor, Tensor]:
         edge_index, edge_weight = struct.edges()
     else:
         edge_index, edge_weight = sub.edge_index, sub.edge_weight
-    return engine.losses(x, edge_index, edge_weight, x_ones=getattr(feats, "ones", None)), penalty
+    return engine.losses(x, edge_index, edge_weight), penalty
 
 
 def _metamer_graph(sub: Subgraph, graph: Data, feats, struct) -> Data:

@@ -238,6 +238,11 @@ def _check_top_mask(theta, ptr, k, slope, name=""):
     covered = torch.zeros(theta.shape[0], dtype=torch.bool)
     covered[int(ptr[0]):int(ptr[-1])] = True
     assert_close_to_float64(thr[covered], thr32[covered], thr64[covered], factor=2, name=f"threshold {name}")
+    # the CSR form holds exactly the same ones (same tie breaking) and thresholds
+    rowptr, col, thr_csr = upd_cpu.top_mask_csr(theta, ptr, k, slope)
+    want_rowptr, want_col = upd_ref.mask_to_csr(hard)
+    assert torch.equal(rowptr, want_rowptr) and torch.equal(col, want_col), f"csr {name}"
+    assert torch.equal(thr_csr, thr), f"csr threshold {name}"
     return hard, thr
 
 

@@ -184,6 +184,10 @@ def _check_top_mask(theta, ptr, k, slope, exact_reference):
         torch.testing.assert_close(threshold[lo:hi], ref_threshold[lo:hi], atol=tol, rtol=tol)
     if exact_reference:
         assert torch.equal(hard, ref_hard)
+    rowptr, col, csr_threshold = (host(t) for t in upd_tri.top_mask_csr(dev(theta), dev(ptr), dev(k), slope))
+    want_rowptr, want_col = upd_ref.mask_to_csr(hard)
+    assert torch.equal(rowptr, want_rowptr) and torch.equal(col, want_col)
+    assert torch.equal(csr_threshold, threshold)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

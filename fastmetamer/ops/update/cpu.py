@@ -31,6 +31,17 @@ def top_mask(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tenso
     return _C.top_mask(theta, ptr, k, float(slope))
 
 
+def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(rowptr [F + 1], col [nnz], threshold [F]) as :func:`fastmetamer.ops.update.reference.top_mask_csr`:
+    the columns are written during the selection, so the dense mask is never formed."""
+    _check(theta, "theta", torch.float32, 2)
+    _check(ptr, "ptr", torch.int64, 1)
+    if ptr.numel() < 1:
+        raise ValueError("ptr must have C + 1 >= 1 entries")
+    _check(k, "k", torch.int64, 1, (ptr.numel() - 1,))
+    return _C.top_mask_csr(theta, ptr, k, float(slope))
+
+
 def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
                     step: int, lr: float, beta1: float, beta2: float, eps: float, slope: float,
                     threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor) -> None:

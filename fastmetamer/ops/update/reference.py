@@ -38,6 +38,24 @@ def top_mask(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tenso
     return hard, threshold
 
 
+def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The ones of :func:`top_mask`'s mask in CSR form, without the dense mask.
+
+    Returns: (rowptr [F + 1], col [nnz] column of each one, row by row in increasing column
+        order, threshold [F]), all int64 but the float threshold.
+    """
+    hard, threshold = top_mask(theta, ptr, k, slope)
+    return mask_to_csr(hard) + (threshold,)
+
+
+def mask_to_csr(hard: Tensor) -> tuple[Tensor, Tensor]:
+    """(rowptr [F + 1], col [nnz]) of the non-zero entries of a mask [F, d], row by row."""
+    row, col = hard.nonzero().unbind(1)
+    rowptr = torch.zeros(hard.shape[0] + 1, dtype=torch.long, device=hard.device)
+    rowptr[1:] = torch.bincount(row, minlength=hard.shape[0]).cumsum(0)
+    return rowptr, col
+
+
 def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
                     step: int, lr: float, beta1: float, beta2: float, eps: float, slope: float,
                     threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor) -> None:

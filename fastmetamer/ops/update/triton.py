@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..aggregate import triton as _agg
+from .reference import mask_to_csr
 
 try:  # pragma: no cover - depends on the environment
     import triton
@@ -212,6 +213,13 @@ def top_mask(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tenso
     _mask_kernel[grid](theta, blk, ksel, quota, hard, num_rows, d, slope,
                        KEY=key_tl, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
     return hard, threshold
+
+
+def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The ones of :func:`top_mask`'s mask as CSR (rowptr, col) and the thresholds; see the
+    reference. The selection runs in the Triton kernels, the compaction in ``torch.nonzero``."""
+    hard, threshold = top_mask(theta, ptr, k, slope)
+    return mask_to_csr(hard) + (threshold,)
 
 
 def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
