@@ -6,8 +6,9 @@ Cases (binary features, straight-through top-rho, margin term, Adam, relative lo
              Python loop of the PyG version over k-hop subgraphs.
 Graphs: Cora (from ../shared/data or $FASTMETAMER_DATA) and a 100k-node synthetic graph.
 Models: PyG's GCN, GraphSAGE and GIN (2 layers, hidden 64, seeded random weights: the work per
-step does not depend on training). Every measurement runs in a fresh subprocess so its peak
-resident memory (ru_maxrss, minus the RSS after loading the data and model) is its own.
+step does not depend on training). Every measurement runs in a fresh subprocess; its memory is
+the peak resident set during the measurement minus the resident set before it (Linux: the peak
+mark is reset after loading the data and the model).
 
     python benchmarks/run_benchmarks.py [--quick] [--out benchmarks/results]
 
@@ -19,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -47,8 +47,18 @@ def _model(name: str, graph):
     return getattr(models, name)(graph.num_features, 64, num_layers=2, out_channels=int(graph.y.max()) + 1).eval()
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> float:
+    """Reset the peak-RSS mark to the current RSS (Linux: write 5 to clear_refs); returns it."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS")
 
 
 def run_one(case: str, graph_name: str, model_name: str, impl: str, steps: int) -> dict:
@@ -62,7 +72,7 @@ def run_one(case: str, graph_name: str, model_name: str, impl: str, steps: int) 
     for p in model.parameters():
         p.requires_grad_(False)
     nodes = graph.test_mask.nonzero().flatten()[:64].tolist()
-    base_rss = _rss_mb()
+    base_rss = _reset_peak_rss()
     start = time.perf_counter()
     if impl == "pyg":
         if case == "whole":
@@ -82,7 +92,7 @@ def run_one(case: str, graph_name: str, model_name: str, impl: str, steps: int) 
         impl = f"fastmetamer[{res.settings['backend']}]"
     return {"case": case, "graph": graph_name, "model": model_name, "impl": impl, "steps": steps,
             "seconds_total": total, "seconds_per_step": per_step,
-            "peak_rss_increase_mb": _rss_mb() - base_rss, "final_loss": final}
+            "peak_rss_increase_mb": _status_mb("VmHWM") - base_rss, "final_loss": final}
 
 
 def machine() -> dict:

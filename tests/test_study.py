@@ -58,9 +58,12 @@ def test_full_grid():
     assert sgc.build_kwargs()["K"] == 2 and sgc.build_kwargs()["depth"] == 1
     graph_cells = [c for c in cells(config) if c.model.dataset == "MUTAG"]
     assert graph_cells and {c.layer for c in graph_cells} == {"readout"}
-    gcn_layers = [c.layer for c in cells(config) if c.model == base[0]]
+    gcn_layers = [c.layer for c in cells(config) if c.model == base[0] and c.kind == "features"]
     assert gcn_layers == ["layers.0", "layers.1"]
     assert len({c.key for c in cells(config)}) == len(cells(config))
+    structure = [c for c in cells(config) if c.kind == "structure"]
+    assert {c.model.arch for c in structure if c.model.dataset == "Cora"} == set(ARCHITECTURES) - {"mlp"}
+    assert all(c.model.task == "node" and c.is_output and c.model.mitigation == "none" for c in structure)
 
 
 def test_quick_study_writes_tables_figures_and_report(quick_run):
@@ -82,8 +85,27 @@ def test_quick_study_writes_tables_figures_and_report(quick_run):
             "loss_curves.png"} <= pngs and any(p.startswith("neighbourhood_") for p in pngs)
     records = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json") if not p.name.startswith("cross")]
     assert records and all(r["status"] == "ok" for r in records)
-    node = next(r for r in records if r["cell"]["task"] == "node")
+    node = next(r for r in records if r["cell"]["task"] == "node" and r["cell"]["kind"] == "features")
     assert len(node["targets"]) == 4 and len(node["per_target"]["dimension"]) == 4
+
+
+def test_quick_study_has_structure_cells(quick_run):
+    """Structure metamers of the node models that use edges (output layer, no mitigation):
+    features untouched, edges rearranged, reported in their own table."""
+    out, report = quick_run
+    records = [json.loads(p.read_text()) for p in (out / "cells").glob("*-structure.json")]
+    assert {r["cell"]["arch"] for r in records} == {"gcn", "gat"}
+    for record in records:
+        cell, per_target = record["cell"], record["per_target"]
+        assert cell["task"] == "node" and cell["mitigation"] == "none" and cell["kind"] == "structure"
+        assert len(per_target["edge_jaccard"]) == 4 and all(0 <= j <= 1 for j in per_target["edge_jaccard"])
+        assert all(abs(c - 1) < 1e-6 for c in per_target["feature_cosine"])  # features fixed
+        assert min(per_target["edge_jaccard"]) < 1  # some edges moved
+    text = report.read_text()
+    assert "## Structure metamers" in text
+    with open(out / "study.csv") as handle:
+        kinds = {r["kind"] for r in csv.DictReader(handle)}
+    assert kinds == {"features", "structure"}
 
 
 def test_rerun_skips_finished_cells(quick_run, monkeypatch):

@@ -39,6 +39,10 @@ def add_parser(subparsers) -> None:
                         help="architectures swept over depth and width (default: gcn graphsage)")
     parser.add_argument("--targets", type=positive_int, default=None, help="targets per cell (default: 32)")
     parser.add_argument("--steps", type=positive_int, default=None, help="metamer steps (default: 1000)")
+    parser.add_argument("--structure-targets", type=int, default=None,
+                        help="targets of the structure-metamer cells (default: 16; 0 leaves them out)")
+    parser.add_argument("--structure-steps", type=positive_int, default=None,
+                        help="steps of the structure-metamer cells (default: 400)")
     parser.add_argument("--seeds", type=positive_int, default=None, help="training seeds (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
     parser.add_argument("--root", default=None, help="data folder for PyG datasets")
@@ -51,6 +55,8 @@ def run_study_command(args: argparse.Namespace) -> int:
     report = run_study(args.out, quick=args.quick, datasets=args.datasets, architectures=args.architectures,
                        mitigations=args.mitigations, depths=args.depths, widths=args.widths,
                        sweep_architectures=args.sweep_architectures, targets=args.targets,
-                       steps=args.steps, seeds=args.seeds, root=args.root, seed=args.seed)
+                       steps=args.steps, seeds=args.seeds, root=args.root, seed=args.seed,
+                       **{key: value for key in ("structure_targets", "structure_steps")
+                          if (value := getattr(args, key)) is not None})
     print(f"report: {report}  ({time.perf_counter() - started:.0f} s)")
     return 0

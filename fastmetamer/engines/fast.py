@@ -102,13 +102,23 @@ class FastEngine:
 
     def _transform(self, stage: Stage, h: Tensor | None, sparse: BinaryRows | None) -> Tensor:
         """The aggregation's input: h @ weight (stacked with h @ root_weight when present)."""
-        def product(weight: Tensor) -> Tensor:
-            return h @ weight if sparse is None else F.binary_linear(sparse, weight, self.kernels)
+        if stage.root_weight is None:
+            return h @ stage.weight if sparse is None else F.binary_linear(sparse, stage.weight, self.kernels)
+        if sparse is None:
+            return torch.cat([h @ stage.weight, h @ stage.root_weight])
+        # one gather and one backward GEMM for both weights, then stack the halves
+        both = F.binary_linear(sparse, self._joined(stage), self.kernels)
+        width = stage.weight.shape[1]
+        return torch.cat([both[:, :width], both[:, width:]])
 
-        inputs = product(stage.weight)
-        if stage.root_weight is not None:
-            inputs = torch.cat([inputs, product(stage.root_weight)])
-        return inputs
+    def _joined(self, stage: Stage) -> Tensor:
+        """[weight | root_weight] [d, 2f], cached per stage."""
+        key = ("joined", id(stage))
+        known = self._patterns.get(key)
+        if known is None or known[0] is not stage:
+            known = (stage, torch.cat([stage.weight, stage.root_weight], dim=1).contiguous())
+            self._patterns[key] = known
+        return known[1]
 
     def _residual(self, stage: Stage, h: Tensor) -> Tensor | None:
         if stage.residual is None:

@@ -23,7 +23,8 @@ from .config import Cell, ModelSpec, StudyConfig, is_base
 _METRIC_PATHS = {"act_cosine": ("activation", "cosine"), "snr_db": ("activation", "snr_db"),
                  "feature_cosine": ("features", "cosine"), "relative_l2": ("features", "relative_l2"),
                  "marginal_w1": ("features", "marginal_w1"), "s_match": ("consistency", "s_match"),
-                 "s_in": ("consistency", "s_in"), "consistency": ("consistency", "consistency")}
+                 "s_in": ("consistency", "s_in"), "consistency": ("consistency", "consistency"),
+                 "edge_jaccard": ("structure", "edge_jaccard"), "wl_similarity": ("structure", "wl")}
 #: Per-target records of a cell (lists of floats, one entry per target): from the metamer
 #: results, the relevant-metamer flag, and from the metamer dimension.
 RESULT_RECORDS = ("loss", "passed", "distance", "null_threshold", *_METRIC_PATHS)
@@ -100,12 +101,15 @@ def run_cell(cell: Cell, config: StudyConfig, data_cache: DataCache, folder: Pat
 
 
 def _node_cell(cell: Cell, model: nn.Module, graph: Data, config: StudyConfig):
-    """All targets' feature metamers in one batched call, and their metamer dimension."""
-    targets = node_targets(graph, config.targets, cell.model.seed)
-    result = generate(model, graph, targets.tolist(), layer=cell.layer, steps=config.steps,
+    """All targets' metamers of the cell's kind in one batched call, and their metamer
+    dimension (w.r.t. the receptive field's features, or its edges for structure metamers)."""
+    structure = cell.kind == "structure"
+    count, steps = (config.structure_targets, config.structure_steps) if structure else (config.targets, config.steps)
+    targets = node_targets(graph, count, cell.model.seed)
+    result = generate(model, graph, targets.tolist(), layer=cell.layer, kind=cell.kind, steps=steps,
                       seed=cell.model.seed, progress=False)
     started = time.perf_counter()
-    dimension = metamer_dimension(model, graph, targets, layer=cell.layer)
+    dimension = metamer_dimension(model, graph, targets, layer=cell.layer, wrt="edges" if structure else "features")
     return [result], targets.tolist(), (dimension, time.perf_counter() - started)
 
 

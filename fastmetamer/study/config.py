@@ -18,6 +18,8 @@ from ..datasets import canonical_name
 MITIGATIONS = ("elu", "residual", "adversarial")
 ARCHITECTURES = ("gcn", "graphsage", "gin", "gat", "sgc", "appnp", "mlp")
 GRAPH_DATASETS = ("synthetic_graphs", "MUTAG", "PROTEINS")
+#: Architectures that ignore the edges (no structure metamers).
+EDGELESS = ("mlp",)
 
 
 def mitigation_names(parts=MITIGATIONS) -> list[str]:
@@ -50,6 +52,9 @@ class StudyConfig:
         sweep_architectures: architectures swept over depth and width (without mitigation).
         targets: target nodes (graphs) per cell, all solved in one batched ``generate`` call.
         steps: metamer optimisation steps.
+        structure_targets, structure_steps: targets and steps of the structure-metamer cells
+            (node tasks: every architecture that uses edges, output layer, no mitigation,
+            depth 2, width 64); 0 targets leaves them out.
         seeds: number of training seeds (seed, seed + 1, ...).
         seed: base seed (training, targets, metamer initialisation).
         epochs: maximum training epochs (node, graph classification).
@@ -68,6 +73,8 @@ class StudyConfig:
     sweep_architectures: tuple[str, ...] = ("gcn", "graphsage")
     targets: int = 32
     steps: int = 1000
+    structure_targets: int = 16
+    structure_steps: int = 400
     seeds: int = 1
     seed: int = 0
     epochs: tuple[int, int] = (200, 100)
@@ -81,9 +88,11 @@ class StudyConfig:
         self.architectures = tuple(_check_arch(a) for a in self.architectures)
         self.sweep_architectures = tuple(_check_arch(a) for a in self.sweep_architectures)
         self.mitigations = tuple(check_mitigation(m) for m in self.mitigations)
-        for name in ("targets", "steps", "seeds", "null_graphs"):
+        for name in ("targets", "steps", "seeds", "null_graphs", "structure_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if not isinstance(self.structure_targets, int) or self.structure_targets < 0:
+            raise ValueError(f"structure_targets must be an int >= 0, got {self.structure_targets!r}")
 
     def to_dict(self) -> dict:
         """The settings as plain JSON-friendly values."""
@@ -112,6 +121,7 @@ def quick_config(**overrides) -> StudyConfig:
                          "synthetic_graphs": {"num_graphs": 60}},
         architectures=("gcn", "graphsage", "gat"), mitigations=("none", "elu+adversarial"),
         depths=(2, 3), widths=(16, 64), sweep_architectures=("gcn",), targets=8, steps=100,
+        structure_targets=4, structure_steps=50,
         epochs=(50, 30), adversarial={"norm": "l2", "eps": 0.5, "steps": 2}, null_graphs=30)
     return StudyConfig(**{**settings, **overrides})
 
@@ -157,14 +167,16 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Cell:
-    """One model at one matched layer."""
+    """One model at one matched layer, with one kind of metamer ("features" or "structure")."""
 
     model: ModelSpec
     layer: str
+    kind: str = "features"
 
     @property
     def key(self) -> str:
-        return f"{self.model.key}-{self.layer}"
+        suffix = "" if self.kind == "features" else f"-{self.kind}"
+        return f"{self.model.key}-{self.layer}{suffix}"
 
     @property
     def is_output(self) -> bool:
@@ -172,7 +184,7 @@ class Cell:
         return self.layer == self.model.layers()[-1]
 
     def to_dict(self) -> dict:
-        return {**asdict(self.model), "task": self.model.task, "layer": self.layer}
+        return {**asdict(self.model), "task": self.model.task, "layer": self.layer, "kind": self.kind}
 
 
 def model_specs(config: StudyConfig) -> list[ModelSpec]:
@@ -188,8 +200,14 @@ def model_specs(config: StudyConfig) -> list[ModelSpec]:
 
 
 def cells(config: StudyConfig) -> list[Cell]:
-    """Every cell of the study, in run order."""
-    return [Cell(spec, layer) for spec in model_specs(config) for layer in spec.layers()]
+    """Every cell of the study, in run order: feature-metamer cells of every model and matched
+    layer, then structure-metamer cells (see :class:`StudyConfig`)."""
+    specs = model_specs(config)
+    feature_cells = [Cell(spec, layer) for spec in specs for layer in spec.layers()]
+    structure_cells = [Cell(spec, spec.layers()[-1], "structure") for spec in specs
+                       if config.structure_targets and spec.task == "node" and spec.mitigation == "none"
+                       and is_base(spec) and spec.arch not in EDGELESS]
+    return feature_cells + structure_cells
 
 
 def is_base(spec: ModelSpec) -> bool:

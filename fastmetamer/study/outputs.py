@@ -9,7 +9,7 @@ import torch
 from ..report import plot_neighbourhood
 from . import figures
 from .config import Cell, ModelSpec, StudyConfig, is_base
-from .tables import cross_rows, markdown, summary_rows, target_rows, write_csv
+from .tables import cell_field, cross_rows, markdown, summary_rows, target_rows, write_csv
 
 DEFINITIONS = """\
 Definitions. Each cell optimises feature metamers of its targets (all in one batched call) at
@@ -23,6 +23,15 @@ S_in <= 0.5; `dimension` D_v = |R| d - rank J_v (local dimension of the metamer 
 `dimension_ratio` = D_v / (|R| d), `rank_deficit` = d_l - rank J_v, `log_volume` = sum of the log
 singular values of J_v. Brackets: 95% percentile-bootstrap CIs over targets pooled over seeds;
 `accuracy`: test accuracy of the trained model (mean over seeds).
+"""
+
+
+STRUCTURE_NOTE = """\
+Features fixed, edges among the receptive field free (the same number of edges). {targets}
+targets per cell, {steps} steps. A target counts as a structure metamer only when it passes the
+null criterion above; a failed target shows that this optimiser did not find one, not that none
+exists. `edge_jaccard` / `wl_similarity`: edge-set Jaccard and WL-subtree similarity to the
+reference receptive field; `dimension_ratio` is taken w.r.t. the edge weights within R.
 """
 
 
@@ -42,7 +51,8 @@ def write_study_report(config: StudyConfig, folder: Path, records: list[dict], p
 
 
 def _base_none(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r["mitigation"] == "none" and r["depth"] == 2 and r["width"] == 64]
+    return [r for r in rows if r["mitigation"] == "none" and r["depth"] == 2 and r["width"] == 64
+            and r["kind"] == "features"]
 
 
 def _output_records(records: list[dict]) -> list[dict]:
@@ -52,7 +62,7 @@ def _output_records(records: list[dict]) -> list[dict]:
                                                           "width", "seed")})
         return Cell(spec, record["cell"]["layer"]).is_output and spec.mitigation == "none" and is_base(spec)
 
-    return [r for r in records if r["status"] == "ok" and output(r)]
+    return [r for r in records if r["status"] == "ok" and cell_field(r, "kind") == "features" and output(r)]
 
 
 def _figures(folder: Path, records, summary, cross) -> dict[str, Path]:
@@ -92,6 +102,8 @@ def _neighbourhoods(folder: Path, finals: list[dict]) -> dict[str, Path]:
 def _markdown(config, records, summary, cross, unavailable, pictures, folder) -> str:
     status = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "error")}
     metrics = ("passed", "consistency", "relevant", "feature_cosine", "dimension_ratio", "log_volume")
+    structure = [r for r in summary if r["kind"] == "structure"]
+    summary = [r for r in summary if r["kind"] == "features"]
     base = [r for r in summary if r["depth"] == 2 and r["width"] == 64]
     outputs = [r for r in base if r["layer"] in ("readout", _last_layer(summary, r))]
     sweeps = [r for r in summary if r["mitigation"] == "none" and r["arch"] in config.sweep_architectures
@@ -110,6 +122,10 @@ def _markdown(config, records, summary, cross, unavailable, pictures, folder) ->
                  ("passed", "consistency", "act_cosine", "dimension", "log_volume")),
         "## Depth and width sweeps (output layer, no mitigation)\n",
         markdown(sweeps, ("dataset", "arch", "depth", "width", "accuracy"), ("passed", "consistency", "log_volume")),
+        "## Structure metamers (output layer, no mitigation, depth 2, width 64)\n",
+        STRUCTURE_NOTE.format(targets=config.structure_targets, steps=config.structure_steps),
+        markdown(structure, ("dataset", "arch", "accuracy"),
+                 ("passed", "loss", "edge_jaccard", "wl_similarity", "consistency", "dimension_ratio")),
         "## Cross-architecture recognisability\n",
         "Judge B's accuracy on metamers made from source A at A's output layer, and on the references.\n",
         markdown(_ci_columns(cross), ("dataset", "source", "judge", "n"), ("metamer_acc", "reference_acc")),

@@ -14,9 +14,9 @@ from .cells import RECORDS
 from .crossarch import pooled
 
 #: Summary metrics (per-target records averaged, with 95% bootstrap CIs).
-SUMMARY_METRICS = ("passed", "loss", "act_cosine", "feature_cosine", "consistency", "relevant",
-                   "dimension", "dimension_ratio", "rank_deficit", "log_volume")
-GROUP = ("dataset", "task", "arch", "mitigation", "depth", "width", "layer")
+SUMMARY_METRICS = ("passed", "loss", "act_cosine", "feature_cosine", "edge_jaccard", "wl_similarity",
+                   "consistency", "relevant", "dimension", "dimension_ratio", "rank_deficit", "log_volume")
+GROUP = ("dataset", "task", "arch", "mitigation", "depth", "width", "layer", "kind")
 N_BOOT = 1000
 
 
@@ -26,8 +26,13 @@ def summary_rows(records: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for record in records:
         if record["status"] == "ok":
-            groups.setdefault(tuple(record["cell"][k] for k in GROUP), []).append(record)
+            groups.setdefault(tuple(cell_field(record, k) for k in GROUP), []).append(record)
     return [_summary(dict(zip(GROUP, key)), members) for key, members in groups.items()]
+
+
+def cell_field(record: dict, key: str):
+    """A cell field of a record (``kind`` defaults to "features" for records without it)."""
+    return record["cell"].get(key, "features") if key == "kind" else record["cell"][key]
 
 
 def _summary(fields: dict, members: list[dict]) -> dict:
@@ -35,7 +40,7 @@ def _summary(fields: dict, members: list[dict]) -> dict:
            "targets": sum(len(m["targets"]) for m in members),
            "accuracy": sum(m["model"]["test_acc"] for m in members) / len(members)}
     for metric in SUMMARY_METRICS:
-        values = torch.tensor([v for m in members for v in m["per_target"][metric]], dtype=torch.float64)
+        values = torch.tensor([v for m in members for v in m["per_target"].get(metric, [])], dtype=torch.float64)
         values = values[torch.isfinite(values)]
         mean, low, high = bootstrap_ci(values, N_BOOT) if values.numel() else (math.nan,) * 3
         row.update({metric: mean, f"{metric}_lo": low, f"{metric}_hi": high})
@@ -49,8 +54,8 @@ def target_rows(records: list[dict]) -> list[dict]:
         if record["status"] != "ok":
             continue
         for t, target in enumerate(record["targets"]):
-            rows.append({**record["cell"], "target": target,
-                         **{key: record["per_target"][key][t] for key in RECORDS}})
+            rows.append({**record["cell"], "kind": cell_field(record, "kind"), "target": target,
+                         **{key: record["per_target"][key][t] for key in RECORDS if key in record["per_target"]}})
     return rows
 
 
