@@ -121,6 +121,19 @@ def test_rerun_skips_finished_cells(quick_run, monkeypatch):
     assert before == {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
 
 
+def test_report_only_runs_nothing(quick_run, tmp_path, monkeypatch):
+    """--report-only reports the finished cells and computes none."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("report_only ran a cell")
+
+    monkeypatch.setattr(study_cells, "generate", refuse)
+    monkeypatch.setattr(study_cells.models, "train", refuse)
+    assert "cells: 0 ok" in run_study(tmp_path, **SMALL, report_only=True).read_text()
+    out, report = quick_run
+    finished = len([p for p in (out / "cells").glob("*.json") if not p.name.startswith("cross")])
+    assert f"cells: {finished} ok" in run_study(out, **SMALL, report_only=True).read_text()
+
+
 def test_graph_level_failure_is_skipped_then_retried(tmp_path, monkeypatch):
     options = dict(quick=True, datasets=["synthetic_graphs"], architectures=["gcn"], mitigations=["none"],
                    depths=[2], widths=[64], targets=2, steps=10)

@@ -92,10 +92,14 @@ def _neighbourhoods(folder: Path, finals: list[dict]) -> dict[str, Path]:
         if record["cell"]["task"] != "node" or dataset in seen:
             continue
         seen.add(dataset)
-        saved = torch.load(folder / "metamers" / f"{record['key']}.pt", weights_only=False)
+        saved_path = folder / "metamers" / f"{record['key']}.pt"
         path = folder / "figures" / f"neighbourhood_{record['key']}.png"
-        pictures[f"Neighbourhood: {record['key']}, node {record['targets'][0]}"] = plot_neighbourhood(
-            saved["results"][0], path, 0)
+        caption = f"Neighbourhood: {record['key']}, node {record['targets'][0]}"
+        if saved_path.is_file():
+            saved = torch.load(saved_path, weights_only=False)
+            pictures[caption] = plot_neighbourhood(saved["results"][0], path, 0)
+        elif path.is_file():  # drawn in an earlier sitting whose saved metamers are gone
+            pictures[caption] = path
     return pictures
 
 

@@ -24,7 +24,7 @@ from .outputs import write_study_report
 def run_study(out_dir, *, quick: bool = False, datasets=None, architectures=None, mitigations=None,
               depths=None, widths=None, sweep_architectures=None, targets: int | None = None,
               steps: int | None = None, seeds: int | None = None, root=None, seed: int = 0,
-              progress: bool | None = None, **settings) -> Path:
+              progress: bool | None = None, report_only: bool = False, **settings) -> Path:
     """Run the invariance study (datasets x architectures x mitigations x matched layers, plus
     depth and width sweeps) and write its tables, figures and report into ``out_dir``.
 
@@ -34,6 +34,8 @@ def run_study(out_dir, *, quick: bool = False, datasets=None, architectures=None
         datasets, architectures, mitigations, depths, widths, sweep_architectures, targets,
             steps, seeds: override the preset (see :class:`~.config.StudyConfig`); None keeps it.
         root: data folder for PyG datasets; seed: base seed; progress: tqdm bar (None: on a tty).
+        report_only: run nothing; write the report from the cells finished so far (e.g. while
+            a long study is still running, or between sittings).
         **settings: any other :class:`~.config.StudyConfig` field (``epochs``, ``adversarial``,
             ``null_graphs``, ``dataset_options``).
 
@@ -46,18 +48,23 @@ def run_study(out_dir, *, quick: bool = False, datasets=None, architectures=None
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
     config = (quick_config if quick else full_config)(root=root, seed=seed, progress=progress,
                                                       **overrides, **settings)
-    return run_config(config, out_dir)
+    return run_config(config, out_dir, report_only=report_only)
 
 
-def run_config(config: StudyConfig, out_dir) -> Path:
-    """Run the study described by ``config`` into ``out_dir``; returns the report path."""
+def run_config(config: StudyConfig, out_dir, report_only: bool = False) -> Path:
+    """Run the study described by ``config`` into ``out_dir`` (with ``report_only``, only report
+    the cells finished there); returns the report path."""
     folder = Path(out_dir)
     (folder / "cells").mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     data = DataCache(config)
     unavailable = _unavailable(config, data)
     todo = [c for c in cells(config) if c.model.dataset not in unavailable]
-    records = [_cell(c, config, data, folder) for c in tqdm(todo, desc="study cells", disable=_tqdm_disable(config))]
+    if report_only:
+        records = [r for r in (_finished(c, folder) for c in todo) if r is not None]
+    else:
+        records = [_cell(c, config, data, folder)
+                   for c in tqdm(todo, desc="study cells", disable=_tqdm_disable(config))]
     predictions = _cross(config, data, folder, unavailable)
     return write_study_report(config, folder, records, predictions, unavailable)
 
@@ -78,15 +85,24 @@ def _unavailable(config: StudyConfig, data: DataCache) -> dict[str, str]:
     return missing
 
 
-def _cell(cell: Cell, config: StudyConfig, data: DataCache, folder: Path) -> dict:
-    """The cell's record: read from ``cells/`` when it finished before, else run and saved.
-    A graph-level cell the core cannot run yet is recorded as "skipped", any other failure as
-    "error" (both are retried on the next run)."""
+def _finished(cell: Cell, folder: Path) -> dict | None:
+    """The cell's record if it finished before (status "ok"), else None."""
     path = folder / "cells" / f"{cell.key}.json"
     if path.is_file():
         record = json.loads(path.read_text())
         if record.get("status") == "ok":
             return record
+    return None
+
+
+def _cell(cell: Cell, config: StudyConfig, data: DataCache, folder: Path) -> dict:
+    """The cell's record: read from ``cells/`` when it finished before, else run and saved.
+    A graph-level cell the core cannot run yet is recorded as "skipped", any other failure as
+    "error" (both are retried on the next run)."""
+    finished = _finished(cell, folder)
+    if finished is not None:
+        return finished
+    path = folder / "cells" / f"{cell.key}.json"
     try:
         record = run_cell(cell, config, data, folder)
     except Exception as err:  # noqa: BLE001 - one failing cell must not end a long study
@@ -105,8 +121,9 @@ def _cross(config: StudyConfig, data: DataCache, folder: Path, unavailable) -> l
     for dataset in (d for d in config.datasets if d not in unavailable):
         for seed in range(config.seed, config.seed + config.seeds):
             path = folder / "cells" / f"cross-{dataset}-s{seed}.json"
-            if path.is_file():
-                rows += json.loads(path.read_text())
+            cached = json.loads(path.read_text()) if path.is_file() else []
+            if {row["source"] for row in cached} >= set(config.architectures):
+                rows += cached
                 continue
             found = crossarch.predictions(config, dataset, seed, data(dataset), folder)
             if len({row["source"] for row in found}) == len(config.architectures):  # complete
