@@ -61,6 +61,8 @@ def test_full_grid():
     gcn_layers = [c.layer for c in cells(config) if c.model == base[0] and c.kind == "features"]
     assert gcn_layers == ["layers.0", "layers.1"]
     assert len({c.key for c in cells(config)}) == len(cells(config))
+    order = [c.model.dataset for c in cells(config)]
+    assert order == sorted(order, key=list(dict.fromkeys(order)).index)  # dataset by dataset
     structure = [c for c in cells(config) if c.kind == "structure"]
     assert {c.model.arch for c in structure if c.model.dataset == "Cora"} == set(ARCHITECTURES) - {"mlp"}
     assert all(c.model.task == "node" and c.is_output and c.model.mitigation == "none" for c in structure)

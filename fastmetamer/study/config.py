@@ -200,14 +200,17 @@ def model_specs(config: StudyConfig) -> list[ModelSpec]:
 
 
 def cells(config: StudyConfig) -> list[Cell]:
-    """Every cell of the study, in run order: feature-metamer cells of every model and matched
-    layer, then structure-metamer cells (see :class:`StudyConfig`)."""
+    """Every cell of the study, in run order, dataset by dataset: the feature-metamer cells of
+    every model and matched layer, then the structure-metamer cells (see :class:`StudyConfig`)."""
     specs = model_specs(config)
-    feature_cells = [Cell(spec, layer) for spec in specs for layer in spec.layers()]
-    structure_cells = [Cell(spec, spec.layers()[-1], "structure") for spec in specs
-                       if config.structure_targets and spec.task == "node" and spec.mitigation == "none"
-                       and is_base(spec) and spec.arch not in EDGELESS]
-    return feature_cells + structure_cells
+    order = []
+    for dataset in dict.fromkeys(spec.dataset for spec in specs):
+        mine = [spec for spec in specs if spec.dataset == dataset]
+        order += [Cell(spec, layer) for spec in mine for layer in spec.layers()]
+        order += [Cell(spec, spec.layers()[-1], "structure") for spec in mine
+                  if config.structure_targets and spec.task == "node" and spec.mitigation == "none"
+                  and is_base(spec) and spec.arch not in EDGELESS]
+    return order
 
 
 def is_base(spec: ModelSpec) -> bool:
