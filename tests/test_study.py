@@ -123,6 +123,20 @@ def test_rerun_skips_finished_cells(quick_run, monkeypatch):
     assert before == {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
 
 
+def test_missing_saved_metamers_are_recreated(quick_run):
+    """A study resumed without its saved metamers (not in version control) re-creates them for
+    the cross-architecture matrix."""
+    out, _ = quick_run
+    saved = sorted(p for p in (out / "metamers").glob("synthetic-*.pt") if "structure" not in p.name)
+    assert saved
+    saved[0].unlink()
+    for cached in (out / "cells").glob("cross-*.json"):
+        cached.unlink()
+    run_study(out, **SMALL)
+    assert saved[0].is_file()
+    assert len(list((out / "cells").glob("cross-*.json"))) == 2
+
+
 def test_report_only_runs_nothing(quick_run, tmp_path, monkeypatch):
     """--report-only reports the finished cells and computes none."""
     def refuse(*args, **kwargs):

@@ -65,7 +65,7 @@ def run_config(config: StudyConfig, out_dir, report_only: bool = False) -> Path:
     else:
         records = [_cell(c, config, data, folder)
                    for c in tqdm(todo, desc="study cells", disable=_tqdm_disable(config))]
-    predictions = _cross(config, data, folder, unavailable)
+    predictions = _cross(config, data, folder, unavailable, restore=not report_only)
     return write_study_report(config, folder, records, predictions, unavailable)
 
 
@@ -114,9 +114,9 @@ def _cell(cell: Cell, config: StudyConfig, data: DataCache, folder: Path) -> dic
     return record
 
 
-def _cross(config: StudyConfig, data: DataCache, folder: Path, unavailable) -> list[dict]:
+def _cross(config: StudyConfig, data: DataCache, folder: Path, unavailable, restore: bool) -> list[dict]:
     """Cross-architecture predictions of every dataset and seed (cached in ``cells/`` once every
-    architecture's metamers exist)."""
+    architecture's metamers exist); with ``restore``, missing saved metamers are re-created."""
     rows = []
     for dataset in (d for d in config.datasets if d not in unavailable):
         for seed in range(config.seed, config.seed + config.seeds):
@@ -125,11 +125,22 @@ def _cross(config: StudyConfig, data: DataCache, folder: Path, unavailable) -> l
             if {row["source"] for row in cached} >= set(config.architectures):
                 rows += cached
                 continue
+            if restore:
+                _restore_metamers(config, dataset, seed, data, folder)
             found = crossarch.predictions(config, dataset, seed, data(dataset), folder)
             if len({row["source"] for row in found}) == len(config.architectures):  # complete
                 path.write_text(json.dumps(found))
             rows += found
     return rows
+
+
+def _restore_metamers(config: StudyConfig, dataset: str, seed: int, data: DataCache, folder: Path) -> None:
+    """Re-create the saved metamers of finished source cells whose files are gone (they are not
+    kept in version control, so a study resumed from a fresh clone lacks them): the cell is run
+    again with the same seeds, which reproduces them up to floating-point summation order."""
+    for cell in crossarch.source_cells(config, dataset, seed):
+        if _finished(cell, folder) is not None and not (folder / "metamers" / f"{cell.key}.pt").is_file():
+            run_cell(cell, config, data, folder)
 
 
 __all__ = ["run_study", "run_config", "full_config", "quick_config"]
