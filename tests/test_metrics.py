@@ -372,3 +372,20 @@ def test_recognisability_bad_input():
         recognisability_matrix({("a", "b"): (T([0.2, 1.0]), T([0, 1]), T([0, 1]))})
     with pytest.raises(ValueError, match="no column"):
         pivot_matrix([{"source": "a", "judge": "b"}], value="metamer_acc")
+
+
+@pytest.mark.parametrize("chunk_entries", [1, 7, 1 << 24])
+def test_null_distances_leave_out_self_and_twins(chunk_entries):
+    """Thresholds by hand: the nearest other node that is not an exact twin; twins counted;
+    targets outside the null set compare with every null node."""
+    from fastmetamer.metamers.criterion import null_distances
+
+    acts = torch.tensor([[0.0, 0.0], [3.0, 4.0], [3.0, 4.0], [6.0, 8.0], [1.0, 0.0]])
+    null_ids = torch.tensor([10, 11, 12, 13, 14])
+    targets = torch.tensor([11, 14, 99])
+    target_acts = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 1.0]])
+    null = null_distances(acts, null_ids, targets, target_acts, chunk_entries=chunk_entries)
+    # node 11: itself left out, node 12 is a twin; nearest other: 14 at sqrt(2^2 + 4^2)
+    # node 14: nearest other is node 10 at distance 1; node 99 (not in the null set): node 10 at 1
+    assert null.threshold.tolist() == pytest.approx([math.sqrt(20.0), 1.0, 1.0])
+    assert null.twins.tolist() == [1, 0, 0]

@@ -27,19 +27,29 @@ class NullDistances:
 
 
 def null_distances(null_acts: Tensor, null_ids: Tensor, target_ids: Tensor, target_acts: Tensor,
-                   rtol: float = 1e-6, chunk: int = 1024) -> NullDistances:
+                   rtol: float = 1e-6, chunk_entries: int = 1 << 24) -> NullDistances:
     """Null-distribution thresholds for targets ``target_ids`` [T] with activations [T, d],
-    against real nodes ``null_ids`` [N] with activations ``null_acts`` [N, d]."""
-    thresholds, twins = [], []
+    against real nodes ``null_ids`` [N] (distinct) with activations ``null_acts`` [N, d].
+
+    Distances are computed in float64, ``chunk_entries`` target-null pairs at a time (memory
+    O(chunk_entries), time O(T N d)); a target's own entry in the null set is left out."""
     null_acts = null_acts.double()
-    for start in range(0, target_ids.numel(), chunk):
-        acts = target_acts[start:start + chunk].double()
+    position = torch.full((int(max(null_ids.max(), target_ids.max())) + 1 if null_ids.numel() else 1,), -1,
+                          dtype=torch.long)
+    position[null_ids] = torch.arange(null_ids.numel())
+    own = position[target_ids] if target_ids.numel() and null_ids.numel() else target_ids.new_full(target_ids.shape, -1)
+    rows = max(1, chunk_entries // max(1, null_ids.numel()))
+    thresholds, twins = [], []
+    for start in range(0, target_ids.numel(), rows):
+        acts = target_acts[start:start + rows].double()
         dist = torch.cdist(acts, null_acts)
-        is_self = null_ids.unsqueeze(0) == target_ids[start:start + chunk].unsqueeze(1)
-        is_twin = (dist <= rtol * acts.norm(dim=1, keepdim=True).clamp_min(1e-30)) & ~is_self
-        dist = dist.masked_fill(is_self | is_twin, float("inf"))
-        thresholds.append(dist.min(1).values if dist.shape[1] else dist.new_full((acts.shape[0],), float("inf")))
+        mine = own[start:start + rows]
+        has_own = (mine >= 0).nonzero().flatten()
+        dist[has_own, mine[has_own]] = float("inf")
+        is_twin = dist <= rtol * acts.norm(dim=1, keepdim=True).clamp_min(1e-30)
         twins.append(is_twin.sum(1))
+        dist.masked_fill_(is_twin, float("inf"))
+        thresholds.append(dist.min(1).values if dist.shape[1] else dist.new_full((acts.shape[0],), float("inf")))
     return NullDistances(torch.cat(thresholds).float(), torch.cat(twins))
 
 
