@@ -323,6 +323,7 @@ def test_graph_level_metamer_matches_pooled_embedding():
     assert ((a - r).pow(2).sum() / r.pow(2).sum()).item() == pytest.approx(res.loss, rel=1e-3, abs=1e-7)
     assert res.loss < 1e-3 and bool(res.passed[0])
     assert res.metrics["features"]["relative_l2"] > 0.3
+    assert res.settings["null_graphs"] == len(graphs) - 1  # the count, not the graphs
     with pytest.raises(ValueError, match="graph-level"):
         fm.generate(model, graph, 0, layer="readout", progress=False)
     alone = fm.generate(model, graph, None, layer="readout", steps=5, progress=False)

@@ -192,9 +192,15 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts)
         distance=distance, null_threshold=null.threshold, twins=null.twins,
         metrics=metamer_metrics(metamer, reference, sub, metamer_acts, reference_acts, kind) if opts.scores else {},
         kind=kind, layer=layer, hops=hops, nodes=None if targets is None else targets.tolist(),
-        seconds=seconds, settings={**asdict(opts), "steps": schedule.steps, "lr": schedule.lr,
+        seconds=seconds, settings={**asdict(opts), "null_graphs": _count(opts.null_graphs),
+                                   "steps": schedule.steps, "lr": schedule.lr,
                                    "seed": seed, "backend": engine.name,
                                    "binary": None if feats is None else feats.binary})
+
+
+def _count(graphs) -> int | None:
+    """How many null graphs were given (results keep the count, not the graphs)."""
+    return None if graphs is None else len(graphs)
 
 
 def _null(model, layer, graph, target_ids, reference_acts, hops, opts, seed):
