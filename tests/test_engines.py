@@ -38,6 +38,19 @@ def _problems(graph, model, layer):
     yield whole_graph(graph.x, graph.edge_index, None), True
 
 
+def _engine_cases(graph, backend):
+    """(name, model, layer, sub, joint, target, fast engine) for every lowered model, its first
+    and last layer, and both problems of :func:`_problems` (target: activations + 0.1)."""
+    for name, model in _models(graph.num_features).items():
+        model.eval()
+        for layer in (resolve_layer(model, 0), resolve_layer(model, None)):
+            for sub, joint in _problems(graph, model, layer):
+                with torch.no_grad():
+                    target = layer_output(model, layer, sub.x, sub.edge_index)[sub.center] + 0.1
+                yield name, model, layer, sub, joint, target, FastEngine(lower(model, layer), backend, model, sub,
+                                                                        target, joint)
+
+
 def _loss_and_grads(engine, sub, weight):
     x = sub.x.clone().requires_grad_()
     w = weight.clone().requires_grad_()
@@ -52,21 +65,15 @@ def test_fast_engine_matches_reference(backend, seed):
     """Loss, feature gradient and edge-weight gradient agree for every lowered model, for the
     first and the last layer, batched receptive fields and the whole graph."""
     graph = awkward_graph(num_nodes=30, num_features=7, seed=seed)
-    for name, model in _models(graph.num_features).items():
-        model.eval()
-        for layer in (resolve_layer(model, 0), resolve_layer(model, None)):
-            for sub, joint in _problems(graph, model, layer):
-                with torch.no_grad():
-                    target = layer_output(model, layer, sub.x, sub.edge_index)[sub.center] + 0.1
-                fast = FastEngine(lower(model, layer), backend, model, sub, target, joint)
-                ref = ReferenceEngine(model, layer, sub, target, joint)
-                weight = torch.rand(sub.edge_index.shape[1], generator=torch.Generator().manual_seed(seed))
-                for got, want, what in zip(_loss_and_grads(fast, sub, weight), _loss_and_grads(ref, sub, weight),
-                                           ("loss", "grad x", "grad edge weight")):
-                    if want is None:  # the model ignores edge weights
-                        assert got is None or not got.any(), (name, layer, what)
-                        continue
-                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{name} {layer} {what}")
+    for name, model, layer, sub, joint, target, fast in _engine_cases(graph, backend):
+        ref = ReferenceEngine(model, layer, sub, target, joint)
+        weight = torch.rand(sub.edge_index.shape[1], generator=torch.Generator().manual_seed(seed))
+        for got, want, what in zip(_loss_and_grads(fast, sub, weight), _loss_and_grads(ref, sub, weight),
+                                   ("loss", "grad x", "grad edge weight")):
+            if want is None:  # the model ignores edge weights
+                assert got is None or not got.any(), (name, layer, what)
+                continue
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{name} {layer} {what}")
 
 
 def _binary_rows(sub, include_frozen: bool) -> BinaryRows:
@@ -91,22 +98,16 @@ def test_binary_rows_input_matches_dense(backend):
     edges are fixed) and with its ones included; residual layers take the dense fallback."""
     graph = awkward_graph(num_nodes=30, num_features=7, seed=2)
     graph.x = (graph.x > graph.x.median()).float()
-    for name, model in _models(graph.num_features).items():
-        model.eval()
-        for layer in (resolve_layer(model, 0), resolve_layer(model, None)):
-            for sub, joint in _problems(graph, model, layer):
-                with torch.no_grad():
-                    target = layer_output(model, layer, sub.x, sub.edge_index)[sub.center] + 0.1
-                fast = FastEngine(lower(model, layer), backend, model, sub, target, joint)
-                weight = torch.rand(sub.edge_index.shape[1], generator=torch.Generator().manual_seed(2))
-                want_loss, want_grad, _ = _loss_and_grads(fast, sub, weight)
-                for include_frozen in (False, True):
-                    x = _binary_rows(sub, include_frozen)
-                    losses = fast.losses(x, sub.edge_index, weight)
-                    (losses * torch.arange(1, losses.numel() + 1)).sum().backward()
-                    what = f"{name} {layer} frozen={include_frozen}"
-                    torch.testing.assert_close(losses.detach(), want_loss, rtol=1e-5, atol=1e-6, msg=what)
-                    torch.testing.assert_close(x.grad, want_grad[sub.free], rtol=1e-4, atol=1e-5, msg=what)
+    for name, model, layer, sub, joint, target, fast in _engine_cases(graph, backend):
+        weight = torch.rand(sub.edge_index.shape[1], generator=torch.Generator().manual_seed(2))
+        want_loss, want_grad, _ = _loss_and_grads(fast, sub, weight)
+        for include_frozen in (False, True):
+            x = _binary_rows(sub, include_frozen)
+            losses = fast.losses(x, sub.edge_index, weight)
+            (losses * torch.arange(1, losses.numel() + 1)).sum().backward()
+            what = f"{name} {layer} frozen={include_frozen}"
+            torch.testing.assert_close(losses.detach(), want_loss, rtol=1e-5, atol=1e-6, msg=what)
+            torch.testing.assert_close(x.grad, want_grad[sub.free], rtol=1e-4, atol=1e-5, msg=what)
 
 
 def test_unsupported_models_are_named_and_fall_back(synthetic):

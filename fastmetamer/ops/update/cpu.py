@@ -23,23 +23,24 @@ def top_mask(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tenso
     Blocks must be non-decreasing row offsets within [0, F]; rows outside every block (only when
     ptr does not cover all rows) get mask 0 and threshold 0.
     """
-    _check(theta, "theta", torch.float32, 2)
-    _check(ptr, "ptr", torch.int64, 1)
-    if ptr.numel() < 1:
-        raise ValueError("ptr must have C + 1 >= 1 entries")
-    _check(k, "k", torch.int64, 1, (ptr.numel() - 1,))
+    _check_blocks(theta, ptr, k)
     return _C.top_mask(theta, ptr, k, float(slope))
 
 
 def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
     """(rowptr [F + 1], col [nnz], threshold [F]) as :func:`fastmetamer.ops.update.reference.top_mask_csr`:
     the columns are written during the selection, so the dense mask is never formed."""
+    _check_blocks(theta, ptr, k)
+    return _C.top_mask_csr(theta, ptr, k, float(slope))
+
+
+def _check_blocks(theta: Tensor, ptr: Tensor, k: Tensor) -> None:
+    """theta [F, d] float32, ptr [C + 1] int64 (C >= 0), k [C] int64."""
     _check(theta, "theta", torch.float32, 2)
     _check(ptr, "ptr", torch.int64, 1)
     if ptr.numel() < 1:
         raise ValueError("ptr must have C + 1 >= 1 entries")
     _check(k, "k", torch.int64, 1, (ptr.numel() - 1,))
-    return _C.top_mask_csr(theta, ptr, k, float(slope))
 
 
 def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
