@@ -12,6 +12,7 @@ import fastmetamer as fm
 from fastmetamer.cli import dimension as dimension_command, study as study_command
 from fastmetamer.study import run_study
 from fastmetamer.study import cells as study_cells
+from fastmetamer.study.crossarch import source_cells
 from fastmetamer.study.config import (ARCHITECTURES, StudyConfig, cells, check_mitigation, full_config,
                                       mitigation_names, model_specs, quick_config)
 
@@ -167,6 +168,32 @@ def test_graph_level_failure_is_skipped_then_retried(tmp_path, monkeypatch):
     assert "1 ok, 0 skipped" in run_study(tmp_path, **options).read_text()
 
 
+def test_exclude_patterns_leave_cells_out():
+    config = full_config(exclude=("Cora-appnp-*-layers.2*",))
+    keys = [c.key for c in cells(config)]
+    assert not [k for k in keys if k.startswith("Cora-appnp-") and "layers.2" in k]
+    assert "Cora-appnp-none-d2-w64-s0-layers.1" in keys and "CiteSeer-appnp-none-d2-w64-s0-layers.2" in keys
+    assert len(keys) == len(cells(full_config())) - 9  # 8 mitigations + the structure cell
+    assert "appnp" not in {c.model.arch for c in source_cells(config, "Cora", 0)}
+    assert "appnp" in {c.model.arch for c in source_cells(config, "CiteSeer", 0)}
+    with pytest.raises(ValueError, match="exclude"):
+        StudyConfig(datasets=("synthetic",), exclude=("",))
+
+
+def test_excluded_output_layer_is_not_reported_as_output(tmp_path):
+    """With a model's output layer excluded, its first layer does not stand in for the output,
+    the cross-architecture matrix has no metamers from it, and the report names the pattern."""
+    text = run_study(tmp_path, quick=True, datasets=["synthetic"], architectures=["gcn", "gat"],
+                     mitigations=["none"], depths=[2], widths=[64], targets=3, steps=10, structure_targets=0,
+                     exclude=["*-gat-*-layers.1"]).read_text()
+    assert {p.stem for p in (tmp_path / "cells").glob("synthetic-gat-*")} == {"synthetic-gat-none-d2-w64-s0-layers.0"}
+    output_table = text.split("## Output layer")[1].split("## Per matched layer")[0]
+    assert "| gcn |" in output_table and "| gat |" not in output_table
+    assert "*-gat-*-layers.1" in text
+    with open(tmp_path / "cross_architecture.csv") as handle:
+        assert {r["source"] for r in csv.DictReader(handle)} == {"gcn"}
+
+
 def parser_with(add) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     add(parser.add_subparsers(dest="command"))
@@ -178,10 +205,11 @@ def test_study_parser_maps_arguments(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(study_command, "run_study", lambda out, **kw: seen.update(out=out, **kw) or tmp_path / "study.md")
     args = parser_with(study_command.add_parser).parse_args(
         ["study", "--quick", "--out", str(tmp_path), "--architectures", "GCN", "gin", "--mitigations", "none",
-         "elu+residual", "--depths", "2", "3", "--steps", "5"])
+         "elu+residual", "--depths", "2", "3", "--steps", "5", "--exclude", "Cora-gin-*"])
     assert args.run(args) == 0
     assert seen["quick"] and seen["architectures"] == ["gcn", "gin"] and seen["steps"] == 5
     assert seen["mitigations"] == ["none", "elu+residual"] and seen["depths"] == [2, 3]
+    assert seen["exclude"] == ["Cora-gin-*"]
     assert "study.md" in capsys.readouterr().out
 
 

@@ -46,6 +46,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seeds", type=positive_int, default=None, help="training seeds (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
     parser.add_argument("--root", default=None, help="data folder for PyG datasets")
+    parser.add_argument("--exclude", nargs="+", default=None, metavar="PATTERN",
+                        help="leave out cells whose key matches a shell-style pattern, e.g. "
+                             "'Cora-appnp-*-layers.2*' (keys are the file names in OUT/cells)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the report from the cells finished in --out so far")
     parser.set_defaults(run=run_study_command, default_threads=1)
@@ -59,7 +62,7 @@ def run_study_command(args: argparse.Namespace) -> int:
                        sweep_architectures=args.sweep_architectures, targets=args.targets,
                        steps=args.steps, seeds=args.seeds, root=args.root, seed=args.seed,
                        report_only=args.report_only,
-                       **{key: value for key in ("structure_targets", "structure_steps")
+                       **{key: value for key in ("structure_targets", "structure_steps", "exclude")
                           if (value := getattr(args, key)) is not None})
     print(f"report: {report}  ({time.perf_counter() - started:.0f} s)")
     return 0

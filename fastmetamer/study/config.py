@@ -7,6 +7,7 @@ classification) plus depth and width sweeps of the sweep architectures without m
 """
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import re
 from dataclasses import asdict, dataclass, field
@@ -62,6 +63,9 @@ class StudyConfig:
         null_graphs: other real graphs in the graph-level pass criterion.
         root: data folder for the PyG datasets.
         progress: tqdm bars (None: only on a terminal).
+        exclude: shell-style patterns of cell keys left out of the grid (e.g.
+            ``"Cora-appnp-*-layers.2*"`` for cells too large for the machine); the report
+            lists them.
     """
 
     datasets: tuple[str, ...]
@@ -82,17 +86,25 @@ class StudyConfig:
     null_graphs: int = 100
     root: str | None = None
     progress: bool | None = None
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.datasets = tuple(canonical_name(d) for d in self.datasets)
         self.architectures = tuple(_check_arch(a) for a in self.architectures)
         self.sweep_architectures = tuple(_check_arch(a) for a in self.sweep_architectures)
         self.mitigations = tuple(check_mitigation(m) for m in self.mitigations)
+        self.exclude = tuple(self.exclude)
+        if not all(isinstance(p, str) and p for p in self.exclude):
+            raise ValueError(f"exclude must be non-empty cell-key patterns, got {self.exclude!r}")
         for name in ("targets", "steps", "seeds", "null_graphs", "structure_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if not isinstance(self.structure_targets, int) or self.structure_targets < 0:
             raise ValueError(f"structure_targets must be an int >= 0, got {self.structure_targets!r}")
+
+    def excludes(self, key: str) -> bool:
+        """True when the cell key ``key`` matches one of the :attr:`exclude` patterns."""
+        return any(fnmatch.fnmatchcase(key, pattern) for pattern in self.exclude)
 
     def to_dict(self) -> dict:
         """The settings as plain JSON-friendly values."""
@@ -201,7 +213,8 @@ def model_specs(config: StudyConfig) -> list[ModelSpec]:
 
 def cells(config: StudyConfig) -> list[Cell]:
     """Every cell of the study, in run order, dataset by dataset: the feature-metamer cells of
-    every model and matched layer, then the structure-metamer cells (see :class:`StudyConfig`)."""
+    every model and matched layer, then the structure-metamer cells (see :class:`StudyConfig`);
+    cells matching ``config.exclude`` are left out."""
     specs = model_specs(config)
     order = []
     for dataset in dict.fromkeys(spec.dataset for spec in specs):
@@ -210,7 +223,7 @@ def cells(config: StudyConfig) -> list[Cell]:
         order += [Cell(spec, spec.layers()[-1], "structure") for spec in mine
                   if config.structure_targets and spec.task == "node" and spec.mitigation == "none"
                   and is_base(spec) and spec.arch not in EDGELESS]
-    return order
+    return [cell for cell in order if not config.excludes(cell.key)]
 
 
 def is_base(spec: ModelSpec) -> bool:

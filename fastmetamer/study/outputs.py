@@ -1,6 +1,7 @@
 """Writing the study's results: CSV tables, PNG figures and the Markdown report ``study.md``."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -109,15 +110,16 @@ def _markdown(config, records, summary, cross, unavailable, pictures, folder) ->
     structure = [r for r in summary if r["kind"] == "structure"]
     summary = [r for r in summary if r["kind"] == "features"]
     base = [r for r in summary if r["depth"] == 2 and r["width"] == 64]
-    outputs = [r for r in base if r["layer"] in ("readout", _last_layer(summary, r))]
+    outputs = [r for r in base if r["layer"] in ("readout", _last_layer(r))]
     sweeps = [r for r in summary if r["mitigation"] == "none" and r["arch"] in config.sweep_architectures
-              and r["layer"] == _last_layer(summary, r)]
+              and r["layer"] == _last_layer(r)]
     parts = [
         "# fastmetamer invariance study\n",
         f"- datasets: {', '.join(config.datasets)}; architectures: {', '.join(config.architectures)}",
         f"- mitigations: {', '.join(config.mitigations)}; seeds: {config.seeds} (from {config.seed}); "
         f"targets per cell: {config.targets}; steps: {config.steps}",
-        f"- cells: {status['ok']} ok, {status['skipped']} skipped, {status['error']} failed\n",
+        f"- cells: {status['ok']} ok, {status['skipped']} skipped, {status['error']} failed",
+        f"- excluded cells (patterns of cell keys): {', '.join(config.exclude) or 'none'}\n",
         DEFINITIONS,
         "## Output layer: architectures x mitigations (depth 2, width 64)\n",
         markdown(outputs, ("dataset", "arch", "mitigation", "accuracy"), metrics),
@@ -140,11 +142,14 @@ def _markdown(config, records, summary, cross, unavailable, pictures, folder) ->
     return "\n".join(parts)
 
 
-def _last_layer(summary: list[dict], row: dict) -> str:
-    """The output layer of ``row``'s model: its last layer in the summary."""
-    layers = [r["layer"] for r in summary
-              if all(r[k] == row[k] for k in ("dataset", "arch", "mitigation", "depth", "width"))]
-    return layers[-1]
+def _last_layer(row: dict) -> str:
+    """The output layer of ``row``'s model (also when that cell is excluded or unfinished)."""
+    return _output_layer(ModelSpec(*(row[k] for k in ("dataset", "arch", "mitigation", "depth", "width")), 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _output_layer(spec: ModelSpec) -> str:
+    return spec.layers()[-1]
 
 
 def _ci_columns(rows: list[dict]) -> list[dict]:

@@ -37,7 +37,7 @@ def run_study(out_dir, *, quick: bool = False, datasets=None, architectures=None
         report_only: run nothing; write the report from the cells finished so far (e.g. while
             a long study is still running, or between sittings).
         **settings: any other :class:`~.config.StudyConfig` field (``epochs``, ``adversarial``,
-            ``null_graphs``, ``dataset_options``).
+            ``null_graphs``, ``dataset_options``, ``exclude``).
 
     Returns:
         the path of the Markdown report ``study.md``.
@@ -122,13 +122,14 @@ def _cross(config: StudyConfig, data: DataCache, folder: Path, unavailable, rest
         for seed in range(config.seed, config.seed + config.seeds):
             path = folder / "cells" / f"cross-{dataset}-s{seed}.json"
             cached = json.loads(path.read_text()) if path.is_file() else []
-            if {row["source"] for row in cached} >= set(config.architectures):
+            sources = {cell.model.arch for cell in crossarch.source_cells(config, dataset, seed)}
+            if {row["source"] for row in cached} >= sources:
                 rows += cached
                 continue
             if restore:
                 _restore_metamers(config, dataset, seed, data, folder)
             found = crossarch.predictions(config, dataset, seed, data(dataset), folder)
-            if len({row["source"] for row in found}) == len(config.architectures):  # complete
+            if {row["source"] for row in found} == sources:  # complete
                 path.write_text(json.dumps(found))
             rows += found
     return rows
