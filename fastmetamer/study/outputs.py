@@ -23,7 +23,12 @@ very different inputs the same; `relevant`: share of metamers with S_match >= 0.
 S_in <= 0.5; `dimension` D_v = |R| d - rank J_v (local dimension of the metamer manifold),
 `dimension_ratio` = D_v / (|R| d), `rank_deficit` = d_l - rank J_v, `log_volume` = sum of the log
 singular values of J_v. Brackets: 95% percentile-bootstrap CIs over targets pooled over seeds;
-`accuracy`: test accuracy of the trained model (mean over seeds).
+`accuracy`: test accuracy of the trained model (mean over seeds). Scale-aware feature distances
+(cosine hides how many features are on and how large they are): `relative_l2` =
+||X' - X||_F / ||X||_F over the receptive field; `marginal_w1` = mean over features of the 1-D
+Wasserstein-1 distance between the value distributions of a feature in X' and in X (for binary
+features: the mean |frequency difference| of the words). `snr_db`: activation SNR
+10 log10(||H||^2 / ||H' - H||^2).
 """
 
 
@@ -106,7 +111,8 @@ def _neighbourhoods(folder: Path, finals: list[dict]) -> dict[str, Path]:
 
 def _markdown(config, records, summary, cross, unavailable, pictures, folder) -> str:
     status = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "error")}
-    metrics = ("passed", "consistency", "relevant", "feature_cosine", "dimension_ratio", "log_volume")
+    metrics = ("passed", "consistency", "relevant", "feature_cosine", "relative_l2", "marginal_w1",
+               "dimension_ratio", "log_volume")
     structure = [r for r in summary if r["kind"] == "structure"]
     summary = [r for r in summary if r["kind"] == "features"]
     base = [r for r in summary if r["depth"] == 2 and r["width"] == 64]

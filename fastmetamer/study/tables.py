@@ -14,8 +14,9 @@ from .cells import RECORDS
 from .crossarch import pooled
 
 #: Summary metrics (per-target records averaged, with 95% bootstrap CIs).
-SUMMARY_METRICS = ("passed", "loss", "act_cosine", "feature_cosine", "edge_jaccard", "wl_similarity",
-                   "consistency", "relevant", "dimension", "dimension_ratio", "rank_deficit", "log_volume")
+SUMMARY_METRICS = ("passed", "loss", "act_cosine", "snr_db", "feature_cosine", "relative_l2", "marginal_w1",
+                   "edge_jaccard", "wl_similarity", "consistency", "relevant", "dimension", "dimension_ratio",
+                   "rank_deficit", "log_volume")
 GROUP = ("dataset", "task", "arch", "mitigation", "depth", "width", "layer", "kind")
 N_BOOT = 1000
 
