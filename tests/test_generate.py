@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from torch_geometric.data import Data
+from torch_geometric.data import Batch, Data
 from torch_geometric.nn.models import GCN, GIN, GraphSAGE
 
 import fastmetamer as fm
@@ -328,3 +328,27 @@ def test_graph_level_metamer_matches_pooled_embedding():
         fm.generate(model, graph, 0, layer="readout", progress=False)
     alone = fm.generate(model, graph, None, layer="readout", steps=5, progress=False)
     assert not bool(alone.passed[0])  # no null graphs: the criterion cannot pass
+
+
+def test_batched_graph_level_metamers_equal_single_calls():
+    """A Batch of graphs gives one independent metamer per graph, each the metamer a call on
+    that graph alone gives (same draws, per-graph pooling, losses and early stopping)."""
+    graphs = fm.datasets.synthetic_graphs(num_graphs=40, seed=1)
+    torch.manual_seed(0)
+    model = fm.models.GCN(graphs[0].num_features, 2, hidden=16, pool="add")
+    fm.models.train(model, graphs, epochs=10)
+    targets = [Data(x=g.x, edge_index=g.edge_index) for g in graphs[:4]]
+    options = dict(layer="readout", steps=120, seed=3, null_graphs=graphs[10:], progress=False)
+    batched = fm.generate(model, Batch.from_data_list(targets), None, **options)
+    singles = [fm.generate(model, g, None, **options) for g in targets]
+    assert batched.loss.shape == (4,) and batched.passed.shape == (4,)
+    assert batched.loss.tolist() == pytest.approx([float(s.loss) for s in singles], rel=1e-3, abs=1e-6)
+    assert batched.passed.tolist() == [bool(s.passed[0]) for s in singles]
+    assert batched.null_threshold.tolist() == pytest.approx([float(s.null_threshold[0]) for s in singles])
+    for i, single in enumerate(singles):
+        mine = batched.graph.batch == i
+        assert torch.allclose(batched.graph.x[mine], single.graph.x, atol=1e-4)
+        assert batched.metrics["features"]["cosine"][i] == pytest.approx(single.metrics["features"]["cosine"], abs=1e-4)
+    with pytest.raises(ValueError, match="sorted graph ids"):
+        fm.generate(model, Data(x=targets[0].x, edge_index=targets[0].edge_index,
+                                batch=torch.arange(targets[0].num_nodes).flip(0)), None, **options)

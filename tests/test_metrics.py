@@ -389,3 +389,8 @@ def test_null_distances_leave_out_self_and_twins(chunk_entries):
     # node 14: nearest other is node 10 at distance 1; node 99 (not in the null set): node 10 at 1
     assert null.threshold.tolist() == pytest.approx([math.sqrt(20.0), 1.0, 1.0])
     assert null.twins.tolist() == [1, 0, 0]
+    # id -1 (a graph-level target, not in the null set): nothing left out, the last null node
+    # (14, at distance 0.5) included
+    outside = null_distances(acts, null_ids, torch.tensor([-1]), torch.tensor([[1.0, 0.5]]),
+                             chunk_entries=chunk_entries)
+    assert outside.threshold.tolist() == pytest.approx([0.5]) and outside.twins.tolist() == [0]

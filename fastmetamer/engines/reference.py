@@ -34,7 +34,7 @@ class ReferenceEngine:
 
     def activations(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
         """Layer-l activations at the targets [T, d_l]."""
-        out = layer_output(self.model, self.layer, x, edge_index, edge_weight)
+        out = layer_output(self.model, self.layer, x, edge_index, edge_weight, batch=self.sub.pool_batch)
         return out[self.sub.center]
 
     def losses(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:

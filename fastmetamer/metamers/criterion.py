@@ -29,7 +29,8 @@ class NullDistances:
 def null_distances(null_acts: Tensor, null_ids: Tensor, target_ids: Tensor, target_acts: Tensor,
                    rtol: float = 1e-6, chunk_entries: int = 1 << 24) -> NullDistances:
     """Null-distribution thresholds for targets ``target_ids`` [T] with activations [T, d],
-    against real nodes ``null_ids`` [N] (distinct) with activations ``null_acts`` [N, d].
+    against real nodes ``null_ids`` [N] (distinct) with activations ``null_acts`` [N, d]. A
+    target id of -1 marks a target that is not in the null set (e.g. a graph-level target).
 
     Distances are computed in float64, ``chunk_entries`` target-null pairs at a time (memory
     O(chunk_entries), time O(T N d)); a target's own entry in the null set is left out."""
@@ -37,7 +38,8 @@ def null_distances(null_acts: Tensor, null_ids: Tensor, target_ids: Tensor, targ
     position = torch.full((int(max(null_ids.max(), target_ids.max())) + 1 if null_ids.numel() else 1,), -1,
                           dtype=torch.long)
     position[null_ids] = torch.arange(null_ids.numel())
-    own = position[target_ids] if target_ids.numel() and null_ids.numel() else target_ids.new_full(target_ids.shape, -1)
+    own = torch.where(target_ids >= 0, position[target_ids.clamp_min(0)], -1) if null_ids.numel() \
+        else target_ids.new_full(target_ids.shape, -1)
     rows = max(1, chunk_entries // max(1, null_ids.numel()))
     thresholds, twins = [], []
     for start in range(0, target_ids.numel(), rows):

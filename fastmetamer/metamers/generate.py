@@ -16,7 +16,8 @@ from .criterion import NullDistances, null_distances, passes
 from .features import FeatureParam, FusedBinaryFeatures, is_binary
 from .layers import count_hops, layer_output, resolve_layer
 from .optimize import Restarts, Schedule, run_schedule
-from .receptive_field import Subgraph, disjoint_receptive_fields, receptive_field, whole_graph
+from .receptive_field import (Subgraph, check_graph_ids, disjoint_receptive_fields, receptive_field,
+                              whole_graph)
 from .scoring import metamer_metrics
 from .result import MetamerResult
 from .structure import StructureParam
@@ -89,7 +90,9 @@ def generate(model: nn.Module, graph: Data, node: int | list[int] | Tensor | Non
         graph: the reference graph (``x`` [n, d], ``edge_index`` [2, E], optional ``edge_weight``).
         node: a target node id, a list of ids (independent problems batched as a disjoint union
             of receptive fields), or None (all nodes jointly, one shared X'; with a pooled
-            graph-level layer such as a zoo model's ``"readout"``, the graph embedding).
+            graph-level layer such as a zoo model's ``"readout"``, the graph embedding, and for
+            a PyG ``Batch`` of graphs, one independent metamer per graph, solved together; each
+            gets the metamer a call on its graph alone would give).
         layer: module name or index among message-passing layers (default: the last one).
         kind: ``"features"``, ``"structure"`` or ``"joint"``.
         steps: optimisation steps in total (default by kind); lr: initial Adam learning rate.
@@ -150,21 +153,28 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts)
         sub = receptive_field(graph.x, graph.edge_index, weight, targets, hops)
     else:
         sub = disjoint_receptive_fields(graph.x, graph.edge_index, weight, targets, hops)
+    graph_ids = getattr(graph, "batch", None) if targets is None else None
+    if graph_ids is not None:
+        check_graph_ids(graph_ids, graph.num_nodes)
     with torch.no_grad():
-        reference_out = layer_output(model, layer, sub.x, sub.edge_index, sub.edge_weight)
+        reference_out = layer_output(model, layer, sub.x, sub.edge_index, sub.edge_weight, batch=graph_ids)
     if reference_out.shape[0] != sub.num_nodes:  # a pooled, graph-level layer
         if targets is not None:
             raise ValueError(f"layer {layer!r} is graph-level (pooled); use node=None")
+        if graph_ids is not None:
+            sub = whole_graph(graph.x, graph.edge_index, weight, batch=graph_ids)
+            _check_pooled_per_graph(reference_out, sub.num_components, layer)
         sub.center = torch.arange(reference_out.shape[0])
         null = _graph_null(model, layer, reference_out, opts.null_graphs)
-        target_ids = sub.node_ids[:1]
+        target_ids = torch.zeros(sub.num_components, dtype=torch.long)  # each graph draws as if alone
     else:
         target_ids = sub.node_ids[sub.center]
         null = _null(model, layer, graph, target_ids, reference_out[sub.center], hops, opts, seed)
     reference_acts = reference_out[sub.center]
-    engine = make_engine(backend, model, layer, sub, reference_acts, joint=targets is None)
+    joint = targets is None and sub.num_components == 1
+    engine = make_engine(backend, model, layer, sub, reference_acts, joint=joint)
     generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(v)) for v in
-                  (target_ids[:1] if targets is None else target_ids)]
+                  (target_ids[:1] if joint else target_ids)]
     feats, struct = _parameterise(kind, model, layer, sub, graph, generators, opts, engine, schedule)
     pass_loss = None if targets is None else _pass_loss(null, reference_acts)
     started = time.perf_counter()
@@ -234,8 +244,15 @@ def _restarts(kind, targets, pass_loss, opts) -> Restarts | None:
     return Restarts(torch.clamp(pass_loss, max=opts.restart_above), opts.restart_patience)
 
 
+def _check_pooled_per_graph(reference_out: Tensor, num_graphs: int, layer: str) -> None:
+    if reference_out.shape[0] != num_graphs:
+        raise ValueError(
+            f"layer {layer!r} pooled the batch of {num_graphs} graphs into {reference_out.shape[0]} "
+            "embeddings: the model must take batch= (graph ids) to pool each graph on its own")
+
+
 def _graph_null(model, layer, reference_acts, null_graphs):
-    """Null distances of a graph-level embedding [1, d] from those of ``null_graphs`` (other
+    """Null distances of graph-level embeddings [G, d] from those of ``null_graphs`` (other
     real graphs); with none given the criterion cannot be evaluated and nothing passes."""
     if not null_graphs:
         return NullDistances(torch.full((reference_acts.shape[0],), float("nan")),
@@ -244,7 +261,8 @@ def _graph_null(model, layer, reference_acts, null_graphs):
     with torch.no_grad():
         acts = layer_output(model, layer, batch.x, batch.edge_index, getattr(batch, "edge_weight", None),
                             batch=batch.batch)
-    return null_distances(acts, torch.arange(acts.shape[0]), torch.tensor([-1]), reference_acts)
+    no_self = torch.full((reference_acts.shape[0],), -1)  # the targets are not among the null graphs
+    return null_distances(acts, torch.arange(acts.shape[0]), no_self, reference_acts)
 
 
 def _check_exact(full: Tensor, sub: Tensor, layer: str, hops: int) -> None:
@@ -288,11 +306,11 @@ def _check_uses_edge_weight(model, layer, sub: Subgraph) -> None:
     ones = torch.ones(sub.edge_index.shape[1])
     with torch.no_grad():
         try:
-            with_edges = layer_output(model, layer, sub.x, sub.edge_index, ones)
+            with_edges = layer_output(model, layer, sub.x, sub.edge_index, ones, batch=sub.pool_batch)
         except TypeError as err:
             raise TypeError("structure metamers need a model called as model(x, edge_index, "
                             f"edge_weight); this model refused edge_weight: {err}") from err
-        without = layer_output(model, layer, sub.x, sub.edge_index, torch.zeros_like(ones))
+        without = layer_output(model, layer, sub.x, sub.edge_index, torch.zeros_like(ones), batch=sub.pool_batch)
     if torch.equal(with_edges[sub.center], without[sub.center]):
         raise ValueError(
             "the model ignores edge_weight at this layer (activations with all edge weights 0 "

@@ -29,6 +29,8 @@ class Subgraph:
         component: [m] long, which target's copy a node belongs to (all 0 for a shared graph).
         center: [T] local ids of the target nodes (all nodes for a whole-graph problem).
         num_components: number of independent problems C.
+        pool_batch: [m] graph id of every node, passed as ``batch`` to a pooled (graph-level)
+            layer so that each graph of a batch is pooled on its own (None: one graph).
     """
 
     x: Tensor
@@ -39,6 +41,7 @@ class Subgraph:
     component: Tensor
     center: Tensor
     num_components: int
+    pool_batch: Tensor | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -51,11 +54,32 @@ class Subgraph:
         return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
-def whole_graph(x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Subgraph:
-    """The whole graph as one problem: every node free and a target."""
+def whole_graph(x: Tensor, edge_index: Tensor, edge_weight: Tensor | None,
+                batch: Tensor | None = None) -> Subgraph:
+    """The whole graph as one problem: every node free and a target. With ``batch`` [n] (graph
+    id of every node, as in a PyG ``Batch``), one independent problem per graph, each pooled on
+    its own by a graph-level layer."""
     n = x.shape[0]
+    if batch is None:
+        return Subgraph(x, edge_index, edge_weight, torch.arange(n), torch.ones(n, dtype=torch.bool),
+                        torch.zeros(n, dtype=torch.long), torch.arange(n), 1)
+    num_graphs = check_graph_ids(batch, n)
     return Subgraph(x, edge_index, edge_weight, torch.arange(n), torch.ones(n, dtype=torch.bool),
-                    torch.zeros(n, dtype=torch.long), torch.arange(n), 1)
+                    batch, torch.arange(n), num_graphs, pool_batch=batch)
+
+
+def check_graph_ids(batch: Tensor, n: int) -> int:
+    """Validate a ``batch`` vector (graph ids 0..G-1, sorted, every graph non-empty); returns G."""
+    if batch.dtype != torch.long or batch.shape != (n,):
+        raise ValueError(f"graph.batch must be a long tensor [num_nodes={n}], got {batch.dtype} "
+                         f"{tuple(batch.shape)}")
+    if n == 0:
+        raise ValueError("graph.batch is empty: the batch has no nodes")
+    counts = torch.bincount(batch) if int(batch.min()) >= 0 else None
+    if counts is None or bool((batch[1:] < batch[:-1]).any()) or bool((counts == 0).any()):
+        raise ValueError("graph.batch must hold sorted graph ids 0..G-1 with every graph non-empty "
+                         "(as torch_geometric.data.Batch.from_data_list makes it)")
+    return counts.numel()
 
 
 def receptive_field(x: Tensor, edge_index: Tensor, edge_weight: Tensor | None,

@@ -114,16 +114,15 @@ def _node_cell(cell: Cell, model: nn.Module, graph: Data, config: StudyConfig):
 
 
 def _graph_cell(cell: Cell, model: nn.Module, graphs: list, config: StudyConfig):
-    """Graph-level metamers of the pooled readout, one call per target graph (null set: other
-    real graphs), and the metamer dimension of every target graph at once."""
+    """Graph-level metamers of the pooled readout for all target graphs in one batched call
+    (null set: other real graphs), and the metamer dimension of every target graph at once."""
     targets, nulls = graph_targets(graphs, config.targets, config.null_graphs, cell.model.seed)
-    null_graphs = [graphs[i] for i in nulls]
-    results = [generate(model, graphs[i], None, layer=cell.layer, steps=config.steps,
-                        seed=cell.model.seed, progress=False, null_graphs=null_graphs) for i in targets]
-    started = time.perf_counter()
     batch = Batch.from_data_list([Data(x=graphs[i].x, edge_index=graphs[i].edge_index) for i in targets])
+    result = generate(model, batch, None, layer=cell.layer, steps=config.steps, seed=cell.model.seed,
+                      progress=False, null_graphs=[graphs[i] for i in nulls])
+    started = time.perf_counter()
     dimension = metamer_dimension(model, batch, layer=cell.layer)
-    return results, targets, (dimension, time.perf_counter() - started)
+    return [result], targets, (dimension, time.perf_counter() - started)
 
 
 def _records(results: list, dimension) -> dict:

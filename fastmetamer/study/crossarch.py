@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch_geometric.data import Data
 
 from .. import models
+from ..metamers.layers import call_model
 from .config import Cell, ModelSpec, StudyConfig
 
 
@@ -59,12 +60,16 @@ def _node_judgements(model: nn.Module, saved: dict, graph: Data) -> tuple[list, 
 
 @torch.no_grad()
 def _graph_judgements(model: nn.Module, saved: dict, graphs: list) -> tuple[list, list, list]:
-    """B's classes of each metamer graph and of its reference graph, and the labels."""
-    def predict(g: Data) -> int:
-        return int(model(g.x, g.edge_index, getattr(g, "edge_weight", None)).argmax())
+    """B's classes of each metamer graph and of its reference graph, and the labels. A saved
+    result holds one metamer graph or a batch of them (``graph.batch``)."""
+    def predict(g: Data) -> list[int]:
+        batch = getattr(g, "batch", None)
+        out = call_model(model, g.x, g.edge_index, getattr(g, "edge_weight", None),
+                         torch.zeros(g.num_nodes, dtype=torch.long) if batch is None else batch)
+        return out.argmax(1).tolist()
 
-    metamers = [predict(r.graph) for r in saved["results"]]
-    references = [predict(graphs[i]) for i in saved["targets"]]
+    metamers = [c for r in saved["results"] for c in predict(r.graph)]
+    references = [c for i in saved["targets"] for c in predict(graphs[i])]
     return metamers, references, [int(graphs[i].y.view(-1)[0]) for i in saved["targets"]]
 
 
