@@ -1,13 +1,15 @@
 """Aggregates behind the written analysis in ``docs/results/README.md``.
 
-Reads ``study/study.csv`` and ``study/cross_architecture.csv`` (written by ``fastmetamer study``)
-and writes ``aggregates.md`` beside this file: per dataset, the means over the message-passing
+Reads the CSVs that ``fastmetamer study`` wrote into ``study/`` (and ``structure_steps/``) and
+writes ``aggregates.md`` beside this file: per dataset, the means over the message-passing
 architectures of every mitigation at the first and the output layer, the first-versus-output
 layer comparison, the rank correlations between metamer dimension / volume and the pass rate and
-consistency, and the cross-architecture accuracy drops. Every number the analysis quotes that is
+consistency, the cross-architecture accuracy drops, per-seed means of the cells run with two
+seeds, and structure metamers at 400 against 1600 steps. Every number the analysis quotes that is
 not a single cell of ``study/study.md`` comes from here.
 
-Usage: ``.venv/bin/python docs/results/aggregate.py`` (reads only the study's CSV files).
+Usage: ``.venv/bin/python docs/results/aggregate.py [ROOT]`` (reads only the study's CSV files;
+ROOT defaults to ``docs/results``).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import csv
 import functools
 import math
 import statistics
+import sys
 from pathlib import Path
 
 from scipy.stats import spearmanr
@@ -22,6 +25,7 @@ from scipy.stats import spearmanr
 from fastmetamer.study.config import ModelSpec
 
 HERE = Path(__file__).resolve().parent
+ROOT = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE  # holds study/ and structure_steps/
 #: Architectures averaged in the mitigation tables: the message-passing GNNs with hidden layers
 #: (SGC has no nonlinearity and one layer, APPNP's first layers are per-node, MLP is the control).
 GNNS = ("gcn", "graphsage", "gin", "gat")
@@ -29,9 +33,12 @@ MITIGATION_METRICS = ("passed", "relevant", "consistency", "feature_cosine", "re
                       "dimension_ratio", "rank_deficit", "log_volume")
 
 
-def read(name: str) -> list[dict]:
-    """Rows of a study CSV with numbers parsed."""
-    with open(HERE / "study" / name) as handle:
+def read(name: str, folder: str = "study") -> list[dict]:
+    """Rows of a CSV of a study folder under ``docs/results`` with numbers parsed ([] if absent)."""
+    path = ROOT / folder / name
+    if not path.is_file():
+        return []
+    with open(path) as handle:
         return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
@@ -132,6 +139,43 @@ def cross_section(cross: list[dict]) -> str:
         ["dataset", "source", "judges", "reference − metamer accuracy"], rows)
 
 
+def seed_section(targets: list[dict]) -> str:
+    """Cells run with more than one training seed: per-seed means over targets."""
+    cells: dict[tuple, dict[int, list[dict]]] = {}
+    for row in targets:
+        if row["kind"] == "features":
+            key = tuple(row[k] for k in ("dataset", "arch", "mitigation", "depth", "width", "layer"))
+            cells.setdefault(key, {}).setdefault(int(row["seed"]), []).append(row)
+    rows = []
+    for key, seeds in cells.items():
+        if len(seeds) > 1:
+            means = {m: [mean(seeds[s], m) for s in sorted(seeds)] for m in ("passed", "consistency", "relevant")}
+            rows.append([key[0], key[1], key[5], *(" / ".join(f"{v:.3g}" for v in means[m]) for m in means)])
+    return "**Cells with two training seeds: per-seed means (seed 0 / seed 1)**\n\n" + table(
+        ["dataset", "arch", "layer", "passed", "consistency", "relevant"], rows)
+
+
+def structure_steps_section() -> str:
+    """Structure cells at the study's steps against the same targets at more steps
+    (``docs/results/structure_steps``): does a failed target pass when optimised longer?"""
+    longer = {(r["dataset"], r["arch"], int(r["target"])): r for r in read("targets.csv", "structure_steps")}
+    base = [r for r in read("targets.csv") if r["kind"] == "structure" and int(r["seed"]) == 0
+            and (r["dataset"], r["arch"], int(r["target"])) in longer]
+    rows = []
+    for arch in dict.fromkeys(r["arch"] for r in base):
+        mine = [r for r in base if r["arch"] == arch]
+        after = [longer[(r["dataset"], arch, int(r["target"]))] for r in mine]
+        rescued = sum(1 for a, b in zip(mine, after) if a["passed"] < 0.5 <= b["passed"])
+        failed = sum(1 for a in mine if a["passed"] < 0.5)
+        either = statistics.fmean(max(a["passed"], b["passed"]) for a, b in zip(mine, after))
+        rows.append([mine[0]["dataset"], arch, len(mine), mean(mine, "passed"), mean(after, "passed"), either,
+                     f"{rescued} of {failed}", statistics.median(r["loss"] for r in mine),
+                     statistics.median(r["loss"] for r in after), mean(after, "edge_jaccard")])
+    return "**Structure metamers: 400 against 1600 steps, same targets**\n\n" + table(
+        ["dataset", "arch", "targets", "passed (400)", "passed (1600)", "passed (either)", "failed at 400, pass at 1600",
+         "median loss (400)", "median loss (1600)", "edge_jaccard (1600)"], rows)
+
+
 def main() -> Path:
     rows = [r for r in read("study.csv") if r["kind"] == "features"]
     parts = ["# Aggregates of the invariance study\n", "Written by `docs/results/aggregate.py` from "
@@ -145,7 +189,12 @@ def main() -> Path:
         parts.append(correlation_section(dataset, base))
     parts.append("## Cross-architecture recognisability\n")
     parts.append(cross_section(read("cross_architecture.csv")))
-    path = HERE / "aggregates.md"
+    parts.append("## Training seeds\n")
+    parts.append(seed_section(read("targets.csv")))
+    if read("targets.csv", "structure_steps"):
+        parts.append("## Structure metamers with more steps\n")
+        parts.append(structure_steps_section())
+    path = ROOT / "aggregates.md"
     path.write_text("\n".join(parts))
     return path
 
