@@ -330,6 +330,31 @@ def test_graph_level_metamer_matches_pooled_embedding():
     assert not bool(alone.passed[0])  # no null graphs: the criterion cannot pass
 
 
+def test_zero_reference_activation_keeps_losses_finite():
+    """A target whose reference activation is exactly zero (e.g. a dead ReLU readout) has no
+    relative loss: it is scaled by the other targets' mean ||H||^2 (1 if all are zero), so the
+    loss stays finite (it overflowed to inf / NaN before)."""
+    from fastmetamer.engines import ReferenceEngine, loss_scale
+    from fastmetamer.metamers.receptive_field import whole_graph
+
+    target = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 0.0]])
+    assert loss_scale(target, joint=False).tolist() == [13.0, 25.0, 1.0]
+    assert loss_scale(torch.zeros(2, 3), joint=False).tolist() == [1.0, 1.0]
+    assert loss_scale(target, joint=True).tolist() == [26.0]
+    graphs = fm.datasets.synthetic_graphs(num_graphs=2, seed=2)
+    torch.manual_seed(0)
+    model = fm.models.GCN(graphs[0].num_features, 2, hidden=8, pool="add").eval()
+    batch = Batch.from_data_list([Data(x=g.x, edge_index=g.edge_index) for g in graphs])
+    sub = whole_graph(batch.x, batch.edge_index, None, batch=batch.batch)
+    sub.center = torch.arange(2)
+    with torch.no_grad():
+        pooled = layer_output(model, "readout", batch.x, batch.edge_index, None, batch.batch)
+    dead = torch.stack([torch.zeros_like(pooled[0]), pooled[1]])  # graph 0's reference is all zero
+    losses = ReferenceEngine(model, "readout", sub, dead, joint=False).losses(batch.x, batch.edge_index, None)
+    assert torch.isfinite(losses).all() and float(losses[1]) == 0.0
+    assert float(losses[0]) == pytest.approx(float(pooled[0].pow(2).sum() / pooled[1].pow(2).sum()), rel=1e-5)
+
+
 def test_batched_graph_level_metamers_equal_single_calls():
     """A Batch of graphs gives one independent metamer per graph, each the metamer a call on
     that graph alone gives (same draws, per-graph pooling, losses and early stopping)."""

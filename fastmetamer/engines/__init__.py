@@ -15,9 +15,9 @@ from ..metamers.receptive_field import Subgraph
 from ..ops import dispatch
 from .fast import FastEngine
 from .lowering import Unsupported, lower
-from .reference import ReferenceEngine
+from .reference import ReferenceEngine, loss_scale
 
-__all__ = ["FastEngine", "ReferenceEngine", "make_engine", "lower", "Unsupported"]
+__all__ = ["FastEngine", "ReferenceEngine", "make_engine", "lower", "Unsupported", "loss_scale"]
 
 
 def make_engine(backend: str, model: nn.Module, layer: str, sub: Subgraph, target: Tensor,

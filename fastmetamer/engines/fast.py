@@ -17,6 +17,7 @@ from ..ops import dispatch
 from . import functions as F
 from .csr import BinaryRows, Operator, Pattern
 from .lowering import Program, Stage
+from .reference import loss_scale
 
 
 def _coo(stage: Stage, edge_index: Tensor, edge_weight: Tensor | None, n: int):
@@ -55,8 +56,7 @@ class FastEngine:
         self.kernels = {op: dispatch.get(op, backend) for op in dispatch.OPS}
         self.target = target.contiguous()
         self.component = (torch.zeros if joint else torch.arange)(target.shape[0], dtype=torch.long)
-        scale = target.pow(2).sum().view(1) if joint else target.pow(2).sum(1)
-        self.scale = scale.clamp_min(torch.finfo(target.dtype).tiny)
+        self.scale = loss_scale(target, joint)
         self._patterns: dict = {}
         self._operators: dict = {}
 

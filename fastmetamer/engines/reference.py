@@ -14,6 +14,21 @@ from ..metamers.layers import layer_output
 from ..metamers.receptive_field import Subgraph
 
 
+def loss_scale(target: Tensor, joint: bool) -> Tensor:
+    """Denominators ||H[S]||^2 of the relative loss L_act: [1] for a joint problem, else [T]
+    (``target``: reference activations [T, d_l]).
+
+    A target whose reference activation is exactly zero (e.g. every unit of a ReLU readout dead)
+    has no relative loss; it gets the mean ||H||^2 of the other targets (1 when all are zero), so
+    its loss is the squared error on the batch's scale instead of an overflow to inf / NaN."""
+    scale = target.pow(2).sum().view(1) if joint else target.pow(2).sum(1)
+    zero = scale == 0
+    if bool(zero.any()):
+        fallback = scale[~zero].mean() if bool((~zero).any()) else scale.new_ones(())
+        scale = torch.where(zero, fallback, scale)
+    return scale
+
+
 class ReferenceEngine:
     """Plain PyTorch autograd through the model; works for every model and is the test oracle.
 
@@ -29,8 +44,7 @@ class ReferenceEngine:
 
     def __init__(self, model: nn.Module, layer: str, sub: Subgraph, target: Tensor, joint: bool):
         self.model, self.layer, self.sub, self.target, self.joint = model, layer, sub, target, joint
-        scale = target.pow(2).sum() if joint else target.pow(2).sum(1)
-        self.scale = scale.clamp_min(torch.finfo(target.dtype).tiny)
+        self.scale = loss_scale(target, joint)
 
     def activations(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
         """Layer-l activations at the targets [T, d_l]."""
@@ -42,5 +56,5 @@ class ReferenceEngine:
         ||H'[S] - H[S]||^2 / ||H[S]||^2."""
         diff = (self.activations(x, edge_index, edge_weight) - self.target).pow(2)
         if self.joint:
-            return (diff.sum() / self.scale).view(1)
+            return diff.sum().view(1) / self.scale
         return diff.sum(1) / self.scale

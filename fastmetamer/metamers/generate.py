@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
 
 from ..validation import check_graph, check_nodes
-from ..engines import FastEngine, make_engine
+from ..engines import FastEngine, loss_scale, make_engine
 from ..ops import dispatch
 from .criterion import NullDistances, null_distances, passes
 from .features import FeatureParam, FusedBinaryFeatures, is_binary
@@ -233,7 +233,7 @@ def _null(model, layer, graph, target_ids, reference_acts, hops, opts, seed):
 
 def _pass_loss(null: NullDistances, reference_acts: Tensor) -> Tensor:
     """[T] the L_act below which each target passes: threshold^2 / ||h||^2."""
-    return (null.threshold.double().pow(2) / reference_acts.double().pow(2).sum(1).clamp_min(1e-30)).float()
+    return (null.threshold.double().pow(2) / loss_scale(reference_acts.double(), joint=False)).float()
 
 
 def _restarts(kind, targets, pass_loss, opts) -> Restarts | None:
