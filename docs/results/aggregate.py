@@ -150,9 +150,9 @@ def seed_section(targets: list[dict]) -> str:
     for key, seeds in cells.items():
         if len(seeds) > 1:
             means = {m: [mean(seeds[s], m) for s in sorted(seeds)] for m in ("passed", "consistency", "relevant")}
-            rows.append([key[0], key[1], key[5], *(" / ".join(f"{v:.3g}" for v in means[m]) for m in means)])
+            rows.append([key[0], key[1], key[2], key[5], *(" / ".join(f"{v:.3g}" for v in means[m]) for m in means)])
     return "**Cells with two training seeds: per-seed means (seed 0 / seed 1)**\n\n" + table(
-        ["dataset", "arch", "layer", "passed", "consistency", "relevant"], rows)
+        ["dataset", "arch", "mitigation", "layer", "passed", "consistency", "relevant"], rows)
 
 
 def structure_steps_section() -> str:
