@@ -1,6 +1,7 @@
 """Aggregates behind the written analysis in ``docs/results/README.md``.
 
-Reads the CSVs that ``fastmetamer study`` wrote into ``study/`` (and ``structure_steps/``) and
+Reads ``study.csv`` and ``cross_architecture.csv`` that ``fastmetamer study`` wrote into ``study/``,
+and the cell records of ``study/`` and ``structure_steps/``, and
 writes ``aggregates.md`` beside this file: per dataset, the means over the message-passing
 architectures of every mitigation at the first and the output layer, the first-versus-output
 layer comparison, the rank correlations between metamer dimension / volume and the pass rate and
@@ -8,13 +9,13 @@ consistency, the cross-architecture accuracy drops, per-seed means of the cells 
 seeds, and structure metamers at 400 against 1600 steps. Every number the analysis quotes that is
 not a single cell of ``study/study.md`` comes from here.
 
-Usage: ``.venv/bin/python docs/results/aggregate.py [ROOT]`` (reads only the study's CSV files;
+Usage: ``.venv/bin/python docs/results/aggregate.py [ROOT]`` (reads only the study folders' files;
 ROOT defaults to ``docs/results``).
 """
 from __future__ import annotations
 
 import csv
-import functools
+import json
 import math
 import statistics
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 from scipy.stats import spearmanr
 
 from fastmetamer.study.config import ModelSpec
+from fastmetamer.study.tables import target_rows
 
 HERE = Path(__file__).resolve().parent
 ROOT = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE  # holds study/ and structure_steps/
@@ -52,12 +54,14 @@ def _number(text: str):
 def is_output(row: dict) -> bool:
     """True at the output layer of the row's model (its last matched layer, or the readout)."""
     spec = ModelSpec(row["dataset"], row["arch"], row["mitigation"], int(row["depth"]), int(row["width"]), 0)
-    return row["layer"] == _output_layer(spec)
+    return row["layer"] == spec.output_layer()
 
 
-@functools.lru_cache(maxsize=None)
-def _output_layer(spec: ModelSpec) -> str:
-    return spec.layers()[-1]
+def read_targets(folder: str = "study") -> list[dict]:
+    """Per-target rows of a study folder, built from its cell records (the rows of the report's
+    ``targets.csv``, which is generated, not committed)."""
+    cells = sorted((ROOT / folder / "cells").glob("*.json"))
+    return target_rows([json.loads(p.read_text()) for p in cells if not p.name.startswith("cross-")])
 
 
 def mean(rows: list[dict], metric: str) -> float:
@@ -158,8 +162,8 @@ def seed_section(targets: list[dict]) -> str:
 def structure_steps_section() -> str:
     """Structure cells at the study's steps against the same targets at more steps
     (``docs/results/structure_steps``): does a failed target pass when optimised longer?"""
-    longer = {(r["dataset"], r["arch"], int(r["target"])): r for r in read("targets.csv", "structure_steps")}
-    base = [r for r in read("targets.csv") if r["kind"] == "structure" and int(r["seed"]) == 0
+    longer = {(r["dataset"], r["arch"], int(r["target"])): r for r in read_targets("structure_steps")}
+    base = [r for r in read_targets() if r["kind"] == "structure" and int(r["seed"]) == 0
             and (r["dataset"], r["arch"], int(r["target"])) in longer]
     rows = []
     for arch in dict.fromkeys(r["arch"] for r in base):
@@ -190,8 +194,8 @@ def main() -> Path:
     parts.append("## Cross-architecture recognisability\n")
     parts.append(cross_section(read("cross_architecture.csv")))
     parts.append("## Training seeds\n")
-    parts.append(seed_section(read("targets.csv")))
-    if read("targets.csv", "structure_steps"):
+    parts.append(seed_section(read_targets()))
+    if read_targets("structure_steps"):
         parts.append("## Structure metamers with more steps\n")
         parts.append(structure_steps_section())
     path = ROOT / "aggregates.md"

@@ -8,6 +8,7 @@ classification) plus depth and width sweeps of the sweep architectures without m
 from __future__ import annotations
 
 import fnmatch
+import functools
 import itertools
 import re
 from dataclasses import asdict, dataclass, field
@@ -171,10 +172,19 @@ class ModelSpec:
 
     def layers(self) -> list[str]:
         """The matched layers: every message-passing layer (node tasks) or the pooled readout."""
-        if self.task == "graph":
-            return ["readout"]
-        probe = models.build_model(self.arch, 1, 1, **self.build_kwargs())
-        return list(probe.metamer_layers)
+        return list(_matched_layers(self))
+
+    def output_layer(self) -> str:
+        """The model's output layer: its last matched layer (logits, or the pooled readout)."""
+        return _matched_layers(self)[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def _matched_layers(spec: ModelSpec) -> tuple[str, ...]:
+    """The matched layers of ``spec``, read once from a probe model of its shape."""
+    if spec.task == "graph":
+        return ("readout",)
+    return tuple(models.build_model(spec.arch, 1, 1, **spec.build_kwargs()).metamer_layers)
 
 
 @dataclass(frozen=True)
@@ -193,7 +203,7 @@ class Cell:
     @property
     def is_output(self) -> bool:
         """True at the model's output layer (logits, or the pooled readout)."""
-        return self.layer == self.model.layers()[-1]
+        return self.layer == self.model.output_layer()
 
     def to_dict(self) -> dict:
         return {**asdict(self.model), "task": self.model.task, "layer": self.layer, "kind": self.kind}
@@ -220,7 +230,7 @@ def cells(config: StudyConfig) -> list[Cell]:
     for dataset in dict.fromkeys(spec.dataset for spec in specs):
         mine = [spec for spec in specs if spec.dataset == dataset]
         order += [Cell(spec, layer) for spec in mine for layer in spec.layers()]
-        order += [Cell(spec, spec.layers()[-1], "structure") for spec in mine
+        order += [Cell(spec, spec.output_layer(), "structure") for spec in mine
                   if config.structure_targets and spec.task == "node" and spec.mitigation == "none"
                   and is_base(spec) and spec.arch not in EDGELESS]
     return [cell for cell in order if not config.excludes(cell.key)]

@@ -18,7 +18,7 @@ from .config import Cell, ModelSpec, StudyConfig
 def source_cells(config: StudyConfig, dataset: str, seed: int) -> list[Cell]:
     """The output-layer cells (base grid, no mitigation, not excluded) whose metamers are judged."""
     specs = [ModelSpec(dataset, arch, "none", 2, 64, seed) for arch in config.architectures]
-    cells = [Cell(spec, spec.layers()[-1]) for spec in specs]
+    cells = [Cell(spec, spec.output_layer()) for spec in specs]
     return [cell for cell in cells if not config.excludes(cell.key)]
 
 

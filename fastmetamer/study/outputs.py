@@ -1,7 +1,6 @@
 """Writing the study's results: CSV tables, PNG figures and the Markdown report ``study.md``."""
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -150,12 +149,7 @@ def _markdown(config, records, summary, cross, unavailable, pictures, folder) ->
 
 def _last_layer(row: dict) -> str:
     """The output layer of ``row``'s model (also when that cell is excluded or unfinished)."""
-    return _output_layer(ModelSpec(*(row[k] for k in ("dataset", "arch", "mitigation", "depth", "width")), 0))
-
-
-@functools.lru_cache(maxsize=None)
-def _output_layer(spec: ModelSpec) -> str:
-    return spec.layers()[-1]
+    return ModelSpec(*(row[k] for k in ("dataset", "arch", "mitigation", "depth", "width")), 0).output_layer()
 
 
 def _ci_columns(rows: list[dict]) -> list[dict]:
