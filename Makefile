@@ -18,6 +18,13 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*/*)
 demo: $(STAMP)
 	$(VENV)/bin/fastmetamer demo
 
+# The suite without the Cora test, then the Cora test twice, with one and with two OpenMP threads
+# (its results must not depend on the thread count), then the Triton tests in their own process
+# (interpreter).
+CORA_TEST := tests/test_cora.py
+
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not triton"
+	$(PY) -m pytest -q -m "not triton" --ignore=$(CORA_TEST)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not triton" $(CORA_TEST)
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q -m "not triton" $(CORA_TEST)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton tests/triton

@@ -7,7 +7,7 @@ import torch
 from torch_geometric.nn import models
 
 import fastmetamer as fm
-from fastmetamer.metamers.layers import layer_output
+from fastmetamer.graph.layers import layer_output
 
 from conftest import train_node_classifier
 

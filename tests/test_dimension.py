@@ -15,7 +15,7 @@ from torch_geometric.utils import k_hop_subgraph
 import fastmetamer as fm
 from fastmetamer.analysis import dimension as dim_module
 from fastmetamer.analysis.dimension import metamer_dimension
-from fastmetamer.metamers.layers import count_hops, layer_output, resolve_layer
+from fastmetamer.graph.layers import count_hops, layer_output, resolve_layer
 from fastmetamer.models.convs import WeightedGCNConv
 
 from conftest import awkward_graph

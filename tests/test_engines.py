@@ -7,8 +7,8 @@ from torch_geometric.nn.models import GCN, GIN, GraphSAGE
 
 import fastmetamer as fm
 from fastmetamer.engines import FastEngine, ReferenceEngine, Unsupported, lower, make_engine
-from fastmetamer.metamers.layers import count_hops, layer_output, resolve_layer
-from fastmetamer.metamers.receptive_field import disjoint_receptive_fields, whole_graph
+from fastmetamer.graph.layers import count_hops, layer_output, resolve_layer
+from fastmetamer.graph.subgraph import disjoint_receptive_fields, whole_graph
 from fastmetamer.engines.csr import BinaryRows
 from fastmetamer.ops import dispatch
 from fastmetamer.ops.update import reference as upd_ref

@@ -8,8 +8,8 @@ from torch_geometric.data import Batch, Data
 from torch_geometric.nn.models import GCN, GIN, GraphSAGE
 
 import fastmetamer as fm
-from fastmetamer.metamers.layers import count_hops, layer_output, resolve_layer
-from fastmetamer.metamers.receptive_field import receptive_field
+from fastmetamer.graph.layers import count_hops, layer_output, resolve_layer
+from fastmetamer.graph.subgraph import receptive_field
 
 from conftest import awkward_graph
 
@@ -335,7 +335,7 @@ def test_zero_reference_activation_keeps_losses_finite():
     relative loss: it is scaled by the other targets' mean ||H||^2 (1 if all are zero), so the
     loss stays finite (it overflowed to inf / NaN before)."""
     from fastmetamer.engines import ReferenceEngine, loss_scale
-    from fastmetamer.metamers.receptive_field import whole_graph
+    from fastmetamer.graph.subgraph import whole_graph
 
     target = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 0.0]])
     assert loss_scale(target, joint=False).tolist() == [13.0, 25.0, 1.0]

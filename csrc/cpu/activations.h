@@ -42,8 +42,7 @@ inline float act_deriv(float x) {
   } else if constexpr (A == ACT_LEAKY) {
     return x > 0.f ? 1.f : LEAKY_SLOPE;
   } else if constexpr (A == ACT_TANH) {
-    const float t = fast_tanh(x);
-    return 1.f - t * t;
+    return fast_sech2(x);
   } else {
     const float cdf = 0.5f * (1.f + fast_erf(x * 0.70710678118654752440f));
     return cdf + x * fast_exp(-0.5f * x * x) * 0.39894228040143267794f;

@@ -2,6 +2,8 @@
 // integer codes of fastmetamer.ops.activations.ACT_CODES.
 #include "common.h"
 
+#include <limits>
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastmetamer CPU (C++/OpenMP) fused kernels";
   m.def("aggregate_forward", &fm::aggregate_forward, "CSR aggregation with fused bias/activation/residual",
@@ -22,5 +24,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adam_ste_update", &fm::adam_ste_update, "fused margin + straight-through + Adam step (in place)",
         py::arg("theta"), py::arg("grad_x"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"),
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("slope"),
-        py::arg("threshold"), py::arg("margin"), py::arg("margin_scale"), py::arg("active"));
+        py::arg("threshold"), py::arg("margin"), py::arg("margin_scale"), py::arg("active"),
+        py::arg("bound") = std::numeric_limits<double>::infinity());
 }

@@ -128,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> top_mask_csr(const at::Tensor& th
 void adam_ste_update(at::Tensor theta, const at::Tensor& grad_x, at::Tensor exp_avg, at::Tensor exp_avg_sq,
                      int64_t step, double lr, double beta1, double beta2, double eps, double slope,
                      const at::Tensor& threshold, double margin, const at::Tensor& margin_scale,
-                     const at::Tensor& active);
+                     const at::Tensor& active, double bound);
 
 // Saved-state checks shared by backward ops: validates `saved` for activation `act` and rows x f.
 inline void check_saved(const at::Tensor& saved, int64_t act, i64 rows, i64 f) {

@@ -1,5 +1,5 @@
 // Binary straight-through feature update: top-k selection per row block (top_mask) and the fused
-// margin + straight-through + Adam step (adam_ste_update). Contract:
+// margin + straight-through + Adam step with the clamp of the logits (adam_ste_update). Contract:
 // fastmetamer/ops/update/reference.py.
 #include "fast_math.h"  // first: FP options and SIMD clones
 #include "common.h"
@@ -55,10 +55,11 @@ FM_SIMD_CLONES i64 compact_ge(const float* __restrict p, i64 cnt, float bound, f
   return j;
 }
 
-// One row chunk of the fused margin + straight-through + Adam step.
+// One row chunk of the fused margin + straight-through + Adam step and the clamp to [-bound, bound].
 FM_SIMD_CLONES void adam_rows(i64 r0, i64 r1, i64 d, float* th, const float* gx, float* m1, float* m2,
                               const float* thr, const float* ms, const bool* active, float s, float mg,
-                              float b1, float c1, float b2, float c2, float ibc1, float ibc2, float ep, float lr) {
+                              float b1, float c1, float b2, float c2, float ibc1, float ibc2, float ep, float lr,
+                              float bound) {
   for (i64 r = r0; r < r1; ++r) {
     const float t = thr[r], msr = ms[r], lra = active[r] ? lr : 0.f;
     float* __restrict tr = th + r * d;
@@ -78,7 +79,9 @@ FM_SIMD_CLONES void adam_rows(i64 r0, i64 r1, i64 d, float* th, const float* gx,
       ar[c] = mv;
       vr[c] = vv;
       const float denom = fast_sqrt(vv * ibc2) + ep;
-      tr[c] -= lra * ((mv * ibc1) / denom);
+      const float next = tr[c] - lra * ((mv * ibc1) / denom);
+      // the projection of every row (active or not): clamp to [-bound, bound]; NaN stays NaN
+      tr[c] = next < -bound ? -bound : (next > bound ? bound : next);
     }
   }
 }
@@ -416,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> top_mask_csr(const at::Tensor& th
 void adam_ste_update(at::Tensor theta, const at::Tensor& grad_x, at::Tensor exp_avg, at::Tensor exp_avg_sq,
                      int64_t step, double lr, double beta1, double beta2, double eps, double slope,
                      const at::Tensor& threshold, double margin, const at::Tensor& margin_scale,
-                     const at::Tensor& active) {
+                     const at::Tensor& active, double bound) {
   check_tensor(theta, "theta", at::kFloat, 2);
   const i64 F = theta.size(0), d = theta.size(1);
   for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&grad_x, "grad_x"},
@@ -431,6 +434,7 @@ void adam_ste_update(at::Tensor theta, const at::Tensor& grad_x, at::Tensor exp_
   TORCH_CHECK_VALUE(threshold.numel() == F && margin_scale.numel() == F && active.numel() == F,
                     "threshold, margin_scale and active must have one entry per row of theta (", F, ")");
   TORCH_CHECK_VALUE(step >= 1, "step counts from 1, got ", step);
+  TORCH_CHECK_VALUE(bound >= 0, "bound must be >= 0 (inf for no clamp), got ", bound);
   if (F == 0 || d == 0) return;
   float* th = theta.data_ptr<float>();
   const float* gx = grad_x.data_ptr<float>();
@@ -446,9 +450,10 @@ void adam_ste_update(at::Tensor theta, const at::Tensor& grad_x, at::Tensor exp_
   const float ibc1 = 1.f / static_cast<float>(1.0 - std::pow(beta1, double(step)));
   const float ibc2 = 1.f / static_cast<float>(1.0 - std::pow(beta2, double(step)));
   const float ep = static_cast<float>(eps), lrf = static_cast<float>(lr);
+  const float bd = static_cast<float>(bound);  // rounded as torch.clamp_ rounds a scalar limit
   const i64 grain = std::max<i64>(1, SERIAL_WORK / d);
   at::parallel_for(0, F, grain, [&](i64 r0, i64 r1) {
-    adam_rows(r0, r1, d, th, gx, m1, m2, tr, ms, act, s, mg, b1, c1, b2, c2, ibc1, ibc2, ep, lrf);
+    adam_rows(r0, r1, d, th, gx, m1, m2, tr, ms, act, s, mg, b1, c1, b2, c2, ibc1, ibc2, ep, lrf, bd);
   });
 }
 

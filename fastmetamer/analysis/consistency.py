@@ -11,7 +11,10 @@ Definitions (a high score means model-like-human):
   the model calls very different inputs the same (over-invariance).
 * Relevant metamer: S_match ≥ 0.99 and S_in ≤ 0.5 (the model matches, the input does not).
 
-NaN entries propagate to C and count as not relevant.
+C is reported only for metamers that passed the success criterion and are not trivial (changed
+the input): ``valid`` False gives C = NaN, since a metamer whose activations do not match, or an
+unchanged input, says nothing about consistency. NaN entries propagate to C and count as not
+relevant.
 """
 from __future__ import annotations
 
@@ -50,12 +53,14 @@ def relevant_share(s_match, s_in, match_min: float = 0.99, input_max: float = 0.
     return float(((s_match >= match_min) & (s_in <= input_max)).double().mean())
 
 
-def consistency_scores(s_match, s_feat=None, s_struct=None, kind: str = "features") -> dict:
+def consistency_scores(s_match, s_feat=None, s_struct=None, kind: str = "features", valid=None) -> dict:
     """Consistency scores of metamers (see the module docstring for the definitions).
 
     ``s_match``: cosine of metamer vs reference activations; ``s_feat``: feature similarity;
     ``s_struct``: structure (WL) similarity; each a float or a 1-D tensor [T] (one per target).
     ``kind``: "features" (needs ``s_feat``), "structure" (needs ``s_struct``) or "joint" (both).
+    ``valid``: bool or bool tensor [T], the metamers that passed and are not trivial (None: all);
+    C is NaN elsewhere.
     Returns a dict with ``"s_match"``, ``"s_in"``, ``"consistency"`` (floats when every input is
     a scalar, else float64 tensors [T], all in [0, 1]), their means ``"s_match_mean"``,
     ``"s_in_mean"``, ``"consistency_mean"`` and ``"relevant_share"`` (floats).
@@ -65,7 +70,11 @@ def consistency_scores(s_match, s_feat=None, s_struct=None, kind: str = "feature
     if s_match.dim() > 1 or s_match.numel() == 0:
         raise ValueError(f"similarities must be floats or non-empty 1-D tensors [T], "
                          f"got shape {tuple(s_match.shape)}")
-    scores = {"s_match": s_match, "s_in": s_in, "consistency": 1.0 - (s_match - s_in).abs()}
+    consistency = 1.0 - (s_match - s_in).abs()
+    if valid is not None:
+        valid = torch.as_tensor(valid, dtype=torch.bool, device="cpu").expand_as(consistency)
+        consistency = torch.where(valid, consistency, torch.full_like(consistency, float("nan")))
+    scores = {"s_match": s_match, "s_in": s_in, "consistency": consistency}
     means = {f"{key}_mean": float(value.mean()) for key, value in scores.items()}
     if s_match.dim() == 0:
         scores = {key: float(value) for key, value in scores.items()}

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.data import Data
 
-from ..metamers.layers import count_hops, layer_output, resolve_layer
-from ..validation import check_graph, check_nodes
+from ..graph.layers import count_hops, layer_output, resolve_layer
+from ..validation import check_devices, check_feature_width, check_graph, check_nodes
 
 WRT = ("features", "self", "edges")
 #: Rough upper bound on the float64 working memory of one chunk of targets.
@@ -91,11 +91,12 @@ def metamer_dimension(model: nn.Module, graph: Data, node: int | list[int] | Ten
     """Local metamer dimension and log-volume of J_v = d h^l_v / d(input) for each target v.
 
     Args:
-        model: a module called as ``model(x, edge_index[, edge_weight][, batch=batch])``; it is
-            copied to float64 (the original is untouched).
+        model: a module called as ``model(x, edge_index[, edge_weight][, batch=batch])``, on
+            ``graph.x``'s device; it is copied to float64 on the CPU (the original is untouched),
+            so graphs of any floating dtype work.
         graph: ``x`` [n, d], ``edge_index`` [2, E], optional ``edge_weight`` [E] and ``batch`` [n]
             (graph id per node, for a pooled layer over several graphs).
-        node: a node id, a list / 1-D tensor of ids, or None for every node. A graph-level
+        node: a node id, a list / 1-D tensor / numpy array of ids, or None for every node. A graph-level
             (pooled) layer such as a zoo model's ``"readout"`` needs None: each graph of the batch
             is one target and its J is taken over all of its nodes or edges (the whole graph is
             processed at once, without chunking).
@@ -110,6 +111,7 @@ def metamer_dimension(model: nn.Module, graph: Data, node: int | list[int] | Ten
         a :class:`DimensionResult` with one entry per target, in the order given.
     """
     check_graph(graph)
+    check_devices(model, graph)
     targets = check_nodes(node, graph.num_nodes)
     _check_args(graph, wrt, tol, batch_size)
     problem = _Problem.build(model, graph, resolve_layer(model, layer), wrt, tol)
@@ -188,6 +190,7 @@ class _Problem:
         graph64 = Data(x=graph.x.detach().cpu().double(), edge_index=graph.edge_index.cpu().long(),
                        edge_weight=None if weight is None else weight.detach().cpu().double(),
                        batch=None if batch is None else batch.cpu())
+        check_feature_width(model64, layer, graph64.x)
         with torch.no_grad():
             reference = layer_output(model64, layer, graph64.x, graph64.edge_index,
                                      graph64.edge_weight, graph64.batch)

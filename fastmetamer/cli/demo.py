@@ -8,7 +8,7 @@ import torch
 from torch_geometric.data import Data
 
 from .. import datasets
-from ..metamers.generate import generate
+from ..metamers.generator import generate
 from .common import positive_int, status, write_results
 from .train import accuracy_line, train_model
 

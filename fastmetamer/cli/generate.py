@@ -9,7 +9,7 @@ from torch import nn
 from torch_geometric.data import Data
 
 from .. import models
-from ..metamers.generate import KINDS, generate
+from ..metamers.generator import KINDS, generate
 from .common import add_dataset_args, load_node_graph, positive_float, positive_int, status, write_results
 
 HELP = "generate metamers of nodes for a saved model"

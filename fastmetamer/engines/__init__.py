@@ -11,7 +11,7 @@ import warnings
 
 from torch import Tensor, nn
 
-from ..metamers.receptive_field import Subgraph
+from ..graph.subgraph import Subgraph
 from ..ops import dispatch
 from .fast import FastEngine
 from .lowering import Unsupported, lower
@@ -24,10 +24,15 @@ def make_engine(backend: str, model: nn.Module, layer: str, sub: Subgraph, targe
                 joint: bool) -> ReferenceEngine | FastEngine:
     """The engine for ``backend`` (``"auto"``: the fastest available; ``"reference"``: autograd).
 
-    A model or layer the fast engine cannot lower falls back to the reference engine with one
-    warning naming it."""
+    A model or layer the fast engine cannot lower, or extra forward arguments
+    (``sub.forward_kwargs``: lowered programs do not read them), fall back to the reference engine
+    with one warning."""
     concrete = dispatch.resolve(backend, sub.x.device)
     if concrete == "reference":
+        return ReferenceEngine(model, layer, sub, target, joint)
+    if sub.forward_kwargs:
+        warnings.warn(f"fastmetamer fast engine: forward_kwargs {sorted(sub.forward_kwargs)} are "
+                      "not lowered; using the reference engine", stacklevel=3)
         return ReferenceEngine(model, layer, sub, target, joint)
     try:
         program = lower(model, layer)

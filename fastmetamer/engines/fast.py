@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
-from ..metamers.layers import layer_output
-from ..metamers.receptive_field import Subgraph
+from ..graph.layers import layer_output
+from ..graph.subgraph import Subgraph
 from ..ops import dispatch
 from . import functions as F
 from .csr import BinaryRows, Operator, Pattern
@@ -62,7 +62,8 @@ class FastEngine:
 
     def activations(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
         """Layer-l activations at the targets [T, d_l] (no gradient needed: reference path)."""
-        return layer_output(self.model, self.layer, x, edge_index, edge_weight)[self.sub.center]
+        return layer_output(self.model, self.layer, x, edge_index, edge_weight,
+                            forward_kwargs=self.sub.forward_kwargs)[self.sub.center]
 
     def losses(self, x: Tensor | BinaryRows, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
         """L_act per problem [C], differentiable w.r.t. ``x`` [m, d] and ``edge_weight`` [E].
@@ -83,18 +84,19 @@ class FastEngine:
         raise AssertionError("a program has at least one stage")
 
     def _operator(self, stage: Stage, edge_index: Tensor, edge_weight: Tensor | None, n: int) -> Operator:
+        """The stage's operator for these edges. One pattern and one operator are cached per kind
+        of stage (bounded memory), reused while the same edge tensors come back."""
         if not stage.weighted:
             edge_weight = None
-        cache_key = (stage.operator, stage.eps, id(edge_index), id(edge_weight))
+        cache_key = (stage.operator, stage.eps)
         cached = self._operators.get(cache_key)
         if cached is not None and cached[0] is edge_index and cached[1] is edge_weight:
             return cached[2]
         row, col, value, num_cols = _coo(stage, edge_index, edge_weight, n)
-        pattern_key = (stage.operator, id(edge_index))
-        known = self._patterns.get(pattern_key)
+        known = self._patterns.get(stage.operator)
         if known is None or known[0] is not edge_index:
             known = (edge_index, Pattern.from_coo(row, col, n, num_cols))
-            self._patterns[pattern_key] = known
+            self._patterns[stage.operator] = known
         operator = Operator.build(known[1], value.float())
         if edge_weight is None or not edge_weight.requires_grad:
             self._operators[cache_key] = (edge_index, edge_weight, operator)
@@ -155,11 +157,10 @@ class FastEngine:
         known = self._patterns.get("rows")
         if known is not None and known[0] is operator:
             return known[1]
-        key = ("rows", id(operator.pattern))
-        known = self._patterns.get(key)
+        known = self._patterns.get("row_pattern")
         if known is None or known[0] is not operator.pattern:
             known = (operator.pattern, operator.pattern.rows(self.sub.center))
-            self._patterns[key] = known
+            self._patterns["row_pattern"] = known
         rows = known[1]
         # rows.order indexes coordinate-order values; recover them from the CSR-order values.
         coo_value = torch.empty_like(operator.value).index_put((operator.pattern.order,), operator.value)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..metamers.layers import layer_output
-from ..metamers.receptive_field import Subgraph
+from ..graph.layers import layer_output
+from ..graph.subgraph import Subgraph
 
 
 def loss_scale(target: Tensor, joint: bool) -> Tensor:
@@ -38,6 +38,8 @@ class ReferenceEngine:
         sub: the problem's graph; its ``center`` nodes are the targets.
         target: reference activations at the targets [T, d_l].
         joint: one loss over all targets jointly (whole-graph metamer) instead of one per target.
+
+    Every model call passes ``sub.forward_kwargs`` (the model's extra arguments, if any).
     """
 
     name = "reference"
@@ -48,7 +50,8 @@ class ReferenceEngine:
 
     def activations(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
         """Layer-l activations at the targets [T, d_l]."""
-        out = layer_output(self.model, self.layer, x, edge_index, edge_weight, batch=self.sub.pool_batch)
+        out = layer_output(self.model, self.layer, x, edge_index, edge_weight, batch=self.sub.pool_batch,
+                           forward_kwargs=self.sub.forward_kwargs)
         return out[self.sub.center]
 
     def losses(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:

@@ -1,5 +1,5 @@
 """Metamer generators: ``generate`` and its result type."""
-from .generate import KINDS, Options, generate
+from .generator import KINDS, Options, generate
 from .result import MetamerResult
 
 __all__ = ["generate", "MetamerResult", "Options", "KINDS"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .receptive_field import Subgraph
+from ..graph.subgraph import Subgraph
 
 
 LOGIT_BOUND = 4.0  # |s * X_soft| bound for binary features: P stays in [0.018, 0.982]
@@ -110,13 +110,6 @@ class FeatureParam:
     def _start(self) -> Tensor:
         return self.stats.mean[self.free_component] + self.stats.std[self.free_component] * self.noise
 
-    def _owned(self, c: int) -> list[Tensor]:
-        """Views of component c's entries in every parameter tensor (and its noise rows)."""
-        rows = slice(int(self.ptr[c]), int(self.ptr[c + 1]))
-        if self.size_independent:
-            return [self.params[0][c], self.params[1][c], self.noise[rows]]
-        return [self.params[0][rows], self.noise[rows]]
-
     def restart(self, stalled: Tensor) -> None:
         """Start the ``stalled`` [C] components again from a fresh draw of their noise."""
         comps = stalled.nonzero().flatten().tolist()
@@ -129,15 +122,15 @@ class FeatureParam:
                 self.params[0].copy_(torch.where(stalled[self.free_component].unsqueeze(1), self._start(),
                                                  self.params[0]))
 
-    def component_state(self, c: int) -> list[Tensor]:
-        """A copy of component c's parameters and noise."""
-        return [t.detach().clone() for t in self._owned(c)]
+    @property
+    def state_owner(self) -> Tensor:
+        """[F] the component of each row of :meth:`current_state`."""
+        return self.free_component
 
-    def load_component_state(self, c: int, state: list[Tensor]) -> None:
-        """Put back a state from :meth:`component_state`."""
-        with torch.no_grad():
-            for view, saved in zip(self._owned(c), state):
-                view.copy_(saved)
+    def current_state(self) -> Tensor:
+        """X' of the free rows [F, d] as the model saw it at the last forward (hard 0/1 rows for
+        binary features)."""
+        return self._last
 
     def parameter_components(self) -> list[Tensor]:
         """For each parameter tensor, the component owning each of its rows."""
@@ -158,9 +151,12 @@ class FeatureParam:
         x_soft = self.soft()
         if not self.binary:
             lo, hi = self.stats.low[self.free_component], self.stats.high[self.free_component]
-            return torch.minimum(torch.maximum(x_soft, lo), hi), x_soft.new_zeros(())
+            clipped = torch.minimum(torch.maximum(x_soft, lo), hi)
+            self._last = clipped.detach()
+            return clipped, x_soft.new_zeros(())
         prob = torch.sigmoid(self.slope * x_soft)
         hard, threshold = self._top_mask(prob.detach())
+        self._last = hard
         return prob + (hard - prob).detach(), self.margin_weight * self._margin(prob, threshold)
 
     def _margin(self, prob: Tensor, threshold: Tensor) -> Tensor:
@@ -189,14 +185,6 @@ class FeatureParam:
         x[self.sub.free] = free_x
         return x, extra
 
-    def final(self) -> Tensor:
-        """The returned metamer features [m, d]: exactly 0/1 at the reference density (binary)."""
-        with torch.no_grad():
-            x, _ = self.features()
-            if self.binary:
-                x = x.round()
-            return x.detach()
-
     def project(self) -> None:
         """After a step: clip continuous features to the reference per-feature range; keep
         binary logits within |s * X_soft| <= LOGIT_BOUND so the sigmoid never saturates (a
@@ -219,17 +207,17 @@ def _flat_top_mask(prob: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return hard.view_as(prob), flat.max() + 1e-6
     if k >= flat.numel():
         return torch.ones_like(prob), flat.min() - 1e-6
-    top = torch.topk(flat, k + 1)
-    hard[top.indices[:k]] = 1.0
-    return hard.view_as(prob), 0.5 * (top.values[k - 1] + top.values[k])
+    values, order = torch.sort(flat, descending=True, stable=True)  # ties in memory order, as the kernels
+    hard[order[:k]] = 1.0
+    return hard.view_as(prob), 0.5 * (values[k - 1] + values[k])
 
 
 def _row_top_mask(prob: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-    values, order = prob.sort(dim=1, descending=True)
+    values, order = prob.sort(dim=1, descending=True, stable=True)
     rank = torch.arange(prob.shape[1]).expand_as(prob)
     hard = torch.zeros_like(prob).scatter_(1, order, (rank < counts.unsqueeze(1)).to(prob.dtype))
-    padded = torch.cat([values.new_ones(values.shape[0], 1) + 1e-6, values,
-                        values.new_zeros(values.shape[0], 1) - 1e-6], dim=1)
+    # thresholds max P + 1e-6 (k = 0) and min P - 1e-6 (k = d), as the update ops' contract
+    padded = torch.cat([values[:, :1] + 2e-6, values, values[:, -1:] - 2e-6], dim=1)
     k = counts.unsqueeze(1)
     threshold = 0.5 * (padded.gather(1, k) + padded.gather(1, k + 1))
     return hard, threshold
@@ -286,12 +274,15 @@ class FusedBinaryFeatures:
         from ..engines.csr import BinaryRows
 
         rowptr, col, self.threshold = self.kernels.top_mask_csr(self.theta, self.ptr, self.k, self.slope)
+        self._ones = (rowptr, col)
         self._x = BinaryRows.from_csr(rowptr, col, self.rows, self.sub.num_nodes, self.grad, self.token,
                                       self.frozen)
         return self._x, self.theta.new_zeros(())
 
     def fused_step(self, lr: float, active: Tensor) -> None:
-        """One fused straight-through + margin + Adam step from the gradient left in ``self.grad``."""
+        """One fused straight-through + margin + Adam step from the gradient left in ``self.grad``,
+        then the projection of :meth:`FeatureParam.project` in the same pass: every row's logits
+        (active or not) clamped to |s * theta| <= LOGIT_BOUND."""
         if not self._x.written:  # no path from these features to the loss
             self.grad.zero_()
         self.steps += 1
@@ -299,32 +290,26 @@ class FusedBinaryFeatures:
         self.kernels.adam_ste_update(
             self.theta, self.grad, self.exp_avg, self.exp_avg_sq, step=self.steps, lr=lr,
             beta1=beta1, beta2=beta2, eps=self.schedule.eps, slope=self.slope, threshold=self.threshold,
-            margin=self.margin, margin_scale=self.margin_scale, active=active[self.row_component])
-
-    def final(self) -> Tensor:
-        """The returned metamer features [m, d], exactly 0/1 at the reference density."""
-        hard, _ = self.kernels.top_mask(self.theta, self.ptr, self.k, self.slope)
-        x = self.sub.x.clone()
-        x[self.free_rows] = hard
-        return x
-
-    def _rows(self, c: int) -> slice:
-        return slice(int(self.comp_ptr[c]), int(self.comp_ptr[c + 1]))
+            margin=self.margin, margin_scale=self.margin_scale, active=active[self.row_component],
+            bound=LOGIT_BOUND / self.slope)
 
     def restart(self, stalled: Tensor) -> None:
         """Start the ``stalled`` [C] components again from a fresh draw, with fresh moments."""
         comps = stalled.nonzero().flatten().tolist()
         noise = draw_noise(self.comp_ptr, self.theta.shape[1], self.generators, torch.zeros_like(self.theta), comps)
         rows = stalled[self.row_component]
-        start = self.stats.mean[self.row_component] + self.stats.std[self.row_component] * noise
+        start = (self.stats.mean[self.row_component] + self.stats.std[self.row_component] * noise).clamp(
+            -LOGIT_BOUND / self.slope, LOGIT_BOUND / self.slope)
         for tensor, value in ((self.theta, start), (self.exp_avg, 0.0), (self.exp_avg_sq, 0.0)):
             tensor[rows] = value if isinstance(value, float) else value[rows]
 
-    def component_state(self, c: int) -> list[Tensor]:
-        """A copy of component c's logits and Adam moments."""
-        return [t[self._rows(c)].clone() for t in (self.theta, self.exp_avg, self.exp_avg_sq)]
+    @property
+    def state_owner(self) -> Tensor:
+        """[F] the component of each row of :meth:`current_state`."""
+        return self.row_component
 
-    def load_component_state(self, c: int, state: list[Tensor]) -> None:
-        """Put back a state from :meth:`component_state`."""
-        for tensor, saved in zip((self.theta, self.exp_avg, self.exp_avg_sq), state):
-            tensor[self._rows(c)] = saved
+    def current_state(self) -> Tensor:
+        """The hard 0/1 free rows [F, d] the model saw at the last forward."""
+        rowptr, col = self._ones
+        row = torch.repeat_interleave(torch.arange(rowptr.numel() - 1), rowptr.diff())
+        return torch.zeros_like(self.theta).index_put_((row, col), torch.ones(col.numel()))

@@ -78,19 +78,17 @@ class Adam:
 
 
 class Restarts:
-    """Restart a problem that stalls without passing the null criterion, keeping its best state.
+    """Restart a problem that stalls without passing the null criterion.
 
     A problem stalls when its loss has not improved by 1% for ``patience`` steps while it is still
     above ``pass_loss`` [C] (the L_act below which it would pass). Its parameters are drawn anew
-    (each parameter set's ``restart``); the best state seen at a restart is put back at the end
-    if the final loss is worse.
+    (each parameter set's ``restart``); the best state seen is kept by :class:`BestStates`.
     """
 
     def __init__(self, pass_loss: Tensor, patience: int):
         self.pass_loss, self.patience = pass_loss, patience
         self.best = torch.full_like(pass_loss, float("inf"))
         self.since = torch.zeros(pass_loss.shape, dtype=torch.long)
-        self.saved: dict[int, tuple[float, list]] = {}
         self.count = torch.zeros(pass_loss.shape, dtype=torch.long)
 
     def stalled(self, step: int, losses: Tensor, active: Tensor) -> Tensor:
@@ -100,29 +98,49 @@ class Restarts:
         self.since[improved] = step
         return active & (step - self.since >= self.patience) & (losses > self.pass_loss)
 
-    def restart(self, param_sets: list, stalled: Tensor, losses: Tensor, step: int) -> None:
-        """Save the stalled problems' states (when best so far) and draw new starts."""
-        for c in stalled.nonzero().flatten().tolist():
-            if c not in self.saved or losses[c] < self.saved[c][0]:
-                self.saved[c] = (float(losses[c]), [ps.component_state(c) for ps in param_sets])
+    def restart(self, param_sets: list, stalled: Tensor, step: int) -> None:
+        """Draw new starts for the stalled problems."""
         for ps in param_sets:
             ps.restart(stalled)
         self.since[stalled] = step
         self.best[stalled] = float("inf")
         self.count += stalled.long()
 
-    def keep_best(self, param_sets: list, final: Tensor) -> None:
-        """Put back saved states that beat the final losses [C]."""
-        for c, (loss, states) in self.saved.items():
-            if loss < final[c]:
-                for ps, state in zip(param_sets, states):
-                    ps.load_component_state(c, state)
+
+class BestStates:
+    """The best discrete state seen of every problem, over all steps.
+
+    Each parameter set gives ``current_state()``: the input the model saw at the last forward
+    (binary features: the hard 0/1 rows; continuous: the clipped rows; structure: the chosen
+    pairs), a tensor whose rows belong to the components ``state_owner`` [rows]. After a step's
+    losses [C] are known, :meth:`update` copies the rows of every component that improved.
+    """
+
+    def __init__(self, param_sets: list, num_components: int):
+        self.param_sets = param_sets
+        self.loss = torch.full((num_components,), float("inf"))
+        self.states: list[Tensor | None] = [None] * len(param_sets)
+
+    def update(self, losses: Tensor) -> None:
+        """Record the states just evaluated where ``losses`` [C] beat the best so far."""
+        improved = (losses < self.loss) | (self.states[0] is None)
+        if not bool(improved.any()):
+            return
+        self.loss = torch.where(improved, losses, self.loss)
+        for i, ps in enumerate(self.param_sets):
+            state = ps.current_state()
+            if self.states[i] is None:
+                self.states[i] = state.clone()
+            else:
+                rows = improved[ps.state_owner].view(-1, *([1] * (state.dim() - 1)))
+                self.states[i] = torch.where(rows, state, self.states[i])
 
 
 def run_schedule(param_sets: list[Parameterisation], step_losses: Callable[[], tuple[Tensor, Tensor]],
                  schedule: Schedule, num_components: int, *, progress: bool | None = None,
                  after_step: Callable[[int, Tensor], bool] | None = None,
-                 restarts: Restarts | None = None, stop_below: Tensor | None = None) -> Tensor:
+                 restarts: Restarts | None = None, stop_below: Tensor | None = None,
+                 best: BestStates | None = None) -> Tensor:
     """Optimise; returns the loss history [steps_run, C] (loss before each update).
 
     ``step_losses()`` returns (per-component L_act [C], extra penalty scalar) with autograd
@@ -131,6 +149,7 @@ def run_schedule(param_sets: list[Parameterisation], step_losses: Callable[[], t
     resample) and returns True when it did, which resets Adam. With ``restarts``, stalled
     problems start again from a new draw (their update is skipped on the restart step). A
     problem stops once its loss is below ``stop_below`` [C] (default: the schedule's ``tol``).
+    ``best`` records the best state of every problem after each forward.
     """
     adam = Adam(schedule)
     active = torch.ones(num_components, dtype=torch.bool)
@@ -140,6 +159,8 @@ def run_schedule(param_sets: list[Parameterisation], step_losses: Callable[[], t
     for step in bar:
         losses, penalty = step_losses()
         history.append(losses.detach().clone())
+        if best is not None:
+            best.update(history[-1])
         active &= losses.detach() >= (schedule.tol if stop_below is None else stop_below)
         if not active.any():
             break
@@ -154,7 +175,7 @@ def run_schedule(param_sets: list[Parameterisation], step_losses: Callable[[], t
                 ps.fused_step(lr, active & ~stalled)
         adam.step(params, owners, active & ~stalled, lr)
         if stalled.any():
-            restarts.restart(param_sets, stalled, history[-1], step)
+            restarts.restart(param_sets, stalled, step)
             adam.reset_rows(owners, stalled)
         for ps in param_sets:
             project = getattr(ps, "project", None)
@@ -164,6 +185,4 @@ def run_schedule(param_sets: list[Parameterisation], step_losses: Callable[[], t
             adam.reset()
         bar.set_postfix(loss=f"{losses.detach().max().item():.2e}")
     bar.close()
-    if restarts is not None:
-        restarts.keep_best(param_sets, history[-1])
     return torch.stack(history)

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 from torch_geometric.data import Data
 
+from .full_graph import put_in
+
 
 def _plain(value: Any) -> Any:
     """Convert tensors (and containers of them) to JSON-friendly Python values."""
@@ -35,8 +37,12 @@ class MetamerResult:
         reference: the same subgraph of the reference graph.
         center: local index of the target (int) or indices [T] in ``graph`` / ``reference``.
         loss: final L_act of the returned (hard) metamer: a float, or [T] per target.
-        history: L_act before each step: [steps] for one problem, [steps, T] for several.
-        passed: the null-distribution criterion: bool, or [T] (per node for a whole graph).
+        history: L_act before each straight-through step, then after each iteration of the
+            discrete swap search: [steps] for one problem, [steps, T] for several.
+        passed: the null-distribution criterion: bool, or [T] (per node for a whole graph);
+            never True for a trivial target.
+        trivial: bool, or [T]: the metamer came back identical to the reference over R (e.g. no
+            free entry: no ones to move, no free edge slot): it claims nothing, never a pass.
         distance: ||h' - h|| per target [T] (the quantity the criterion compares).
         null_threshold: per target [T], the smallest distance of another real node.
         twins: per target [T], the number of real nodes with identical activation.
@@ -44,6 +50,16 @@ class MetamerResult:
         kind, layer, hops, nodes: what was asked (nodes: original ids, None = whole graph).
         seconds: wall time of the optimisation.
         settings: the resolved options.
+        input_graph: the graph passed to ``generate`` (a reference, not a copy), used by
+            :meth:`to_full_graph`; neither saved nor pickled (None after :meth:`load`).
+
+    Scalars or tensors: ``loss``, ``history`` and ``metrics`` are per independent problem: a
+    float / [steps] / floats when there is one problem (one target node, given as an int or a
+    one-element list, or one whole graph), else [T] / [steps, T] / lists of T. ``center``,
+    ``passed`` and ``trivial`` are per target: an int / bool only for one target node, else
+    tensors [T], in the order given; a whole-graph result (``node=None``) always has tensors, one
+    entry per node ([n]) for a node-level layer and one per graph for a pooled layer.
+    ``distance``, ``null_threshold`` and ``twins`` are always tensors [T].
     """
 
     graph: Data
@@ -52,6 +68,7 @@ class MetamerResult:
     loss: float | Tensor
     history: Tensor
     passed: bool | Tensor
+    trivial: bool | Tensor
     distance: Tensor
     null_threshold: Tensor
     twins: Tensor
@@ -62,6 +79,7 @@ class MetamerResult:
     nodes: list[int] | None
     seconds: float
     settings: dict = field(default_factory=dict)
+    input_graph: Data | None = field(default=None, repr=False, compare=False)
 
     @property
     def pass_rate(self) -> float:
@@ -73,6 +91,7 @@ class MetamerResult:
         return _plain({
             "kind": self.kind, "layer": self.layer, "hops": self.hops, "nodes": self.nodes,
             "center": self.center, "loss": self.loss, "passed": self.passed,
+            "trivial": self.trivial,
             "pass_rate": self.pass_rate, "distance": self.distance,
             "null_threshold": self.null_threshold, "twins": self.twins,
             "metrics": self.metrics, "history": self.history, "seconds": self.seconds,
@@ -80,12 +99,41 @@ class MetamerResult:
             "graph": {"num_nodes": self.graph.num_nodes, "num_edges": self.graph.num_edges},
         })
 
+    def to_full_graph(self, graph: Data | None = None, target: int | None = None) -> Data:
+        """The full graph with the metamer put in (SPEC §8).
+
+        Node targets: ``graph`` (default: the graph given to ``generate``) with the receptive
+        field of every target (or only of target index ``target``) replaced by the metamer's
+        features and, for structure / joint metamers, its edges into R; ValueError when the
+        receptive fields of the targets overlap (put them in one ``target`` at a time). The model
+        gives each target the same activation on it as on ``self.graph``. Whole-graph metamers:
+        ``self.graph`` itself.
+        """
+        if self.nodes is None:
+            if target is not None:
+                raise ValueError("a whole-graph metamer has no per-target receptive fields; "
+                                 "call to_full_graph() without target")
+            return self.graph
+        graph = self.input_graph if graph is None else graph
+        if graph is None:
+            raise ValueError("this result does not hold the graph it was made from (loaded or "
+                             "unpickled); pass it: to_full_graph(graph)")
+        count = len(self.nodes)
+        if target is not None and (isinstance(target, bool) or not isinstance(target, int)
+                                   or not 0 <= target < count):
+            raise ValueError(f"target must be None or an int in [0, {count}), got {target!r}")
+        return put_in(self.graph, self.kind, graph, list(range(count)) if target is None else [target])
+
+    def __getstate__(self) -> dict:
+        """Pickled state: every field but ``input_graph`` (files never hold the full graph)."""
+        return {k: v for k, v in self.__dict__.items() if k != "input_graph"}
+
     def save(self, path: str | Path) -> None:
         """Write the result to ``path``: graphs and tensors with ``torch.save``; a JSON summary
-        beside it (``path`` with suffix ``.json``)."""
+        beside it (``path`` with suffix ``.json``). ``input_graph`` is not written."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.__dict__, path)
+        torch.save(self.__getstate__(), path)
         path.with_suffix(".json").write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod

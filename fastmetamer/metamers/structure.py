@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .receptive_field import Subgraph
+from ..graph.subgraph import Subgraph
 
 
 def _undirected_pairs(edge_index: Tensor) -> Tensor:
@@ -69,7 +69,8 @@ class StructureParam:
         generators: one torch.Generator per component (reproducible, batch-independent).
         slope: s in P = sigmoid(s * logit).
         dense_max_nodes: largest |R| that gets all pairs as candidates.
-        block_size: candidate block size in sparse mode (None: max(4 B, 4096)).
+        block_size: candidate block size in sparse mode (None: max(4 B, 4096); at least 2 B, so
+            that every state holds exactly B edges).
         resample_every: steps between block resamples in sparse mode.
     """
 
@@ -81,13 +82,14 @@ class StructureParam:
         self.fixed_index = sub.edge_index[:, ~inside]
         self.fixed_weight = None if sub.edge_weight is None else sub.edge_weight[~inside]
         ref_pairs = _undirected_pairs(sub.edge_index[:, inside])
+        self.reference_pairs = ref_pairs.t()  # [sum B, 2], problem by problem
         pair_component = sub.component[ref_pairs[0]]
         self.parts = []
         for c in range(sub.num_components):
             nodes = ((sub.component == c) & sub.free).nonzero().flatten()
             budget = int((pair_component == c).sum())
             total = nodes.numel() * (nodes.numel() - 1) // 2
-            block = min(total, block_size or max(4 * budget, 4096))
+            block = min(total, max(block_size or max(4 * budget, 4096), 2 * budget))  # room for B
             dense = nodes.numel() <= dense_max_nodes or block >= total
             self.parts.append(_ComponentCandidates(nodes, budget, dense, block, generators[c]))
         self.budgets = torch.tensor([p.budget for p in self.parts])
@@ -131,6 +133,7 @@ class StructureParam:
         """(edge_index [2, E_fixed + 2K], straight-through edge weights [E_fixed + 2K])."""
         prob = torch.sigmoid(self.slope * self.params[0])
         hard = self._hard(prob.detach())
+        self._chosen = self._pairs[:, hard.bool()].t()
         weight = prob + (hard - prob).detach()
         pairs = self._pairs
         index = torch.cat([self.fixed_index, pairs, pairs.flip(0)], dim=1)
@@ -138,13 +141,20 @@ class StructureParam:
             self.fixed_index.shape[1])
         return index, torch.cat([fixed, weight, weight])
 
-    def final(self) -> tuple[Tensor, Tensor | None]:
-        """The returned metamer's edges: fixed edges plus the B chosen pairs per component,
-        both directions ([2, E]), and their weights (None when the reference had none)."""
-        with torch.no_grad():
-            hard = self._hard(self.params[0]).bool()
-        chosen = self._pairs[:, hard]
-        index = torch.cat([self.fixed_index, chosen, chosen.flip(0)], dim=1)
+    @property
+    def state_owner(self) -> Tensor:
+        """[sum B] the component of each row of :meth:`current_state`."""
+        return torch.repeat_interleave(torch.arange(len(self.parts)), self.budgets)
+
+    def current_state(self) -> Tensor:
+        """The chosen pairs [sum B, 2] (local ids, component by component) of the last forward."""
+        return self._chosen
+
+    def edges_of(self, chosen: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The metamer's edges for chosen pairs [sum B, 2]: the fixed edges plus both directions of
+        every chosen pair ([2, E]), and their weights (None when the reference had none)."""
+        pairs = chosen.t()
+        index = torch.cat([self.fixed_index, pairs, pairs.flip(0)], dim=1)
         if self.fixed_weight is None:
             return index, None
-        return index, torch.cat([self.fixed_weight, self.fixed_weight.new_ones(2 * chosen.shape[1])])
+        return index, torch.cat([self.fixed_weight, self.fixed_weight.new_ones(2 * pairs.shape[1])])

@@ -8,7 +8,7 @@ PyTorch, the oracle), ``cpu.py`` (C++), ``triton.py``; :mod:`fastmetamer.ops.dis
   derivative (``aggregate_backward``), edge-weight gradient / SDDMM (``edge_grad``).
 - ``loss``: the matched layer fused with the activation-matching loss (``matched_loss``).
 - ``update``: straight-through top-rho selection (``top_mask``) and the fused margin + Adam step
-  (``adam_ste_update``).
+  with the projection of the logits to [-bound, bound] (``adam_ste_update``).
 """
 from .dispatch import available_backends, get, is_available, resolve
 

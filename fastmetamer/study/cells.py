@@ -17,7 +17,7 @@ from torch_geometric.data import Batch, Data
 
 from .. import datasets, models
 from ..analysis.dimension import metamer_dimension
-from ..metamers.generate import generate
+from ..metamers.generator import generate
 from .config import Cell, ModelSpec, StudyConfig, is_base
 
 _METRIC_PATHS = {"act_cosine": ("activation", "cosine"), "snr_db": ("activation", "snr_db"),

@@ -1,7 +1,7 @@
 """Cross-architecture recognisability (SPEC §4): metamers made from model A at its output layer
 are classified by model B. Node metamers are put back into the full graph (the target's
-receptive field replaced by the metamer, the rest real) before B classifies the target, so B
-sees its own, possibly larger, receptive field."""
+receptive field replaced by the metamer, the rest real: ``MetamerResult.to_full_graph``) before
+B classifies the target, so B sees its own, possibly larger, receptive field."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch_geometric.data import Data
 
 from .. import models
-from ..metamers.layers import call_model
+from ..graph.layers import call_model
 from .config import Cell, ModelSpec, StudyConfig
 
 
@@ -43,19 +43,16 @@ def predictions(config: StudyConfig, dataset: str, seed: int, data, folder: Path
 
 @torch.no_grad()
 def _node_judgements(model: nn.Module, saved: dict, graph: Data) -> tuple[list, list, list]:
-    """B's classes of each target with its receptive field replaced by the metamer, of the
-    unchanged graph, and the labels."""
+    """B's classes of each target with its receptive field replaced by the metamer
+    (``MetamerResult.to_full_graph``), of the unchanged graph, and the labels."""
     result, targets = saved["results"][0], torch.tensor(saved["targets"])
-    metamer = result.graph
-    weight = getattr(graph, "edge_weight", None)
-    reference = model(graph.x, graph.edge_index, weight).argmax(1)[targets]
+    reference = call_model(model, graph.x, graph.edge_index, getattr(graph, "edge_weight", None))
     classes = []
     for t, node in enumerate(targets.tolist()):
-        rows = (metamer.batch == t) & metamer.free_mask
-        x = graph.x.clone()
-        x[metamer.n_id[rows]] = metamer.x[rows].to(x.dtype)
-        classes.append(int(model(x, graph.edge_index, weight)[node].argmax()))
-    return classes, reference.tolist(), graph.y[targets].tolist()
+        full = result.to_full_graph(graph, target=t)
+        out = call_model(model, full.x, full.edge_index, getattr(full, "edge_weight", None))
+        classes.append(int(out[node].argmax()))
+    return classes, reference.argmax(1)[targets].tolist(), graph.y[targets].tolist()
 
 
 @torch.no_grad()

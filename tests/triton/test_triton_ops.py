@@ -18,7 +18,8 @@ pytest.importorskip("triton")
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from ops.common import assert_close_to_float64, csr_cases, random_csr, transpose_csr  # noqa: E402
+from ops.common import (AdamMagnitudes, aggregate_magnitudes, assert_close_to_float64,  # noqa: E402
+                        backward_magnitudes, csr_cases, loss_magnitudes, random_csr, transpose_csr)
 
 from fastmetamer.ops import activations, dispatch  # noqa: E402
 from fastmetamer.ops.aggregate import reference as agg_ref  # noqa: E402
@@ -70,6 +71,9 @@ def check_aggregate(n, m, f, num_edges, seed, extras, act):
     rowptr, col, w, x, bias, res, gout = _inputs(n, m, f, num_edges, seed, extras)
     t_rowptr, t_col, t_w = transpose_csr(rowptr, col, w, m)
     graph = (rowptr, col)
+    pre_mag, out_mag = aggregate_magnitudes(rowptr, col, w, x, bias, act, res)
+    pre64 = agg_ref.aggregate_forward(*graph, w.double(), x.double(), _f64(bias))[0]
+    gx_mag, eg_mag = backward_magnitudes(rowptr, col, w, x, gout, pre64, act, t_rowptr, t_col, t_w)
     for fast_dtype in (torch.float32, torch.float64):
         def cast(t, dtype):
             return None if t is None else t.to(dtype)
@@ -80,12 +84,11 @@ def check_aggregate(n, m, f, num_edges, seed, extras, act):
         out, saved = agg_tri.aggregate_forward(*map(dev, graph), dev(w.to(fast_dtype)), dev(x.to(fast_dtype)),
                                                dev(cast(bias, fast_dtype)), act, dev(cast(res, fast_dtype)))
         assert out.dtype == fast_dtype and out.device.type == DEVICE.type
-        assert_close_to_float64(host(out), ref[torch.float32][0], ref[torch.float64][0], 2, name=f"out {act}")
+        assert_close_to_float64(host(out), ref[torch.float32][0], ref[torch.float64][0], 2, out_mag, name=f"out {act}")
         if act == "none":
             assert saved.numel() == 0
         elif act == "relu":
             assert saved.dtype == torch.uint8 and saved.shape == (n, -(-f // 8))
-            pre64 = agg_ref.aggregate_forward(*graph, w.double(), x.double(), _f64(bias))[0]
             bits, ref_bits = activations.unpack_bits(host(saved), f), pre64 > 0
             decided = pre64.abs() > 1e-5
             assert torch.equal(bits[decided], ref_bits[decided])
@@ -94,7 +97,7 @@ def check_aggregate(n, m, f, num_edges, seed, extras, act):
                                torch.zeros(n, -(-f // 8) * 8 - f, dtype=torch.bool))
         else:
             assert saved.shape == (n, f)
-            assert_close_to_float64(host(saved), ref[torch.float32][1], ref[torch.float64][1], 2,
+            assert_close_to_float64(host(saved), ref[torch.float32][1], ref[torch.float64][1], 2, pre_mag,
                                     name=f"saved {act}")
 
         # --- backward over the transpose and edge gradient, fed the reference's saved state
@@ -106,14 +109,14 @@ def check_aggregate(n, m, f, num_edges, seed, extras, act):
         fast = agg_tri.aggregate_backward(dev(t_rowptr), dev(t_col), dev(t_w.to(fast_dtype)),
                                           dev(gout.to(fast_dtype)), dev(saved_of(fast_dtype)), act)
         assert fast.shape == (m, f) and fast.dtype == fast_dtype
-        assert_close_to_float64(host(fast), back[torch.float32], back[torch.float64], 3, name=f"grad_x {act}")
+        assert_close_to_float64(host(fast), back[torch.float32], back[torch.float64], 3, gx_mag, name=f"grad_x {act}")
 
         eg = {dt: agg_ref.edge_grad(*graph, gout.to(dt), saved_of(dt), act, x.to(dt))
               for dt in (torch.float32, torch.float64)}
         fast = agg_tri.edge_grad(*map(dev, graph), dev(gout.to(fast_dtype)), dev(saved_of(fast_dtype)), act,
                                  dev(x.to(fast_dtype)))
         assert fast.shape == (col.numel(),) and fast.dtype == fast_dtype
-        assert_close_to_float64(host(fast), eg[torch.float32], eg[torch.float64], 3, name=f"edge_grad {act}")
+        assert_close_to_float64(host(fast), eg[torch.float32], eg[torch.float64], 3, eg_mag, name=f"edge_grad {act}")
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -137,13 +140,15 @@ def check_matched_loss(n, m, f, num_edges, seed, extras, act, num_comp=3):
     ref = {dt: loss_ref.matched_loss(rowptr, col, w.to(dt), x.to(dt), target.to(dt), component, scale.to(dt),
                                      None if bias is None else bias.to(dt), act)
            for dt in (torch.float32, torch.float64)}
+    loss_mag, grad_mag = loss_magnitudes(rowptr, col, w, x, target, component, scale, bias, act)
     for dt in (torch.float32, torch.float64):
         loss, grad_pre = loss_tri.matched_loss(dev(rowptr), dev(col), dev(w.to(dt)), dev(x.to(dt)),
                                                dev(target.to(dt)), dev(component), dev(scale.to(dt)),
                                                None if bias is None else dev(bias.to(dt)), act)
         assert loss.shape == (num_comp,) and grad_pre.shape == (n, f) and loss.dtype == dt
-        assert_close_to_float64(host(loss), ref[torch.float32][0], ref[torch.float64][0], 2, name=f"loss {act}")
-        assert_close_to_float64(host(grad_pre), ref[torch.float32][1], ref[torch.float64][1], 3,
+        assert_close_to_float64(host(loss), ref[torch.float32][0], ref[torch.float64][0], 2, loss_mag,
+                                name=f"loss {act}")
+        assert_close_to_float64(host(grad_pre), ref[torch.float32][1], ref[torch.float64][1], 3, grad_mag,
                                 name=f"grad_pre {act}")
 
 
@@ -207,10 +212,10 @@ def test_top_mask_ties_exact_k(dtype):
     theta = values[torch.randint(0, values.numel(), (12, 5), generator=gen)]
     ptr = torch.tensor([0, 4, 9, 12])
     for k in ([7, 11, 1], [1, 24, 14], [0, 25, 15]):
-        _check_top_mask(theta, ptr, torch.tensor(k), 1.0, exact_reference=False)
+        _check_top_mask(theta, ptr, torch.tensor(k), 1.0, exact_reference=True)
     # everything tied
     _check_top_mask(torch.zeros(4, 3, dtype=dtype), torch.tensor([0, 4]), torch.tensor([5]), 2.0,
-                    exact_reference=False)
+                    exact_reference=True)
 
 
 def test_top_mask_rows_outside_blocks():
@@ -228,22 +233,29 @@ def test_top_mask_per_row():
 
 
 # ----------------------------------------------------------------------------- adam
+@pytest.mark.parametrize("bound", [None, 0.75], ids=["no-bound", "bound"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_adam_ste_update(dtype):
+def test_adam_ste_update(dtype, bound):
     gen = torch.Generator().manual_seed(3)
     rows, d, slope, margin = 9, 7, 2.0, 0.15
     theta0 = torch.randn(rows, d, generator=gen)
+    if bound is not None:  # logits beyond the bound from the start: the clamp is active
+        theta0 = theta0 * 2 * bound
     ptr = torch.tensor([0, 4, 9])
     active = torch.tensor([True, False, True, True, False, True, True, True, False])
     margin_scale = torch.rand(rows, generator=gen) + 0.2
     grads = [torch.randn(rows, d, generator=gen) * 0.3 for _ in range(3)]
-    hyper = dict(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8, slope=slope, margin=margin)
+    hyper = dict(lr=0.05 if bound is None else 0.5, beta1=0.9, beta2=0.999, eps=1e-8, slope=slope, margin=margin,
+                 bound=bound)
     states = {}
     for name, dt in (("ref32", torch.float32), ("ref64", torch.float64), ("fast", dtype)):
         on = (lambda t: dev(t)) if name == "fast" else (lambda t: t)
         states[name] = [on(theta0.to(dt).clone()), on(torch.zeros(rows, d, dtype=dt)), on(torch.zeros(rows, d, dtype=dt))]
+    mags = AdamMagnitudes(*states["ref64"])
     for step, grad in enumerate(grads, start=1):
         threshold = upd_ref.top_mask(states["ref32"][0], ptr, torch.tensor([10, 12]), slope)[1]
+        mags.step(*states["ref64"][:1], grad.double(), *states["ref64"][1:], step=step, threshold=threshold.double(),
+                  margin_scale=margin_scale.double(), active=active, **hyper)
         for name, state in states.items():
             dt = state[0].dtype
             fn = upd_tri.adam_ste_update if name == "fast" else upd_ref.adam_ste_update
@@ -252,9 +264,14 @@ def test_adam_ste_update(dtype):
                margin_scale=on(margin_scale.to(dt)), active=on(active), **hyper)
         for i, what in enumerate(("theta", "exp_avg", "exp_avg_sq")):
             assert_close_to_float64(host(states["fast"][i]), states["ref32"][i], states["ref64"][i], 3,
-                                    name=f"{what} step {step}")
-    # inactive rows keep their logits, but their moments move
-    assert torch.equal(host(states["fast"][0])[~active], theta0.to(dtype)[~active])
+                                    mags.magnitudes()[i], name=f"{what} step {step}")
+    fast_theta = host(states["fast"][0])
+    if bound is None:  # inactive rows keep their logits, but their moments move
+        assert torch.equal(fast_theta[~active], theta0.to(dtype)[~active])
+    else:  # every row, active or not, ends within the bound; inactive rows are just clamped
+        limit = float(torch.tensor(bound, dtype=dtype))
+        assert torch.equal(fast_theta[~active], theta0.to(dtype)[~active].clamp(-limit, limit))
+        assert (fast_theta.abs() <= limit).all() and (fast_theta.abs() == limit).sum() > 10
     assert (host(states["fast"][1])[~active] != 0).any()
 
 
@@ -264,11 +281,20 @@ def test_adam_non_contiguous_in_place():
     grad = torch.randn(8, 5)
     ref_theta = theta.clone()
     kw = dict(step=1, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, slope=1.0, threshold=torch.full((8,), 0.5),
-              margin=0.1, margin_scale=torch.ones(8), active=torch.ones(8, dtype=torch.bool))
+              margin=0.1, margin_scale=torch.ones(8), active=torch.ones(8, dtype=torch.bool), bound=0.6)
     upd_ref.adam_ste_update(ref_theta, grad, m.clone(), v.clone(), **kw)
     theta, m, v = dev(theta), dev(m), dev(v)
     upd_tri.adam_ste_update(theta, dev(grad), m, v, **{a: dev(b) if torch.is_tensor(b) else b for a, b in kw.items()})
     torch.testing.assert_close(host(theta), ref_theta, atol=1e-6, rtol=1e-5)
+    assert (host(theta).abs() == torch.tensor(0.6)).any()
+
+
+def test_adam_bad_bound():
+    z = dev(torch.zeros(2, 3))
+    kw = dict(step=1, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, slope=1.0, threshold=dev(torch.zeros(2)),
+              margin=0.1, margin_scale=dev(torch.ones(2)), active=dev(torch.ones(2, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="bound"):
+        upd_tri.adam_ste_update(z.clone(), z, z.clone(), z.clone(), **kw, bound=-1.0)
 
 
 # ----------------------------------------------------------------------------- plumbing

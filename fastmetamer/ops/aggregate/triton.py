@@ -55,10 +55,22 @@ def _check_available() -> None:
 if triton is not None:
 
     @triton.jit
+    def _expm1(x):
+        # e^x - 1 to a few ulps of the result, also near 0 where exp(x) - 1 cancels (its error
+        # would be ~1 ulp of 1, not of the result): Kahan's (u - 1) x / log(u) with u = e^x,
+        # exact for u == 1 (then x itself); plain exp(x) - 1 where |x| >= 0.5 (no cancellation).
+        u = tl.exp(x)
+        um1 = u - 1.0
+        lu = tl.log(u)
+        small = tl.where(um1 == 0.0, x, um1 * (x / tl.where(lu == 0.0, 1.0, lu)))
+        return tl.where(tl.abs(x) < 0.5, small, um1)
+
+    @triton.jit
     def _tanh(x):
-        # tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}); no overflow for large |x|.
-        t = tl.exp(-2.0 * tl.abs(x))
-        y = (1.0 - t) / (1.0 + t)
+        # tanh(x) = -sign(x) m / (2 + m) with m = expm1(-2|x|): relative accuracy near 0 (no
+        # 1 - e^{-2|x|} cancellation) and no overflow for large |x|.
+        m = _expm1(-2.0 * tl.abs(x))
+        y = -m / (2.0 + m)
         return tl.where(x < 0, -y, y)
 
     @triton.jit
@@ -67,7 +79,7 @@ if triton is not None:
         if ACT == 1:
             y = tl.where(x > 0, x, 0.0)
         elif ACT == 2:
-            y = tl.where(x > 0, x, tl.exp(tl.minimum(x, 0.0)) - 1.0)
+            y = tl.where(x > 0, x, _expm1(tl.minimum(x, 0.0)))
         elif ACT == 3:
             y = tl.where(x > 0, x, x * 0.01)
         elif ACT == 4:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..aggregate.cpu import _C, _check
+from .reference import check_bound
 
 AVAILABLE = _C is not None
 
@@ -45,8 +46,10 @@ def _check_blocks(theta: Tensor, ptr: Tensor, k: Tensor) -> None:
 
 def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
                     step: int, lr: float, beta1: float, beta2: float, eps: float, slope: float,
-                    threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor) -> None:
-    """One fused straight-through + margin + Adam step, in place (see the reference)."""
+                    threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor,
+                    bound: float | None = None) -> None:
+    """One fused straight-through + margin + Adam step and the clamp of theta to [-bound, bound]
+    (None: no clamp), in place, in one pass (see the reference)."""
     _check(theta, "theta", torch.float32, 2)
     shape = tuple(theta.shape)
     _check(grad_x, "grad_x", torch.float32, 2, shape)
@@ -59,4 +62,4 @@ def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: 
         raise ValueError(f"step counts from 1, got {step}")
     _C.adam_ste_update(theta, grad_x, exp_avg, exp_avg_sq, int(step), float(lr), float(beta1),
                        float(beta2), float(eps), float(slope), threshold, float(margin),
-                       margin_scale, active)
+                       margin_scale, active, check_bound(bound))

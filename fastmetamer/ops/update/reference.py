@@ -12,6 +12,9 @@ from torch import Tensor
 def top_mask(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tensor, Tensor]:
     """Hard mask of the k[c] largest entries of each row block and the threshold between them.
 
+    Ties at the k-th value are taken in memory (row-major) order within the block, as the
+    compiled backends take them, so every backend selects the same entries from the same P.
+
     Args: theta [F, d]; ptr [C+1] row offsets of the blocks; k [C] ones per block; slope s.
     Returns: (hard [F, d] float 0/1, threshold [F]: for every row, its block's
         t = (P_(k) + P_(k+1)) / 2 with P_(j) the j-th largest of P = sigmoid(s theta) in the
@@ -31,9 +34,9 @@ def top_mask(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tenso
             hard[lo:hi] = 1.0
             t = prob.min() - 1e-6
         else:
-            top = torch.topk(prob, kc + 1)
-            hard[lo:hi].view(-1)[top.indices[:kc]] = 1.0
-            t = 0.5 * (top.values[kc - 1] + top.values[kc])
+            values, order = torch.sort(prob, descending=True, stable=True)  # ties in memory order
+            hard[lo:hi].view(-1)[order[:kc]] = 1.0
+            t = 0.5 * (values[kc - 1] + values[kc])
         threshold[lo:hi] = t
     return hard, threshold
 
@@ -58,16 +61,22 @@ def mask_to_csr(hard: Tensor) -> tuple[Tensor, Tensor]:
 
 def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
                     step: int, lr: float, beta1: float, beta2: float, eps: float, slope: float,
-                    threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor) -> None:
+                    threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor,
+                    bound: float | None = None) -> None:
     """One fused straight-through + margin + Adam step, in place on theta, exp_avg, exp_avg_sq.
 
     With P = sigmoid(s theta) and t the row's threshold:
       dL/dP = grad_x + margin_scale[row] * (-sign(P - t)) * [|P - t| < margin]
       g = dL/dP * s P (1 - P);  m, v <- Adam moments of g (every row);
       theta -= active[row] * lr * m_hat / (sqrt(v_hat) + eps), with bias-corrected m_hat, v_hat
-      (``step`` counts from 1).
-    Args: theta, grad_x, exp_avg, exp_avg_sq [F, d]; threshold, margin_scale [F]; active [F] bool.
+      (``step`` counts from 1);
+      theta <- clamp(theta, -bound, bound) on every row, active or not (the projection of
+      :meth:`fastmetamer.metamers.features.FeatureParam.project`: bound = LOGIT_BOUND / s keeps
+      |s theta| <= LOGIT_BOUND so P never saturates). NaN stays NaN, as in ``torch.clamp``.
+    Args: theta, grad_x, exp_avg, exp_avg_sq [F, d]; threshold, margin_scale [F]; active [F] bool;
+        bound >= 0 (the value in theta's dtype is the clamp limit; None or inf: no clamp).
     """
+    bound = check_bound(bound)
     prob = torch.sigmoid(slope * theta)
     gap = prob - threshold.unsqueeze(1)
     near = (gap.abs() < margin).to(theta.dtype)
@@ -78,3 +87,13 @@ def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: 
     denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(eps)
     update = (exp_avg / (1 - beta1 ** step)) / denom
     theta.sub_(lr * active.to(theta.dtype).unsqueeze(1) * update)
+    if bound != float("inf"):
+        theta.clamp_(-bound, bound)
+
+
+def check_bound(bound: float | None) -> float:
+    """``bound`` as a float (None: inf); ValueError unless it is >= 0 (NaN refused)."""
+    bound = float("inf") if bound is None else float(bound)
+    if not bound >= 0:
+        raise ValueError(f"bound must be >= 0 (or None / inf for no clamp), got {bound}")
+    return bound

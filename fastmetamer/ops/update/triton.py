@@ -20,7 +20,7 @@ Same contract as :mod:`.reference`.
      tie rank is below that quota: exactly k ones per block, ties taken in row-major order.
 
 ``adam_ste_update`` -- one fused elementwise kernel (straight-through gradient, margin term,
-Adam moments, bias correction, masked step), in place.
+Adam moments, bias correction, masked step, clamp of the logits to [-bound, bound]), in place.
 """
 import os
 
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..aggregate import triton as _agg
-from .reference import mask_to_csr
+from .reference import check_bound, mask_to_csr
 
 try:  # pragma: no cover - depends on the environment
     import triton
@@ -116,8 +116,8 @@ if triton is not None:
 
     @triton.jit
     def _adam_ste_kernel(theta_ptr, gx_ptr, m_ptr, v_ptr, thr_ptr, ms_ptr, active_ptr, numel, d,
-                         lr, beta1, beta2, eps, slope, margin, bc1, bc2,
-                         FP64: tl.constexpr, BLOCK: tl.constexpr):
+                         lr, beta1, beta2, eps, slope, margin, bc1, bc2, bound,
+                         CLAMP: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         row = offs // d
@@ -141,9 +141,17 @@ if triton is not None:
             root = tl.sqrt_rn(v / bc2)  # tl.sqrt is the approximate one for fp32
         update = (m / bc1) / (root + eps)
         th = tl.where(active != 0, th - lr * update, th)
+        if CLAMP:  # every row, active or not; NaN stays NaN (comparisons with NaN are false)
+            th = tl.where(th < -bound, -bound, tl.where(th > bound, bound, th))
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
         tl.store(theta_ptr + offs, th, mask=mask)
+
+
+def _limit(bound: float, dtype: torch.dtype) -> float:
+    """The clamp limit as the reference rounds it (to theta's dtype); a scalar kernel argument
+    is passed as fp32, so for fp32 logits this is exactly the reference's limit."""
+    return float(torch.tensor(bound, dtype=dtype)) if bound != float("inf") else 0.0
 
 
 def _key_types(dtype: torch.dtype):
@@ -224,9 +232,12 @@ def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[T
 
 def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
                     step: int, lr: float, beta1: float, beta2: float, eps: float, slope: float,
-                    threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor) -> None:
-    """One fused straight-through + margin + Adam step, in place; see the reference."""
+                    threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor,
+                    bound: float | None = None) -> None:
+    """One fused straight-through + margin + Adam step and the clamp of theta to [-bound, bound]
+    (None: no clamp), in place, in one kernel; see the reference."""
     _agg._check_available()
+    bound = check_bound(bound)
     numel = theta.numel()
     if numel == 0:
         return
@@ -238,8 +249,8 @@ def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: 
         bufs[0], grad_x.contiguous(), bufs[1], bufs[2], threshold.contiguous(),
         margin_scale.contiguous(), active, numel, d,
         float(lr), float(beta1), float(beta2), float(eps), float(slope), float(margin),
-        float(1 - beta1 ** step), float(1 - beta2 ** step),
-        FP64=theta.dtype == torch.float64, BLOCK=BLOCK_N)
+        float(1 - beta1 ** step), float(1 - beta2 ** step), _limit(bound, theta.dtype),
+        CLAMP=bound != float("inf"), FP64=theta.dtype == torch.float64, BLOCK=BLOCK_N)
     for buf, orig in zip(bufs, (theta, exp_avg, exp_avg_sq)):
         if buf is not orig:
             orig.copy_(buf)

@@ -9,14 +9,18 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
 
-from ..validation import check_graph, check_nodes
+from ..validation import (check_feature_width, check_forward_kwargs, check_graph, check_hops, check_nodes,
+                          model_input)
 from ..engines import FastEngine, loss_scale, make_engine
 from ..ops import dispatch
 from .criterion import NullDistances, null_distances, passes
 from .features import FeatureParam, FusedBinaryFeatures, is_binary
-from .layers import count_hops, layer_output, resolve_layer
-from .optimize import Restarts, Schedule, run_schedule
-from .receptive_field import (Subgraph, check_graph_ids, disjoint_receptive_fields, receptive_field,
+from ..graph.kwargs import ForwardKwargs
+from ..graph.layers import accepts_keyword, count_hops, layer_output, resolve_layer
+from .moves import FeatureMoves, StructureMoves
+from .optimize import BestStates, Restarts, Schedule, run_schedule
+from .refine import refine
+from ..graph.subgraph import (Subgraph, check_graph_ids, disjoint_receptive_fields, receptive_field,
                               whole_graph)
 from .scoring import metamer_metrics
 from .result import MetamerResult
@@ -41,6 +45,9 @@ class Options:
     restart_patience: a node target's feature metamer that has not improved by 1% for this many
         steps while failing the null criterion or above ``restart_above`` restarts from a new
         draw, keeping its best state (None: never restart).
+    refine_steps: iterations of the discrete swap search that follows the straight-through phase
+        for binary features and structure (each keeps the budget; 0 turns it off);
+        refine_kicks: random restarts of a problem's search when no move improves it.
     hops: receptive-field radius override (default: counted from the model's propagate calls).
     dense_max_nodes, block_size, resample_every: structure candidate settings.
     null_max_nodes: graphs larger than this use a random sample of nodes as the null set.
@@ -48,6 +55,10 @@ class Options:
         null distribution of the success criterion (without them nothing passes).
     scores: compute ``res.metrics`` (distances and consistency; False leaves it empty).
     progress: tqdm bar (None: only on a terminal).
+    forward_kwargs: extra keyword arguments of the model's forward (e.g. ``{"edge_attr": ...}``),
+        passed to every model call; per-node [n, ...] and per-edge [E, ...] tensors are sliced to
+        each receptive field (see :mod:`fastmetamer.graph.kwargs`); per-edge ones only with
+        kind="features" (structure metamers change the edges).
     """
 
     binary: bool | None = None
@@ -61,6 +72,8 @@ class Options:
     tol: float = 1e-5
     restart_patience: int | None = 100
     restart_above: float = 1e-3
+    refine_steps: int = 200
+    refine_kicks: int = 4
     hops: int | None = None
     dense_max_nodes: int = 400
     block_size: int | None = None
@@ -69,6 +82,7 @@ class Options:
     null_graphs: list | None = None
     scores: bool = True
     progress: bool | None = None
+    forward_kwargs: dict | None = None
 
     @classmethod
     def from_kwargs(cls, options: dict) -> "Options":
@@ -109,11 +123,18 @@ def generate(model: nn.Module, graph: Data, node: int | list[int] | Tensor | Non
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; allowed: {list(KINDS)}")
     opts = Options.from_kwargs(options)
+    opts.hops = check_hops(opts.hops)
     schedule = _schedule(kind, steps, lr, opts)
     layer_name = resolve_layer(model, layer)
+    source, graph = graph, model_input(model, graph)
+    extra = ForwardKwargs.split(opts.forward_kwargs, graph.num_nodes, graph.num_edges)
+    check_forward_kwargs(extra, kind, graph.x.device)
     with _frozen(model):
-        return _generate(model, graph, targets, layer_name, kind, schedule, 0 if seed is None else seed,
-                         backend, opts)
+        check_feature_width(model, layer_name, graph.x, extra)
+        result = _generate(model, graph, targets, layer_name, kind, schedule, 0 if seed is None else seed,
+                           backend, opts, extra)
+    result.input_graph = source
+    return result
 
 
 def _schedule(kind: str, steps: int | None, lr: float | None, opts: Options) -> Schedule:
@@ -144,32 +165,37 @@ def _frozen(model: nn.Module):
             p.requires_grad_(g)
 
 
-def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts) -> MetamerResult:
+def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts, extra) -> MetamerResult:
     weight = getattr(graph, "edge_weight", None)
-    hops = count_hops(model, layer, graph.x) if opts.hops is None else opts.hops
+    hops = count_hops(model, layer, graph.x, extra) if opts.hops is None else opts.hops
     if targets is None:
-        sub = whole_graph(graph.x, graph.edge_index, weight)
+        sub = whole_graph(graph.x, graph.edge_index, weight, forward_kwargs=extra)
     elif targets.numel() == 1:
-        sub = receptive_field(graph.x, graph.edge_index, weight, targets, hops)
+        sub = receptive_field(graph.x, graph.edge_index, weight, targets, hops, extra,
+                              context=_context(kind, hops))
     else:
-        sub = disjoint_receptive_fields(graph.x, graph.edge_index, weight, targets, hops)
+        sub = disjoint_receptive_fields(graph.x, graph.edge_index, weight, targets, hops, extra,
+                                        context=_context(kind, hops))
     graph_ids = getattr(graph, "batch", None) if targets is None else None
     if graph_ids is not None:
         check_graph_ids(graph_ids, graph.num_nodes)
     with torch.no_grad():
-        reference_out = layer_output(model, layer, sub.x, sub.edge_index, sub.edge_weight, batch=graph_ids)
+        reference_out = layer_output(model, layer, sub.x, sub.edge_index, sub.edge_weight, batch=graph_ids,
+                                     forward_kwargs=sub.forward_kwargs)
     if reference_out.shape[0] != sub.num_nodes:  # a pooled, graph-level layer
         if targets is not None:
             raise ValueError(f"layer {layer!r} is graph-level (pooled); use node=None")
         if graph_ids is not None:
-            sub = whole_graph(graph.x, graph.edge_index, weight, batch=graph_ids)
+            sub = whole_graph(graph.x, graph.edge_index, weight, batch=graph_ids, forward_kwargs=extra)
             _check_pooled_per_graph(reference_out, sub.num_components, layer)
+        elif accepts_keyword(model, "batch"):  # pooled per graph, so copies of it can be pooled apart
+            sub.pool_batch = torch.zeros(sub.num_nodes, dtype=torch.long)
         sub.center = torch.arange(reference_out.shape[0])
-        null = _graph_null(model, layer, reference_out, opts.null_graphs)
+        null = _graph_null(model, layer, reference_out, opts.null_graphs, extra)
         target_ids = torch.zeros(sub.num_components, dtype=torch.long)  # each graph draws as if alone
     else:
         target_ids = sub.node_ids[sub.center]
-        null = _null(model, layer, graph, target_ids, reference_out[sub.center], hops, opts, seed)
+        null = _null(model, layer, graph, target_ids, reference_out[sub.center], hops, opts, seed, extra)
     reference_acts = reference_out[sub.center]
     joint = targets is None and sub.num_components == 1
     engine = make_engine(backend, model, layer, sub, reference_acts, joint=joint)
@@ -177,20 +203,31 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts)
                   (target_ids[:1] if joint else target_ids)]
     feats, struct = _parameterise(kind, model, layer, sub, graph, generators, opts, engine, schedule)
     pass_loss = None if targets is None else _pass_loss(null, reference_acts)
+    stop_below = torch.full((sub.num_components,), schedule.tol) if pass_loss is None else \
+        torch.clamp(0.5 * pass_loss, max=schedule.tol)
+    param_sets = [p for p in (feats, struct) if p is not None]
+    best = BestStates(param_sets, sub.num_components)
     started = time.perf_counter()
     history = run_schedule(
-        [p for p in (feats, struct) if p is not None],
-        lambda: _step_losses(engine, sub, feats, struct), schedule, sub.num_components,
+        param_sets, lambda: _step_losses(engine, sub, feats, struct), schedule, sub.num_components,
         progress=opts.progress,
         after_step=None if struct is None else struct.maybe_resample,
-        restarts=_restarts(kind, targets, pass_loss, opts),
-        stop_below=None if pass_loss is None else torch.clamp(0.5 * pass_loss, max=schedule.tol))
+        restarts=_restarts(kind, targets, pass_loss, opts), stop_below=stop_below, best=best)
+    shared_loss = joint and reference_acts.shape[0] > 1  # one loss over many targets
+    copyable = not shared_loss and (sub.pool_batch is not None or reference_out.shape[0] == sub.num_nodes)
+    states, refined = _refine(engine, sub, feats, struct, best, generators, stop_below, opts, shared_loss,
+                              copyable)
+    history = torch.cat([history, refined])
     seconds = time.perf_counter() - started
-    metamer = _metamer_graph(sub, graph, feats, struct)
+    metamer = _metamer_graph(sub, graph, struct, states)
     with torch.no_grad():
         metamer_acts = engine.activations(metamer.x, metamer.edge_index, metamer.edge_weight)
         final_loss = engine.losses(metamer.x, metamer.edge_index, metamer.edge_weight)
     passed, distance = passes(metamer_acts, reference_acts, null)
+    trivial = _unchanged(sub, struct, states)
+    if trivial.numel() != passed.numel():  # a whole graph: its nodes share the one problem
+        trivial = trivial[sub.component[sub.center]]
+    passed &= ~trivial
     reference = _subgraph_data(sub, graph, sub.x, sub.edge_index, sub.edge_weight)
     single = targets is not None and targets.numel() == 1
     return MetamerResult(
@@ -199,13 +236,22 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts)
         loss=float(final_loss[0]) if final_loss.numel() == 1 else final_loss,
         history=history[:, 0] if history.shape[1] == 1 else history,
         passed=bool(passed[0]) if single else passed,
+        trivial=bool(trivial[0]) if single else trivial,
         distance=distance, null_threshold=null.threshold, twins=null.twins,
-        metrics=metamer_metrics(metamer, reference, sub, metamer_acts, reference_acts, kind) if opts.scores else {},
+        metrics=metamer_metrics(metamer, reference, sub, metamer_acts, reference_acts, kind,
+                                passed & ~trivial) if opts.scores else {},
         kind=kind, layer=layer, hops=hops, nodes=None if targets is None else targets.tolist(),
         seconds=seconds, settings={**asdict(opts), "null_graphs": _count(opts.null_graphs),
+                                   "forward_kwargs": sorted(opts.forward_kwargs or {}),
                                    "steps": schedule.steps, "lr": schedule.lr,
                                    "seed": seed, "backend": engine.name,
                                    "binary": None if feats is None else feats.binary})
+
+
+def _context(kind: str, hops: int) -> int:
+    """Frozen hops kept beyond R: rewired edges among R bring R's surroundings up to hops - 1
+    beyond it within reach of the target (see :func:`~fastmetamer.graph.subgraph.receptive_field`)."""
+    return 0 if kind == "features" else max(hops - 1, 0)
 
 
 def _count(graphs) -> int | None:
@@ -213,7 +259,7 @@ def _count(graphs) -> int | None:
     return None if graphs is None else len(graphs)
 
 
-def _null(model, layer, graph, target_ids, reference_acts, hops, opts, seed):
+def _null(model, layer, graph, target_ids, reference_acts, hops, opts, seed, extra):
     """Null distances of the targets, from all real nodes (or a random sample on big graphs).
     Also checks that the extracted receptive fields reproduce the full-graph activations."""
     n = graph.num_nodes
@@ -221,13 +267,15 @@ def _null(model, layer, graph, target_ids, reference_acts, hops, opts, seed):
     with torch.no_grad():
         if n <= opts.null_max_nodes:
             null_ids = torch.arange(n)
-            null_acts = layer_output(model, layer, graph.x, graph.edge_index, weight)
+            null_acts = layer_output(model, layer, graph.x, graph.edge_index, weight,
+                                     forward_kwargs=extra.as_dict())
             _check_exact(null_acts[target_ids], reference_acts, layer, hops)
         else:
             gen = torch.Generator().manual_seed(seed)
             null_ids = torch.randperm(n, generator=gen)[: opts.null_max_nodes]
-            part = receptive_field(graph.x, graph.edge_index, weight, null_ids, hops)
-            null_acts = layer_output(model, layer, part.x, part.edge_index, part.edge_weight)[part.center]
+            part = receptive_field(graph.x, graph.edge_index, weight, null_ids, hops, extra)
+            null_acts = layer_output(model, layer, part.x, part.edge_index, part.edge_weight,
+                                     forward_kwargs=part.forward_kwargs)[part.center]
     return null_distances(null_acts, null_ids, target_ids, reference_acts)
 
 
@@ -251,7 +299,7 @@ def _check_pooled_per_graph(reference_out: Tensor, num_graphs: int, layer: str) 
             "embeddings: the model must take batch= (graph ids) to pool each graph on its own")
 
 
-def _graph_null(model, layer, reference_acts, null_graphs):
+def _graph_null(model, layer, reference_acts, null_graphs, extra):
     """Null distances of graph-level embeddings [G, d] from those of ``null_graphs`` (other
     real graphs); with none given the criterion cannot be evaluated and nothing passes."""
     if not null_graphs:
@@ -260,7 +308,7 @@ def _graph_null(model, layer, reference_acts, null_graphs):
     batch = Batch.from_data_list(list(null_graphs))
     with torch.no_grad():
         acts = layer_output(model, layer, batch.x, batch.edge_index, getattr(batch, "edge_weight", None),
-                            batch=batch.batch)
+                            batch=batch.batch, forward_kwargs=extra.of_graph(batch))
     no_self = torch.full((reference_acts.shape[0],), -1)  # the targets are not among the null graphs
     return null_distances(acts, torch.arange(acts.shape[0]), no_self, reference_acts)
 
@@ -306,11 +354,13 @@ def _check_uses_edge_weight(model, layer, sub: Subgraph) -> None:
     ones = torch.ones(sub.edge_index.shape[1])
     with torch.no_grad():
         try:
-            with_edges = layer_output(model, layer, sub.x, sub.edge_index, ones, batch=sub.pool_batch)
+            with_edges = layer_output(model, layer, sub.x, sub.edge_index, ones, batch=sub.pool_batch,
+                                      forward_kwargs=sub.forward_kwargs)
         except TypeError as err:
             raise TypeError("structure metamers need a model called as model(x, edge_index, "
                             f"edge_weight); this model refused edge_weight: {err}") from err
-        without = layer_output(model, layer, sub.x, sub.edge_index, torch.zeros_like(ones), batch=sub.pool_batch)
+        without = layer_output(model, layer, sub.x, sub.edge_index, torch.zeros_like(ones), batch=sub.pool_batch,
+                               forward_kwargs=sub.forward_kwargs)
     if torch.equal(with_edges[sub.center], without[sub.center]):
         raise ValueError(
             "the model ignores edge_weight at this layer (activations with all edge weights 0 "
@@ -327,10 +377,63 @@ def _step_losses(engine, sub: Subgraph, feats, struct) -> tuple[Tensor, Tensor]:
     return engine.losses(x, edge_index, edge_weight), penalty
 
 
-def _metamer_graph(sub: Subgraph, graph: Data, feats, struct) -> Data:
-    x = feats.final() if feats is not None else sub.x
-    edge_index, edge_weight = struct.final() if struct is not None else (sub.edge_index, sub.edge_weight)
+def _refine(engine, sub: Subgraph, feats, struct, best: BestStates, generators, stop_below: Tensor,
+            opts: Options, shared_loss: bool, copyable: bool) -> tuple[dict, Tensor]:
+    """The best states of the straight-through phase ({"features": X' of the free rows [F, d],
+    "structure": chosen pairs [sum B, 2]}), binary features then edges refined by the swap search
+    (:mod:`.refine`); also the search's loss history [iterations, C]. ``shared_loss``: one loss over
+    many targets; ``copyable``: states may be evaluated on disjoint copies of the graph."""
+    kinds = [k for k, p in (("features", feats), ("structure", struct)) if p is not None]
+    states = dict(zip(kinds, best.states))
+    runs = [stop_below.new_empty(0, sub.num_components)]
+    search = dict(iterations=opts.refine_steps, kicks=opts.refine_kicks, stop_below=stop_below)
+    x = sub.x
+    if feats is not None and feats.binary and opts.refine_steps > 0:
+        edge_index, edge_weight = (sub.edge_index, sub.edge_weight) if struct is None else \
+            struct.edges_of(states["structure"])
+        moves = FeatureMoves(engine, sub, edge_index, edge_weight, opts.per_row, by_ones=struct is None,
+                             shared_loss=shared_loss, copyable=copyable)
+        found, _, history = refine(moves, states["features"] > 0.5, generators, **search)
+        states["features"] = found.to(sub.x.dtype)
+        x = moves.features(found)
+        runs.append(history)
+    if struct is not None and opts.refine_steps > 0:
+        if feats is not None and not feats.binary:
+            x = _with_free_rows(sub, states["features"])
+        moves = StructureMoves(engine, sub, struct, x, states["structure"], shared_loss, copyable)
+        found, _, history = refine(moves, moves.start, generators, **search)
+        states["structure"] = moves.chosen(found)
+        runs.append(history)
+    return states, torch.cat(runs)
+
+
+def _with_free_rows(sub: Subgraph, rows: Tensor) -> Tensor:
+    """The problem graph's features [m, d] with the free rows replaced by ``rows`` [F, d]."""
+    x = sub.x.clone()
+    x[sub.free] = rows.to(x.dtype)
+    return x
+
+
+def _metamer_graph(sub: Subgraph, graph: Data, struct, states: dict) -> Data:
+    x = _with_free_rows(sub, states["features"]) if "features" in states else sub.x
+    edge_index, edge_weight = struct.edges_of(states["structure"]) if struct is not None else \
+        (sub.edge_index, sub.edge_weight)
     return _subgraph_data(sub, graph, x, edge_index, edge_weight)
+
+
+def _unchanged(sub: Subgraph, struct, states: dict) -> Tensor:
+    """[C] bool: the metamer equals the reference over R (features of R and edges among R): a
+    *trivial* target, which never passes (SPEC §2.3)."""
+    changed = torch.zeros(sub.num_components, dtype=torch.long)
+    if "features" in states:
+        rows = (states["features"] != sub.x[sub.free]).any(1)
+        changed.index_add_(0, sub.component[sub.free], rows.long())
+    if struct is not None:
+        n = sub.num_nodes
+        chosen, ref = states["structure"], struct.reference_pairs
+        new = ~torch.isin(chosen[:, 0] * n + chosen[:, 1], ref[:, 0] * n + ref[:, 1])
+        changed.index_add_(0, struct.state_owner, new.long())
+    return changed == 0
 
 
 def _subgraph_data(sub: Subgraph, graph: Data, x, edge_index, edge_weight) -> Data:

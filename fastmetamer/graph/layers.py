@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
 
+from .kwargs import ForwardKwargs
+
 
 class _LayerReached(Exception):
     """Raised inside a forward hook to stop the forward pass once the layer has run."""
@@ -71,11 +73,23 @@ def accepts_keyword(model: nn.Module, name: str) -> bool:
     return name in params
 
 
-def call_model(model: nn.Module, x: Tensor, edge_index: Tensor,
-               edge_weight: Tensor | None = None, batch: Tensor | None = None):
-    """Call ``model(x, edge_index[, edge_weight][, batch=batch])``, passing only what is given."""
-    args = (x, edge_index) if edge_weight is None else (x, edge_index, edge_weight)
-    kwargs = {"batch": batch} if batch is not None and accepts_keyword(model, "batch") else {}
+def call_model(model: nn.Module, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None,
+               batch: Tensor | None = None, forward_kwargs: dict | None = None):
+    """Call ``model(x, edge_index, ...)``, passing only what is given.
+
+    ``edge_weight`` [E] goes by keyword when ``model.forward`` names a parameter ``edge_weight``,
+    else as the third positional argument; ``batch`` [n] only when ``forward`` takes it;
+    ``forward_kwargs`` (e.g. ``{"edge_attr": ...}``, already matching this graph) as keywords.
+    """
+    kwargs = dict(forward_kwargs or {})
+    args = (x, edge_index)
+    if edge_weight is not None:
+        if accepts_keyword(model, "edge_weight"):
+            kwargs["edge_weight"] = edge_weight
+        else:
+            args = (x, edge_index, edge_weight)
+    if batch is not None and accepts_keyword(model, "batch"):
+        kwargs["batch"] = batch
     return model(*args, **kwargs)
 
 
@@ -96,14 +110,17 @@ def _capture(model: nn.Module, layer: str, stop: bool):
 
 
 def layer_output(model: nn.Module, layer: str, x: Tensor, edge_index: Tensor,
-                 edge_weight: Tensor | None = None, batch: Tensor | None = None) -> Tensor:
+                 edge_weight: Tensor | None = None, batch: Tensor | None = None,
+                 forward_kwargs: dict | None = None) -> Tensor:
     """Output of module ``layer`` when ``model`` runs on the graph; the forward stops there.
+
+    ``forward_kwargs``: extra keyword arguments of the model's forward, matching this graph.
 
     Returns a tensor [num_nodes, d_l] (or [num_graphs, d_l] for a pooling readout).
     """
     with _capture(model, layer, stop=True) as store:
         try:
-            call_model(model, x, edge_index, edge_weight, batch)
+            call_model(model, x, edge_index, edge_weight, batch, forward_kwargs)
         except _LayerReached:
             pass
     if "out" not in store:
@@ -114,20 +131,22 @@ def layer_output(model: nn.Module, layer: str, x: Tensor, edge_index: Tensor,
     return out
 
 
-def count_hops(model: nn.Module, layer: str, x: Tensor) -> int:
+def count_hops(model: nn.Module, layer: str, x: Tensor, forward_kwargs: ForwardKwargs | None = None) -> int:
     """Number of message-passing steps (``propagate`` calls) that run before ``layer``'s output.
 
     H^l[v] depends only on nodes within this many hops of v. Measured on a two-node probe graph
-    built from the first rows of ``x`` [n, d].
+    built from the first rows of ``x`` [n, d] (and of the per-node / per-edge tensors of
+    ``forward_kwargs``, see :meth:`~fastmetamer.graph.kwargs.ForwardKwargs.probe`).
     """
     calls = []
     hooks = [m.register_propagate_forward_pre_hook(lambda *_: calls.append(1))
              for m in model.modules() if isinstance(m, MessagePassing)]
     rows = x[:2] if x.shape[0] >= 2 else x.repeat(2, 1)
     probe_edges = torch.tensor([[0, 1], [1, 0]], device=x.device)
+    extra = None if forward_kwargs is None else forward_kwargs.probe()
     try:
         with torch.no_grad():
-            layer_output(model, layer, rows, probe_edges)
+            layer_output(model, layer, rows, probe_edges, forward_kwargs=extra)
     finally:
         for h in hooks:
             h.remove()

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch_geometric.utils import k_hop_subgraph
 
+from .kwargs import ForwardKwargs
+
 
 @dataclass
 class Subgraph:
@@ -31,6 +33,9 @@ class Subgraph:
         num_components: number of independent problems C.
         pool_batch: [m] graph id of every node, passed as ``batch`` to a pooled (graph-level)
             layer so that each graph of a batch is pooled on its own (None: one graph).
+        edge_ids: [E] original id (column of the graph's ``edge_index``) of every edge.
+        forward_kwargs: extra keyword arguments of the model's forward for this graph (per-node
+            and per-edge tensors taken for its nodes and edges), or None.
     """
 
     x: Tensor
@@ -42,6 +47,8 @@ class Subgraph:
     center: Tensor
     num_components: int
     pool_batch: Tensor | None = None
+    edge_ids: Tensor | None = None
+    forward_kwargs: dict | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -55,17 +62,20 @@ class Subgraph:
 
 
 def whole_graph(x: Tensor, edge_index: Tensor, edge_weight: Tensor | None,
-                batch: Tensor | None = None) -> Subgraph:
+                batch: Tensor | None = None, forward_kwargs: ForwardKwargs | None = None) -> Subgraph:
     """The whole graph as one problem: every node free and a target. With ``batch`` [n] (graph
     id of every node, as in a PyG ``Batch``), one independent problem per graph, each pooled on
-    its own by a graph-level layer."""
-    n = x.shape[0]
+    its own by a graph-level layer. ``forward_kwargs``: the model's extra arguments (whole)."""
+    n, edge_ids = x.shape[0], torch.arange(edge_index.shape[1])
+    extra = None if forward_kwargs is None else forward_kwargs.as_dict()
     if batch is None:
         return Subgraph(x, edge_index, edge_weight, torch.arange(n), torch.ones(n, dtype=torch.bool),
-                        torch.zeros(n, dtype=torch.long), torch.arange(n), 1)
+                        torch.zeros(n, dtype=torch.long), torch.arange(n), 1, edge_ids=edge_ids,
+                        forward_kwargs=extra)
     num_graphs = check_graph_ids(batch, n)
     return Subgraph(x, edge_index, edge_weight, torch.arange(n), torch.ones(n, dtype=torch.bool),
-                    batch, torch.arange(n), num_graphs, pool_batch=batch)
+                    batch, torch.arange(n), num_graphs, pool_batch=batch, edge_ids=edge_ids,
+                    forward_kwargs=extra)
 
 
 def check_graph_ids(batch: Tensor, n: int) -> int:
@@ -82,43 +92,56 @@ def check_graph_ids(batch: Tensor, n: int) -> int:
     return counts.numel()
 
 
-def receptive_field(x: Tensor, edge_index: Tensor, edge_weight: Tensor | None,
-                    targets: Tensor, hops: int) -> Subgraph:
+def receptive_field(x: Tensor, edge_index: Tensor, edge_weight: Tensor | None, targets: Tensor, hops: int,
+                    forward_kwargs: ForwardKwargs | None = None, context: int = 0) -> Subgraph:
     """One shared subgraph holding the receptive fields of all ``targets`` [T].
 
-    Local order: the nodes of R (free) first, then the boundary ring; targets are looked up.
+    Local order: the nodes of R (free) first, then the context, then the boundary ring; targets
+    are looked up. ``context``: hops beyond R whose nodes are kept, frozen, with their true
+    degrees. A metamer that rewires the edges among R can bring any node of R next to a target,
+    and with it the nodes up to ``hops - 1`` beyond R: structure and joint metamers need
+    ``context = hops - 1`` for the subgraph to give the activation the full graph gives.
+    ``forward_kwargs``: the model's extra arguments, sliced to the subgraph's nodes and edges.
     """
     n = x.shape[0]
-    inner, _, _, _ = k_hop_subgraph(targets, hops, edge_index, num_nodes=n)
-    outer, _, _, _ = k_hop_subgraph(targets, hops + 1, edge_index, num_nodes=n)
-    inner_mask = torch.zeros(n, dtype=torch.bool)
+    field, _, _, _ = k_hop_subgraph(targets, hops, edge_index, num_nodes=n)
+    inner, _, _, _ = k_hop_subgraph(targets, hops + context, edge_index, num_nodes=n)
+    outer, _, _, _ = k_hop_subgraph(targets, hops + context + 1, edge_index, num_nodes=n)
+    field_mask, inner_mask = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    field_mask[field] = True
     inner_mask[inner] = True
-    boundary = outer[~inner_mask[outer]]
-    nodes = torch.cat([inner, boundary])
+    nodes = torch.cat([field, inner[~field_mask[inner]], outer[~inner_mask[outer]]])
     local = torch.full((n,), -1, dtype=torch.long)
     local[nodes] = torch.arange(nodes.numel())
     keep = inner_mask[edge_index[1]]
     sub_edges = local[edge_index[:, keep]]
     sub_weight = edge_weight[keep] if edge_weight is not None else None
     free = torch.zeros(nodes.numel(), dtype=torch.bool)
-    free[: inner.numel()] = True
+    free[: field.numel()] = True
+    edge_ids = keep.nonzero().flatten()
     return Subgraph(x[nodes], sub_edges, sub_weight, nodes, free,
-                    torch.zeros(nodes.numel(), dtype=torch.long), local[targets], 1)
+                    torch.zeros(nodes.numel(), dtype=torch.long), local[targets], 1, edge_ids=edge_ids,
+                    forward_kwargs=None if forward_kwargs is None else forward_kwargs.take(nodes, edge_ids))
 
 
-def disjoint_receptive_fields(x: Tensor, edge_index: Tensor, edge_weight: Tensor | None,
-                              targets: Tensor, hops: int) -> Subgraph:
+def disjoint_receptive_fields(x: Tensor, edge_index: Tensor, edge_weight: Tensor | None, targets: Tensor,
+                              hops: int, forward_kwargs: ForwardKwargs | None = None,
+                              context: int = 0) -> Subgraph:
     """A disjoint union with one private copy of each target's receptive field (like a PyG
-    mini-batch), so the targets are independent problems solved in the same steps."""
-    parts = [receptive_field(x, edge_index, edge_weight, t.view(1), hops) for t in targets]
+    mini-batch), so the targets are independent problems solved in the same steps (arguments as
+    :func:`receptive_field`)."""
+    parts = [receptive_field(x, edge_index, edge_weight, t.view(1), hops, context=context) for t in targets]
     offsets = torch.tensor([0] + [p.num_nodes for p in parts]).cumsum(0)
+    node_ids, edge_ids = torch.cat([p.node_ids for p in parts]), torch.cat([p.edge_ids for p in parts])
     return Subgraph(
         x=torch.cat([p.x for p in parts]),
         edge_index=torch.cat([p.edge_index + o for p, o in zip(parts, offsets)], dim=1),
         edge_weight=None if edge_weight is None else torch.cat([p.edge_weight for p in parts]),
-        node_ids=torch.cat([p.node_ids for p in parts]),
+        node_ids=node_ids,
         free=torch.cat([p.free for p in parts]),
         component=torch.cat([torch.full((p.num_nodes,), c) for c, p in enumerate(parts)]),
         center=torch.cat([p.center + o for p, o in zip(parts, offsets)]),
         num_components=len(parts),
+        edge_ids=edge_ids,
+        forward_kwargs=None if forward_kwargs is None else forward_kwargs.take(node_ids, edge_ids),
     )

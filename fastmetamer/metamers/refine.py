@@ -1,0 +1,205 @@
+"""Discrete refinement of a metamer: a budget-keeping swap search after the straight-through phase.
+
+The straight-through optimiser leaves a hard state (binary features: the ones of R; structure: the
+chosen pairs of R) close to a good metamer, but it stalls where a discrete problem remains. The
+refinement moves a one to a zero of the same *block* (all of R, one row in per-row mode, or one
+problem's candidate pairs), so every state keeps the budget exactly. One iteration:
+
+1. the gradient g = dL_act/d(state) at the hard state (one backward) and the Gauss-Newton
+   diagonal D (computed once at the start) rank the moves to second order: switching off entry a
+   and on entry b changes L_act by about g[b] - g[a] + D[a] + D[b] (exact for a linear layer but
+   for the cross term);
+2. every problem's best-ranked moves form the variants: each of the best ``singles`` moves alone
+   (among the best ``width`` ones and zeros of every block), and the best 2, 4, 8, ... ``width``
+   disjoint moves at once (wider moves pay while the first-order estimate holds);
+3. every variant is evaluated exactly, all problems in one forward, and each problem keeps its
+   best variant when it lowers its loss.
+
+A problem none of whose variants improves is searched once more with many more single moves;
+if that fails too it is *kicked*: a few random moves from its best state (a restart of the
+search, drawn from the problem's own generator), at most ``kicks`` times. The best state seen is
+returned, so the result is never worse than the start.
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+KICK_FRACTION = 0.03  # share of a problem's ones that a kick moves (at least one)
+MIN_GAIN = 1e-5  # relative decrease a move must bring: float rounding never decides a move
+
+
+class Moves(Protocol):
+    """A discrete problem: a bool state [R, W] whose rows form blocks owned by problems.
+
+    Rows of one problem are contiguous and in problem order; moves stay within a block."""
+
+    row_block: Tensor        # [R] block of every row
+    block_component: Tensor  # [B] problem owning every block
+    num_components: int
+
+    def losses(self, state: Tensor) -> Tensor: ...                   # [C] exact L_act
+
+    def losses_many(self, states: list[Tensor]) -> Tensor: ...      # [S, C] for many states
+
+    def gradient(self, state: Tensor) -> Tensor: ...                 # [R, W] dL/d(state)
+
+    def curvature(self, state: Tensor) -> Tensor: ...                # [R, W] diagonal of the GN Hessian
+
+
+def refine(moves: Moves, state: Tensor, generators: list[torch.Generator], *, iterations: int,
+           kicks: int, stop_below: Tensor, width: int = 16, singles: int = 8,
+           wide: int = 64) -> tuple[Tensor, Tensor, Tensor]:
+    """Swap search from ``state`` [R, W] bool; returns (best state, its losses [C], the loss
+    history [iterations run, C] of the states searched).
+
+    Each iteration tries every problem's best ``singles`` single moves and its best 2, 4, ...
+    ``width`` disjoint moves at once. A problem that none of them improves is searched once more
+    with its best ``wide`` single moves, then kicked (at most ``kicks`` times) and finally left
+    alone. ``stop_below`` [C]: a problem stops once its loss is below it. ``generators``: one
+    per problem, for the kicks."""
+    loss = moves.losses(state)
+    best_state, best_loss = state.clone(), loss.clone()
+    kicks_left = torch.full_like(loss, kicks, dtype=torch.long)
+    widened = torch.zeros_like(loss, dtype=torch.bool)
+    row_component = moves.block_component[moves.row_block]
+    active = best_loss >= stop_below
+    curvature = moves.curvature(state) if bool(active.any()) else None
+    history = []
+    for _ in range(iterations):
+        if not bool(active.any()):
+            break
+        count = wide if bool(widened.any()) else singles
+        off, on, valid, variants = _candidate_moves(moves.gradient(state), curvature, state, moves, count, width)
+        valid &= active.unsqueeze(1)
+        valid[:, singles:count] &= widened.unsqueeze(1)  # each problem's own candidate set
+        trials = moves.losses_many([_apply(state, off, on, valid & v) for v in variants])
+        new_loss, pick = trials.min(0)
+        improved = active & (new_loss < loss * (1 - MIN_GAIN))
+        state = _apply(state, off, on, valid & variants[pick] & improved.unsqueeze(1))
+        loss = torch.where(improved, new_loss, loss)
+        history.append(loss.clone())
+        better = loss < best_loss
+        best_state = torch.where(better[row_component].unsqueeze(1), state, best_state)
+        best_loss = torch.minimum(loss, best_loss)
+        active &= best_loss >= stop_below
+        stuck = active & ~improved
+        kick = stuck & widened & (kicks_left > 0)
+        active &= ~(stuck & widened & (kicks_left == 0))
+        widened = stuck & ~widened
+        if bool(kick.any()):
+            state = _kick(state, best_state, kick, row_component, moves.row_block, generators)
+            kicks_left -= kick.long()
+            loss = torch.where(kick, moves.losses(state), loss)
+    empty = loss.new_empty(0, loss.numel())
+    return best_state, best_loss, torch.stack(history) if history else empty
+
+
+def _candidate_moves(grad: Tensor, curvature: Tensor, state: Tensor, moves: Moves, singles: int,
+                     width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every problem's candidate moves and the variants that combine them.
+
+    Returns (entry to switch off [C, K], entry to switch on [C, K], valid [C, K], variants [V, K]
+    bool): the first ``singles`` columns are the best single moves, each its own variant; the
+    last ``width`` columns are disjoint moves by rank, applied as prefixes of 2, 4, ..., width."""
+    blocks = moves.block_component.numel()
+    off, off_gain = _block_top(torch.where(state, grad - curvature, -math.inf), moves.row_block, blocks, width)
+    on, on_gain = _block_top(torch.where(state, -math.inf, -grad - curvature), moves.row_block, blocks, width)
+    # estimated decrease of L for switching off[i] and on[j]: g[off] - g[on] - D[off] - D[on]
+    pairs = (off_gain.unsqueeze(2) + on_gain.unsqueeze(1)).reshape(blocks, -1)
+    single = _rank_per_problem(pairs, moves, singles)
+    diagonal = _rank_per_problem(off_gain + on_gain, moves, width)
+    grid_off = off.unsqueeze(2).expand(-1, -1, width).reshape(-1)
+    grid_on = on.unsqueeze(1).expand(-1, width, -1).reshape(-1)
+    off_all = torch.cat([grid_off[single[0]], off.reshape(-1)[diagonal[0]]], dim=1)
+    on_all = torch.cat([grid_on[single[0]], on.reshape(-1)[diagonal[0]]], dim=1)
+    valid = torch.cat([single[1], diagonal[1]], dim=1)
+    return off_all, on_all, valid, _variants(singles, width, state.device)
+
+
+def _rank_per_problem(gain: Tensor, moves: Moves, count: int) -> tuple[Tensor, Tensor]:
+    """(positions [C, count] into ``gain`` [B, K].reshape(-1), valid [C, count]) of every
+    problem's ``count`` largest finite gains over its blocks, best first."""
+    owner = moves.block_component.repeat_interleave(gain.shape[1])
+    pos, _ = _segment_top(gain.reshape(-1), owner, moves.num_components, count)
+    valid = pos < gain.numel()
+    return pos.clamp_max(gain.numel() - 1), valid
+
+
+def _variants(singles: int, width: int, device) -> Tensor:
+    """[V, singles + width] bool: which candidate columns each variant applies."""
+    columns = torch.arange(singles + width, device=device)
+    rows = [columns == j for j in range(singles)]
+    size = 2
+    while size <= width:
+        rows.append((columns >= singles) & (columns < singles + size))
+        size *= 2
+    return torch.stack(rows)
+
+
+def _segment_top(values: Tensor, segment: Tensor, num_segments: int, count: int) -> tuple[Tensor, Tensor]:
+    """Positions [S, count] of the ``count`` largest finite ``values`` [M] of every segment (ties:
+    the first position), best first, and their values; missing ones get position M and -inf."""
+    m = values.numel()
+    remaining = values.clone()
+    position = torch.arange(m, device=values.device)
+    top = torch.full((num_segments, count), m, dtype=torch.long, device=values.device)
+    for i in range(count):
+        best = remaining.new_full((num_segments,), -math.inf).scatter_reduce(0, segment, remaining, "amax")
+        hit = (remaining == best[segment]) & (remaining > -math.inf)
+        first = torch.full((num_segments,), m, device=values.device).scatter_reduce(
+            0, segment[hit], position[hit], "amin")
+        top[:, i] = first
+        found = first[first < m]
+        remaining[found] = -math.inf
+    padded = torch.cat([values, values.new_full((1,), -math.inf)])
+    return top, padded[top]
+
+
+def _block_top(score: Tensor, row_block: Tensor, num_blocks: int, count: int) -> tuple[Tensor, Tensor]:
+    """Flat entry indices [B, count] of the ``count`` largest finite scores [R, W] of every block
+    (R*W where missing) and the scores: first the best per row, then the best rows' entries."""
+    rows, width = score.shape
+    k = min(count, width)
+    values, cols = score.topk(k, dim=1)
+    flat = torch.arange(rows, device=score.device).unsqueeze(1) * width + cols
+    pos, best = _segment_top(values.reshape(-1), row_block.repeat_interleave(k), num_blocks, count)
+    padded = torch.cat([flat.reshape(-1), flat.new_full((1,), rows * width)])
+    return padded[pos], best
+
+
+def _apply(state: Tensor, off: Tensor, on: Tensor, selected: Tensor) -> Tensor:
+    """A copy of ``state`` with the selected moves applied (entries ``off`` -> 0, ``on`` -> 1)."""
+    flat = state.reshape(-1).clone()
+    flat[off[selected]] = False
+    flat[on[selected]] = True
+    return flat.view_as(state)
+
+
+def _kick(state: Tensor, best_state: Tensor, kicked: Tensor, row_component: Tensor, row_block: Tensor,
+          generators: list[torch.Generator]) -> Tensor:
+    """The kicked problems [C] restart from their best state moved by a few random moves."""
+    state = torch.where(kicked[row_component].unsqueeze(1), best_state, state)
+    width = state.shape[1]
+    ptr = torch.cat([row_component.new_zeros(1),
+                     torch.bincount(row_component, minlength=kicked.numel()).cumsum(0)]) * width
+    flat = state.view(-1)
+    entry_block = row_block.repeat_interleave(width)
+    for c in kicked.nonzero().flatten().tolist():
+        lo, hi = int(ptr[c]), int(ptr[c + 1])
+        _random_moves(flat[lo:hi], entry_block[lo:hi], generators[c])
+    return state
+
+
+def _random_moves(entries: Tensor, blocks: Tensor, generator: torch.Generator) -> None:
+    """In place: switch off a few random ones, each for a random zero of its block."""
+    ones = entries.nonzero().flatten()
+    count = max(1, math.ceil(KICK_FRACTION * ones.numel()))
+    for e in ones[torch.randperm(ones.numel(), generator=generator)[:count]].tolist():
+        zeros = (~entries & (blocks == blocks[e])).nonzero().flatten()
+        if zeros.numel():
+            entries[e] = False
+            entries[zeros[torch.randint(zeros.numel(), (1,), generator=generator)]] = True
