@@ -44,7 +44,8 @@ class Options:
         target also stops only once its loss is below half the loss that passes the criterion).
     restart_patience: a node target's feature metamer that has not improved by 1% for this many
         steps while failing the null criterion or above ``restart_above`` restarts from a new
-        draw, keeping its best state (None: never restart).
+        draw, keeping its best state; the swap search likewise starts once more from a random
+        state when it ends there (None: never restart).
     refine_steps: iterations of the discrete swap search that follows the straight-through phase
         for binary features and structure (each keeps the budget; 0 turns it off);
         refine_kicks: random restarts of a problem's search when no move improves it.
@@ -215,8 +216,10 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
         restarts=_restarts(kind, targets, pass_loss, opts), stop_below=stop_below, best=best)
     shared_loss = joint and reference_acts.shape[0] > 1  # one loss over many targets
     copyable = not shared_loss and (sub.pool_batch is not None or reference_out.shape[0] == sub.num_nodes)
-    states, refined = _refine(engine, sub, feats, struct, best, generators, stop_below, opts, shared_loss,
-                              copyable)
+    restart_above = None if opts.restart_patience is None else torch.full_like(stop_below, opts.restart_above) \
+        if pass_loss is None else torch.clamp(pass_loss, max=opts.restart_above)
+    states, refined = _refine(engine, sub, feats, struct, best, generators, stop_below, restart_above, opts,
+                              shared_loss, copyable)
     history = torch.cat([history, refined])
     seconds = time.perf_counter() - started
     metamer = _metamer_graph(sub, graph, struct, states)
@@ -378,15 +381,17 @@ def _step_losses(engine, sub: Subgraph, feats, struct) -> tuple[Tensor, Tensor]:
 
 
 def _refine(engine, sub: Subgraph, feats, struct, best: BestStates, generators, stop_below: Tensor,
-            opts: Options, shared_loss: bool, copyable: bool) -> tuple[dict, Tensor]:
+            restart_above: Tensor | None, opts: Options, shared_loss: bool, copyable: bool) -> tuple[dict, Tensor]:
     """The best states of the straight-through phase ({"features": X' of the free rows [F, d],
     "structure": chosen pairs [sum B, 2]}), binary features then edges refined by the swap search
     (:mod:`.refine`); also the search's loss history [iterations, C]. ``shared_loss``: one loss over
-    many targets; ``copyable``: states may be evaluated on disjoint copies of the graph."""
+    many targets; ``copyable``: states may be evaluated on disjoint copies of the graph;
+    ``restart_above`` [C]: a search stuck above it starts once more from a random state."""
     kinds = [k for k, p in (("features", feats), ("structure", struct)) if p is not None]
     states = dict(zip(kinds, best.states))
     runs = [stop_below.new_empty(0, sub.num_components)]
-    search = dict(iterations=opts.refine_steps, kicks=opts.refine_kicks, stop_below=stop_below)
+    search = dict(iterations=opts.refine_steps, kicks=opts.refine_kicks, stop_below=stop_below,
+                  restart_above=restart_above)
     x = sub.x
     if feats is not None and feats.binary and opts.refine_steps > 0:
         edge_index, edge_weight = (sub.edge_index, sub.edge_weight) if struct is None else \

@@ -51,20 +51,23 @@ class Moves(Protocol):
 
 
 def refine(moves: Moves, state: Tensor, generators: list[torch.Generator], *, iterations: int,
-           kicks: int, stop_below: Tensor, width: int = 16, singles: int = 8,
-           wide: int = 64) -> tuple[Tensor, Tensor, Tensor]:
+           kicks: int, stop_below: Tensor, restart_above: Tensor | None = None, width: int = 16,
+           singles: int = 8, wide: int = 64) -> tuple[Tensor, Tensor, Tensor]:
     """Swap search from ``state`` [R, W] bool; returns (best state, its losses [C], the loss
     history [iterations run, C] of the states searched).
 
     Each iteration tries every problem's best ``singles`` single moves and its best 2, 4, ...
     ``width`` disjoint moves at once. A problem that none of them improves is searched once more
-    with its best ``wide`` single moves, then kicked (at most ``kicks`` times) and finally left
-    alone. ``stop_below`` [C]: a problem stops once its loss is below it. ``generators``: one
-    per problem, for the kicks."""
+    with its best ``wide`` single moves, then kicked (at most ``kicks`` times); when the kicks are
+    spent and its best loss is still above ``restart_above`` [C], the search starts once more from
+    a random state of the same budget (where the straight-through phase led to a poor region),
+    else the problem is left alone. ``stop_below`` [C]: a problem stops once its loss is below it.
+    ``generators``: one per problem, for the kicks and restarts."""
     loss = moves.losses(state)
     best_state, best_loss = state.clone(), loss.clone()
     kicks_left = torch.full_like(loss, kicks, dtype=torch.long)
     widened = torch.zeros_like(loss, dtype=torch.bool)
+    restarted = torch.zeros_like(widened) if restart_above is not None else torch.ones_like(widened)
     row_component = moves.block_component[moves.row_block]
     active = best_loss >= stop_below
     curvature = moves.curvature(state) if bool(active.any()) else None
@@ -88,12 +91,21 @@ def refine(moves: Moves, state: Tensor, generators: list[torch.Generator], *, it
         active &= best_loss >= stop_below
         stuck = active & ~improved
         kick = stuck & widened & (kicks_left > 0)
-        active &= ~(stuck & widened & (kicks_left == 0))
+        spent = stuck & widened & (kicks_left == 0)
+        restart = spent & ~restarted & (best_loss > (restart_above if restart_above is not None else 0))
+        active &= ~spent | restart
         widened = stuck & ~widened
         if bool(kick.any()):
             state = _kick(state, best_state, kick, row_component, moves.row_block, generators)
             kicks_left -= kick.long()
             loss = torch.where(kick, moves.losses(state), loss)
+        if bool(restart.any()):
+            state = _restart(state, restart, row_component, moves.row_block, generators)
+            restarted |= restart
+            kicks_left[restart] = kicks
+            loss = torch.where(restart, moves.losses(state), loss)
+            fresh = moves.curvature(state)
+            curvature = torch.where(restart[row_component].unsqueeze(1), fresh, curvature)
     empty = loss.new_empty(0, loss.numel())
     return best_state, best_loss, torch.stack(history) if history else empty
 
@@ -192,6 +204,33 @@ def _kick(state: Tensor, best_state: Tensor, kicked: Tensor, row_component: Tens
         lo, hi = int(ptr[c]), int(ptr[c + 1])
         _random_moves(flat[lo:hi], entry_block[lo:hi], generators[c])
     return state
+
+
+def _restart(state: Tensor, restarted: Tensor, row_component: Tensor, row_block: Tensor,
+             generators: list[torch.Generator]) -> Tensor:
+    """The restarted problems [C] get a random state with every block's number of ones."""
+    state = state.clone()
+    width = state.shape[1]
+    ptr = torch.cat([row_component.new_zeros(1),
+                     torch.bincount(row_component, minlength=restarted.numel()).cumsum(0)]) * width
+    flat, entry_block = state.view(-1), row_block.repeat_interleave(width)
+    for c in restarted.nonzero().flatten().tolist():
+        lo, hi = int(ptr[c]), int(ptr[c + 1])
+        flat[lo:hi] = _random_placement(flat[lo:hi], entry_block[lo:hi], generators[c])
+    return state
+
+
+def _random_placement(entries: Tensor, blocks: Tensor, generator: torch.Generator) -> Tensor:
+    """A uniformly random bool vector with as many ones in every block as ``entries`` [N]."""
+    _, block = torch.unique(blocks, return_inverse=True)
+    ones = torch.bincount(block, weights=entries.double()).long()
+    order = torch.randperm(entries.numel(), generator=generator)
+    order = order[torch.argsort(block[order], stable=True)]       # grouped by block, random inside
+    first = torch.cat([ones.new_zeros(1), torch.bincount(block).cumsum(0)[:-1]])
+    rank = torch.arange(entries.numel()) - first[block[order]]
+    placed = torch.zeros_like(entries)
+    placed[order] = rank < ones[block[order]]
+    return placed
 
 
 def _random_moves(entries: Tensor, blocks: Tensor, generator: torch.Generator) -> None:
