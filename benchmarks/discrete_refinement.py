@@ -9,7 +9,7 @@ at the output layer. Reports per row: pass rate over non-trivial targets, trivia
 quantiles, the share below 1e-3 and 1e-2, the largest mean feature cosine, the share of R's edges
 kept (structure) and the wall time of the call.
 
-    python benchmarks/discrete_refinement.py [--nodes 64] [--models GCN,GIN]
+    python benchmarks/discrete_refinement.py [--nodes 64] [--models GCN,GIN] [--layers first,output] [--append]
 
 writes ``results/discrete_refinement.json`` and ``.md``.
 """
@@ -55,10 +55,10 @@ def summarise(res, seconds: float) -> dict:
     return row
 
 
-def run(name: str, data, nodes: list[int]) -> list[dict]:
+def run(name: str, data, nodes: list[int], layers: list[str]) -> list[dict]:
     model = train(name, data)
-    cases = [("features", "convs.0"), ("features", OUTPUT_LAYER[name])]
-    if name == "GCN":
+    cases = [("features", {"first": "convs.0", "output": OUTPUT_LAYER[name]}[which]) for which in layers]
+    if name == "GCN" and "output" in layers:
         cases.append(("structure", OUTPUT_LAYER[name]))
     rows = []
     for kind, layer in cases:
@@ -95,14 +95,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=64)
     parser.add_argument("--models", default="GCN,GraphSAGE,GIN")
+    parser.add_argument("--layers", default="first,output", help="first and/or output")
+    parser.add_argument("--append", action="store_true", help="add the rows to the existing results")
     args = parser.parse_args()
     data = fm.datasets.load("Cora", root=SHARED)
     nodes = test_nodes(data, args.nodes)
-    rows = [row for name in args.models.split(",") for row in run(name, data, nodes)]
-    out = Path(__file__).parent / "results"
-    (out / "discrete_refinement.json").write_text(json.dumps({"machine": machine(), "nodes": nodes, "rows": rows},
-                                                             indent=2))
-    (out / "discrete_refinement.md").write_text(markdown(rows, len(nodes)))
+    layers = args.layers.split(",")
+    rows = [row for name in args.models.split(",") for row in run(name, data, nodes, layers)]
+    out = Path(__file__).parent / "results" / "discrete_refinement.json"
+    if args.append and out.exists():
+        rows = json.loads(out.read_text())["rows"] + rows
+    out.write_text(json.dumps({"machine": machine(), "nodes": nodes, "rows": rows}, indent=2))
+    out.with_suffix(".md").write_text(markdown(rows, len(nodes)))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,12 @@ def awkward_graph(num_nodes: int = 40, num_features: int = 12, seed: int = 0,
     return Data(x=x, edge_index=edges, y=y)
 
 
+@pytest.fixture(scope="module")
+def graph() -> Data:
+    """A small awkward graph (40 nodes, 12 continuous features)."""
+    return awkward_graph(num_nodes=40, num_features=12, seed=3)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The offline dataset folder (../shared/data); skips the test when it is absent."""

@@ -19,11 +19,6 @@ STEPS = dict(steps=30, progress=False, scores=False)
 
 
 @pytest.fixture(scope="module")
-def graph():
-    return awkward_graph(num_nodes=40, num_features=12, seed=3)
-
-
-@pytest.fixture(scope="module")
 def zoo_gcn():
     torch.manual_seed(0)
     return fm.models.GCN(12, 3, hidden=8, depth=2).eval()

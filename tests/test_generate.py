@@ -363,7 +363,7 @@ def test_batched_graph_level_metamers_equal_single_calls():
     model = fm.models.GCN(graphs[0].num_features, 2, hidden=16, pool="add")
     fm.models.train(model, graphs, epochs=10)
     targets = [Data(x=g.x, edge_index=g.edge_index) for g in graphs[:4]]
-    options = dict(layer="readout", steps=120, seed=3, null_graphs=graphs[10:], progress=False)
+    options = dict(layer="readout", steps=120, refine_steps=30, seed=3, null_graphs=graphs[10:], progress=False)
     batched = fm.generate(model, Batch.from_data_list(targets), None, **options)
     singles = [fm.generate(model, g, None, **options) for g in targets]
     assert batched.loss.shape == (4,) and batched.passed.shape == (4,)

@@ -12,14 +12,7 @@ from torch_geometric.nn.models import GCN
 
 import fastmetamer as fm
 
-from conftest import awkward_graph
-
 STEPS = dict(steps=20, progress=False, scores=False)
-
-
-@pytest.fixture(scope="module")
-def graph():
-    return awkward_graph(num_nodes=40, num_features=12, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,8 @@ def refine(moves: Moves, state: Tensor, generators: list[torch.Generator], *, it
     best_state, best_loss = state.clone(), loss.clone()
     kicks_left = torch.full_like(loss, kicks, dtype=torch.long)
     widened = torch.zeros_like(loss, dtype=torch.bool)
-    restarted = torch.zeros_like(widened) if restart_above is not None else torch.ones_like(widened)
+    restarted = torch.zeros_like(widened)
+    restart_above = torch.full_like(loss, math.inf) if restart_above is None else restart_above
     row_component = moves.block_component[moves.row_block]
     active = best_loss >= stop_below
     curvature = moves.curvature(state) if bool(active.any()) else None
@@ -92,7 +93,7 @@ def refine(moves: Moves, state: Tensor, generators: list[torch.Generator], *, it
         stuck = active & ~improved
         kick = stuck & widened & (kicks_left > 0)
         spent = stuck & widened & (kicks_left == 0)
-        restart = spent & ~restarted & (best_loss > (restart_above if restart_above is not None else 0))
+        restart = spent & ~restarted & (best_loss > restart_above)
         active &= ~spent | restart
         widened = stuck & ~widened
         if bool(kick.any()):
