@@ -83,6 +83,10 @@ def test_quick_study_writes_tables_figures_and_report(quick_run):
     with open(out / "cross_architecture.csv") as handle:
         cross = list(csv.DictReader(handle))
     assert len(cross) == 2 * 2 * 2  # datasets x sources x judges
+    # shuffled-features control: every judge also classifies the references with shuffled features
+    assert all(0.0 <= float(r["shuffled_ci_low"]) <= float(r["shuffled_acc"]) <= float(r["shuffled_ci_high"]) <= 1.0
+               for r in cross)
+    assert "shuffled_acc" in text
     pngs = {p.name for p in (out / "figures").glob("*.png")}
     assert {"layer_consistency.png", "dimension_histograms.png", "cross_architecture.png",
             "loss_curves.png"} <= pngs and any(p.startswith("neighbourhood_") for p in pngs)
@@ -90,6 +94,102 @@ def test_quick_study_writes_tables_figures_and_report(quick_run):
     assert records and all(r["status"] == "ok" for r in records)
     node = next(r for r in records if r["cell"]["task"] == "node" and r["cell"]["kind"] == "features")
     assert len(node["targets"]) == 4 and len(node["per_target"]["dimension"]) == 4
+
+
+def test_quick_study_counts_trivial_targets_apart(quick_run):
+    """Every cell records ``trivial`` per target; a trivial target never passes and has no
+    consistency; the tables carry the number of trivial targets as its own column."""
+    out, report = quick_run
+    records = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json") if not p.name.startswith("cross")]
+    for record in records:
+        per_target = record["per_target"]
+        assert len(per_target["trivial"]) == len(record["targets"])
+        for trivial, passed, c in zip(per_target["trivial"], per_target["passed"], per_target["consistency"]):
+            assert trivial in (0.0, 1.0) and not (trivial and passed)
+            assert (c == c) == (passed and not trivial)  # C is NaN unless passed and non-trivial
+    with open(out / "study.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {"targets", "trivial", "trivial_derived"} <= set(rows[0])
+    assert all(0 <= int(r["trivial"]) <= int(r["targets"]) and r["trivial_derived"] == "False" for r in rows)
+    text = report.read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| dataset | arch | mitigation"))
+    assert "| targets | trivial |" in header
+    structure = text.split("## Structure metamers")[1].split("##")[0]
+    assert "| trivial |" in structure and "trivial targets (identical to their reference" in text
+
+
+def test_adversarially_trained_models_record_robust_accuracy(quick_run):
+    """Models trained with PGD carry their robust test accuracy (a stronger PGD attack in the
+    training ball); the others do not."""
+    out, report = quick_run
+    records = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json") if not p.name.startswith("cross")]
+    for record in records:
+        model = record["model"]
+        if "adversarial" in record["cell"]["mitigation"]:
+            assert 0.0 <= model["robust_test_acc"] <= 1.0 and model["attack"]["steps"] == study_cells.ROBUST_PGD_STEPS
+        else:
+            assert "robust_test_acc" not in model
+    with open(out / "study.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert all((r["robust_accuracy"] != "nan") == ("adversarial" in r["mitigation"]) for r in rows)
+
+
+def test_robust_accuracy_drops_under_attack():
+    data = fm.datasets.load("synthetic", num_nodes=200, num_features=50)
+    torch.manual_seed(0)
+    model = fm.models.build_model("gcn", data.num_features, int(data.y.max()) + 1, hidden=16)
+    trained = fm.models.train(model, data, epochs=30, seed=0).model
+    weak = study_cells.robust_accuracy(trained, data, {"norm": "l2", "eps": 1e-6}, seed=0, steps=2)
+    strong = study_cells.robust_accuracy(trained, data, {"norm": "l2", "eps": 50.0}, seed=0, steps=10)
+    with torch.no_grad():
+        accuracy = float((trained(data.x, data.edge_index).argmax(1) == data.y)[data.test_mask].double().mean())
+    assert weak == pytest.approx(accuracy, abs=1e-9)
+    assert strong < accuracy
+
+
+def _old_record(kind: str, passed, consistency, **metrics) -> dict:
+    """A cell record as written before ``trivial`` existed (C reported for every target)."""
+    targets = list(range(len(passed)))
+    cell = dict(dataset="Cora", task="node", arch="gcn", mitigation="none", depth=2, width=64, seed=0,
+                layer="convs.1", kind=kind)
+    per_target = {"loss": [0.0 if t else 1e-3 for t in metrics.pop("same")], "passed": passed,
+                  "consistency": consistency, "dimension": [5.0] * len(passed), **metrics}
+    return {"key": "old", "cell": cell, "model": {"test_acc": 0.8}, "status": "ok", "targets": targets,
+            "per_target": per_target}
+
+
+def test_trivial_target_does_not_count_as_a_pass_in_the_table():
+    """Old cell files (no ``trivial`` record): a feature metamer identical to its reference
+    (relative L2 0, cosine 1) or a structure metamer with edge Jaccard 1 is derived trivial; it
+    is counted apart, is no pass, and its consistency does not enter the mean."""
+    from fastmetamer.study.tables import per_target, summary_rows, target_rows
+
+    features = _old_record("features", passed=[1.0, 1.0, 0.0, 1.0], consistency=[1.0, 0.2, 0.9, 0.4],
+                           same=[True, False, False, False], relative_l2=[0.0, 1.3, 1.2, 1.4],
+                           feature_cosine=[1.0, 0.1, 0.2, 0.05])
+    row = summary_rows([features])[0]
+    assert row["targets"] == 4 and row["trivial"] == 1 and row["trivial_derived"] is True
+    assert row["passed"] == pytest.approx(2 / 3)  # 2 of the 3 non-trivial targets
+    assert row["consistency"] == pytest.approx(0.3)  # passed, non-trivial targets only: 0.2 and 0.4
+    assert row["feature_cosine"] == pytest.approx((0.1 + 0.2 + 0.05) / 3)  # metamer metrics: non-trivial
+    assert row["dimension"] == pytest.approx(5.0)  # target properties: all targets
+    fixed = per_target(features)
+    assert fixed["trivial"] == [1.0, 0.0, 0.0, 0.0] and fixed["passed"] == [0.0, 1.0, 0.0, 1.0]
+    assert [c == c for c in fixed["consistency"]] == [False, True, False, True]
+    rows = target_rows([features])
+    assert rows[0]["trivial"] == 1.0 and rows[0]["passed"] == 0.0 and rows[0]["trivial_derived"] == 1.0
+
+    structure = _old_record("structure", passed=[1.0, 1.0], consistency=[1.0, 0.5], same=[True, False],
+                            feature_cosine=[1.0, 1.0], edge_jaccard=[1.0, 0.3])
+    row = summary_rows([structure])[0]
+    assert row["trivial"] == 1 and row["passed"] == pytest.approx(1.0) and row["consistency"] == pytest.approx(0.5)
+
+    new = dict(features, per_target={**features["per_target"], "trivial": [0.0, 0.0, 0.0, 1.0],
+                                     "passed": [1.0, 1.0, 0.0, 0.0],
+                                     "consistency": [1.0, 0.2, float("nan"), float("nan")]})
+    row = summary_rows([new])[0]  # the library's own flag wins over the derivation
+    assert row["trivial"] == 1 and row["trivial_derived"] is False
+    assert row["passed"] == pytest.approx(2 / 3) and row["consistency"] == pytest.approx(0.6)
 
 
 def test_quick_study_has_structure_cells(quick_run):

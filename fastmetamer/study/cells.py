@@ -1,7 +1,9 @@
 """Running one cell of the study: train (or reload) the model, generate the targets' metamers in
 one batched call, measure their metamer dimension, and keep per-target records.
 
-Files under the study folder: ``models/<model>.pt`` (checkpoint) and ``.json`` (accuracies),
+Files under the study folder: ``models/<model>.pt`` (checkpoint) and ``.json`` (accuracies; for
+adversarially trained models also ``robust_test_acc``, the test accuracy under a PGD attack in
+the training ball, and its ``attack`` settings),
 ``metamers/<cell>.pt`` (the :class:`~fastmetamer.MetamerResult` objects of output-layer cells of
 the base grid without mitigation, for the cross-architecture matrix and the drawings).
 """
@@ -26,8 +28,10 @@ _METRIC_PATHS = {"act_cosine": ("activation", "cosine"), "snr_db": ("activation"
                  "s_in": ("consistency", "s_in"), "consistency": ("consistency", "consistency"),
                  "edge_jaccard": ("structure", "edge_jaccard"), "wl_similarity": ("structure", "wl")}
 #: Per-target records of a cell (lists of floats, one entry per target): from the metamer
-#: results, the relevant-metamer flag, and from the metamer dimension.
-RESULT_RECORDS = ("loss", "passed", "distance", "null_threshold", *_METRIC_PATHS)
+#: results (``trivial``: 1.0 when the metamer came back identical to its reference over R, which
+#: never passes; ``consistency`` is NaN unless the target passed and is not trivial), the
+#: relevant-metamer flag, and from the metamer dimension.
+RESULT_RECORDS = ("loss", "passed", "trivial", "distance", "null_threshold", *_METRIC_PATHS)
 RECORDS = (*RESULT_RECORDS, "relevant", "dimension", "input_dim", "dimension_ratio", "rank_deficit",
            "log_volume")
 HISTORY_POINTS = 100
@@ -67,10 +71,40 @@ def load_or_train(spec: ModelSpec, data, config: StudyConfig, folder: Path) -> t
                           adversarial=config.adversarial if "adversarial" in spec.mitigation else None)
     info = {"train_acc": result.train_acc, "val_acc": result.val_acc, "test_acc": result.test_acc,
             "best_epoch": result.best_epoch, "seconds": time.perf_counter() - started}
+    if "adversarial" in spec.mitigation:
+        info.update(robust_test_acc=robust_accuracy(result.model, data, config.adversarial, spec.seed),
+                    attack={**config.adversarial, "steps": ROBUST_PGD_STEPS})
     path.parent.mkdir(parents=True, exist_ok=True)
     models.save_checkpoint(result.model, path)
     meta.write_text(json.dumps(info))
     return result.model, info
+
+
+#: PGD steps of the robust-accuracy attack (stronger than the few steps used in training).
+ROBUST_PGD_STEPS = 20
+
+
+def robust_accuracy(model: nn.Module, data, adversarial: dict, seed: int, steps: int = ROBUST_PGD_STEPS) -> float:
+    """Test accuracy of ``model`` under a PGD attack on the node features (the ball of the
+    adversarial training settings ``adversarial``: norm and eps; ``steps`` steps, random start
+    seeded with ``seed``): the test nodes of a ``Data``, or the test split of a graph list (the
+    same seeded split as training)."""
+    from ..models.training import PGDConfig, _labels, _logits, _make_task, pgd_perturb
+
+    options = {k: v for k, v in adversarial.items() if k not in ("steps", "alpha")}
+    attack = PGDConfig.from_dict({**options, "steps": steps})
+    task = _make_task(model, data, seed, 32)
+    generator = torch.Generator().manual_seed(seed)
+    model.eval()
+    correct = count = 0
+    for graph, mask in task.batches("test"):
+        y = _labels(graph, mask)
+        x_adv = pgd_perturb(lambda x: nn.functional.cross_entropy(_logits(model, graph, x, mask), y),
+                            graph.x, attack, generator)
+        with torch.no_grad():
+            correct += int((_logits(model, graph, x_adv, mask).argmax(-1) == y).sum())
+        count += y.numel()
+    return correct / max(count, 1)
 
 
 def node_targets(graph: Data, count: int, seed: int) -> Tensor:

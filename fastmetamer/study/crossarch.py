@@ -1,7 +1,13 @@
 """Cross-architecture recognisability (SPEC §4): metamers made from model A at its output layer
 are classified by model B. Node metamers are put back into the full graph (the target's
 receptive field replaced by the metamer, the rest real: ``MetamerResult.to_full_graph``) before
-B classifies the target, so B sees its own, possibly larger, receptive field."""
+B classifies the target, so B sees its own, possibly larger, receptive field.
+
+Control (a floor for recognisability): B also classifies the reference targets with their
+features shuffled across nodes (a seeded permutation of the rows of X over the whole graph, or
+over all nodes of the dataset's graphs for graph tasks; edges kept). A metamer that B recognises
+no better than this carries no more of the reference than its graph structure and the feature
+distribution do."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,12 +39,41 @@ def predictions(config: StudyConfig, dataset: str, seed: int, data, folder: Path
     for cell in sources:
         saved = torch.load(folder / "metamers" / f"{cell.key}.pt", weights_only=False)
         judge = _node_judgements if cell.model.task == "node" else _graph_judgements
+        control = _shuffled_node_classes if cell.model.task == "node" else _shuffled_graph_classes
         for name, model in judges.items():
             metamer, reference, labels = judge(model, saved, data)
             rows.append({"dataset": dataset, "source": cell.model.arch, "judge": name, "seed": seed,
-                         "metamer": metamer,
-                         "reference": reference, "labels": labels})
+                         "metamer": metamer, "reference": reference, "labels": labels,
+                         "shuffled": control(model, saved, data, seed)})
     return rows
+
+
+def shuffled_features(x: Tensor, seed: int) -> Tensor:
+    """The rows of ``x`` [N, F] in a permutation drawn with ``seed``."""
+    return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))]
+
+
+@torch.no_grad()
+def _shuffled_node_classes(model: nn.Module, saved: dict, graph: Data, seed: int) -> list:
+    """B's classes of the targets on the real graph with its features shuffled across nodes."""
+    out = call_model(model, shuffled_features(graph.x, seed), graph.edge_index, getattr(graph, "edge_weight", None))
+    return out.argmax(1)[torch.tensor(saved["targets"])].tolist()
+
+
+@torch.no_grad()
+def _shuffled_graph_classes(model: nn.Module, saved: dict, graphs: list, seed: int) -> list:
+    """B's classes of the target graphs with node features drawn by a permutation of all nodes
+    of the dataset's graphs (each target keeps its edges and its number of nodes)."""
+    pool = shuffled_features(torch.cat([g.x for g in graphs]), seed)
+    classes, start = [], 0
+    for i in saved["targets"]:
+        g = graphs[i]
+        x = pool[start:start + g.num_nodes]
+        start += g.num_nodes
+        out = call_model(model, x, g.edge_index, getattr(g, "edge_weight", None),
+                         torch.zeros(g.num_nodes, dtype=torch.long))
+        classes.append(int(out.argmax(1)[0]))
+    return classes
 
 
 @torch.no_grad()
@@ -81,3 +116,16 @@ def pooled(rows: list[dict], dataset: str) -> dict[tuple[str, str], tuple[Tensor
         for part, key in zip(entry, ("metamer", "reference", "labels")):
             part.extend(row[key])
     return {pair: tuple(torch.tensor(p) for p in parts) for pair, parts in pairs.items()}
+
+
+def pooled_control(rows: list[dict], dataset: str) -> dict[tuple[str, str], tuple[Tensor, Tensor]]:
+    """``{(source, judge): (shuffled-feature classes, labels)}`` over the seeds of ``dataset``
+    whose rows carry the control (rows cached before it existed lack it: such a pair is left
+    out when none of its rows has it)."""
+    pairs: dict = {}
+    for row in rows:
+        if row["dataset"] == dataset and "shuffled" in row:
+            entry = pairs.setdefault((row["source"], row["judge"]), ([], []))
+            entry[0].extend(row["shuffled"])
+            entry[1].extend(row["labels"])
+    return {pair: (torch.tensor(a), torch.tensor(b)) for pair, (a, b) in pairs.items()}
