@@ -17,6 +17,7 @@ from torch import Tensor
 from ..engines import FastEngine, make_engine
 from ..engines.csr import BinaryRows
 from ..graph.subgraph import Subgraph
+from ..ops.update.reference import mask_to_csr
 from .structure import StructureParam
 
 
@@ -101,9 +102,7 @@ class FeatureMoves:
     def _input(self, state: Tensor, rows: Tensor | None = None, num_nodes: int | None = None):
         if not self.by_ones:
             return self.features(state)
-        row, col = state.nonzero().unbind(1)
-        rowptr = torch.zeros(state.shape[0] + 1, dtype=torch.long)
-        rowptr[1:] = torch.bincount(row, minlength=state.shape[0]).cumsum(0)
+        rowptr, col = mask_to_csr(state)
         if num_nodes is None:
             rows, num_nodes = (None if bool(self.sub.free.all()) else self.free_rows), self.sub.num_nodes
         grad = self.grad if rows is None or rows is self.free_rows else self.grad.new_zeros(0, state.shape[1])

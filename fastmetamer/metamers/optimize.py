@@ -89,7 +89,6 @@ class Restarts:
         self.pass_loss, self.patience = pass_loss, patience
         self.best = torch.full_like(pass_loss, float("inf"))
         self.since = torch.zeros(pass_loss.shape, dtype=torch.long)
-        self.count = torch.zeros(pass_loss.shape, dtype=torch.long)
 
     def stalled(self, step: int, losses: Tensor, active: Tensor) -> Tensor:
         """[C] bool: the problems to restart now."""
@@ -104,7 +103,6 @@ class Restarts:
             ps.restart(stalled)
         self.since[stalled] = step
         self.best[stalled] = float("inf")
-        self.count += stalled.long()
 
 
 class BestStates:

@@ -192,13 +192,19 @@ def _apply(state: Tensor, off: Tensor, on: Tensor, selected: Tensor) -> Tensor:
     return flat.view_as(state)
 
 
+def _entry_ptr(row_component: Tensor, num_components: int, width: int) -> Tensor:
+    """[C + 1] offsets: problem c's entries are ``ptr[c]:ptr[c+1]`` of the flattened state [R * width]
+    (its rows are contiguous)."""
+    counts = torch.bincount(row_component, minlength=num_components)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]) * width
+
+
 def _kick(state: Tensor, best_state: Tensor, kicked: Tensor, row_component: Tensor, row_block: Tensor,
           generators: list[torch.Generator]) -> Tensor:
     """The kicked problems [C] restart from their best state moved by a few random moves."""
     state = torch.where(kicked[row_component].unsqueeze(1), best_state, state)
     width = state.shape[1]
-    ptr = torch.cat([row_component.new_zeros(1),
-                     torch.bincount(row_component, minlength=kicked.numel()).cumsum(0)]) * width
+    ptr = _entry_ptr(row_component, kicked.numel(), width)
     flat = state.view(-1)
     entry_block = row_block.repeat_interleave(width)
     for c in kicked.nonzero().flatten().tolist():
@@ -212,8 +218,7 @@ def _restart(state: Tensor, restarted: Tensor, row_component: Tensor, row_block:
     """The restarted problems [C] get a random state with every block's number of ones."""
     state = state.clone()
     width = state.shape[1]
-    ptr = torch.cat([row_component.new_zeros(1),
-                     torch.bincount(row_component, minlength=restarted.numel()).cumsum(0)]) * width
+    ptr = _entry_ptr(row_component, restarted.numel(), width)
     flat, entry_block = state.view(-1), row_block.repeat_interleave(width)
     for c in restarted.nonzero().flatten().tolist():
         lo, hi = int(ptr[c]), int(ptr[c + 1])
