@@ -12,6 +12,7 @@ import fastmetamer as fm
 from fastmetamer.cli import dimension as dimension_command, study as study_command
 from fastmetamer.study import run_study
 from fastmetamer.study import cells as study_cells
+from fastmetamer.study import crossarch
 from fastmetamer.study.crossarch import source_cells
 from fastmetamer.study.config import (ARCHITECTURES, StudyConfig, cells, check_mitigation, full_config,
                                       mitigation_names, model_specs, quick_config)
@@ -236,6 +237,23 @@ def test_missing_saved_metamers_are_recreated(quick_run):
     run_study(out, **SMALL)
     assert saved[0].is_file()
     assert len(list((out / "cells").glob("cross-*.json"))) == 2
+
+
+def test_cached_predictions_get_the_shuffled_control(quick_run, monkeypatch):
+    """Prediction rows cached before the shuffled-features control existed get it filled in from
+    the cell records and judges alone (the metamer predictions are not recomputed), equal to a fresh computation."""
+    out, _ = quick_run
+    paths = sorted((out / "cells").glob("cross-*.json"))
+    fresh = {p: json.loads(p.read_text()) for p in paths}
+    for path, rows in fresh.items():
+        path.write_text(json.dumps([{k: v for k, v in row.items() if k != "shuffled"} for row in rows]))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the predictions on saved metamers were recomputed")
+
+    monkeypatch.setattr(crossarch, "predictions", refuse)
+    run_study(out, **SMALL, report_only=True)
+    assert {p: json.loads(p.read_text()) for p in paths} == fresh
 
 
 def test_report_only_runs_nothing(quick_run, tmp_path, monkeypatch):

@@ -50,7 +50,8 @@ def add_parser(subparsers) -> None:
                         help="leave out cells whose key matches a shell-style pattern, e.g. "
                              "'Cora-appnp-*-layers.2*' (keys are the file names in OUT/cells)")
     parser.add_argument("--report-only", action="store_true",
-                        help="run nothing: write the report from the cells finished in --out so far")
+                        help="run no cell: write the report from the cells finished in --out so far "
+                             "(cached cross-architecture rows get the shuffled-features control)")
     parser.set_defaults(run=run_study_command, default_threads=1)
 
 

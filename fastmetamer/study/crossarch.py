@@ -10,6 +10,7 @@ no better than this carries no more of the reference than its graph structure an
 distribution do."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -39,13 +40,29 @@ def predictions(config: StudyConfig, dataset: str, seed: int, data, folder: Path
     for cell in sources:
         saved = torch.load(folder / "metamers" / f"{cell.key}.pt", weights_only=False)
         judge = _node_judgements if cell.model.task == "node" else _graph_judgements
-        control = _shuffled_node_classes if cell.model.task == "node" else _shuffled_graph_classes
         for name, model in judges.items():
             metamer, reference, labels = judge(model, saved, data)
             rows.append({"dataset": dataset, "source": cell.model.arch, "judge": name, "seed": seed,
                          "metamer": metamer, "reference": reference, "labels": labels,
-                         "shuffled": control(model, saved, data, seed)})
+                         "shuffled": shuffled_classes(model, saved["targets"], data, seed)})
     return rows
+
+
+def add_control(rows: list[dict], config: StudyConfig, dataset: str, seed: int, data, folder: Path) -> bool:
+    """Give cached prediction rows of ``dataset``/``seed`` written before the shuffled-features
+    control existed their ``shuffled`` classes (in place). The control needs only the source
+    cell's targets (from its cell record) and the judge, not the saved metamers. Returns True
+    when a row changed."""
+    missing = [row for row in rows if "shuffled" not in row]
+    if not missing:
+        return False
+    cells = {c.model.arch: c for c in source_cells(config, dataset, seed)}
+    judges = {row["judge"]: models.load_checkpoint(folder / "models" / f"{cells[row['judge']].model.key}.pt")
+              for row in missing}
+    for row in missing:
+        record = json.loads((folder / "cells" / f"{cells[row['source']].key}.json").read_text())
+        row["shuffled"] = shuffled_classes(judges[row["judge"]], record["targets"], data, seed)
+    return True
 
 
 def shuffled_features(x: Tensor, seed: int) -> Tensor:
@@ -53,20 +70,27 @@ def shuffled_features(x: Tensor, seed: int) -> Tensor:
     return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))]
 
 
+def shuffled_classes(model: nn.Module, targets: list[int], data, seed: int) -> list[int]:
+    """The control: B's classes of the reference ``targets`` (node ids of the graph ``data``, or
+    indices into the graph list ``data``) with node features shuffled across nodes (``seed``)."""
+    control = _shuffled_node_classes if isinstance(data, Data) else _shuffled_graph_classes
+    return control(model, targets, data, seed)
+
+
 @torch.no_grad()
-def _shuffled_node_classes(model: nn.Module, saved: dict, graph: Data, seed: int) -> list:
+def _shuffled_node_classes(model: nn.Module, targets: list[int], graph: Data, seed: int) -> list[int]:
     """B's classes of the targets on the real graph with its features shuffled across nodes."""
     out = call_model(model, shuffled_features(graph.x, seed), graph.edge_index, getattr(graph, "edge_weight", None))
-    return out.argmax(1)[torch.tensor(saved["targets"])].tolist()
+    return out.argmax(1)[torch.tensor(targets)].tolist()
 
 
 @torch.no_grad()
-def _shuffled_graph_classes(model: nn.Module, saved: dict, graphs: list, seed: int) -> list:
+def _shuffled_graph_classes(model: nn.Module, targets: list[int], graphs: list, seed: int) -> list[int]:
     """B's classes of the target graphs with node features drawn by a permutation of all nodes
     of the dataset's graphs (each target keeps its edges and its number of nodes)."""
     pool = shuffled_features(torch.cat([g.x for g in graphs]), seed)
     classes, start = [], 0
-    for i in saved["targets"]:
+    for i in targets:
         g = graphs[i]
         x = pool[start:start + g.num_nodes]
         start += g.num_nodes

@@ -34,8 +34,9 @@ def run_study(out_dir, *, quick: bool = False, datasets=None, architectures=None
         datasets, architectures, mitigations, depths, widths, sweep_architectures, targets,
             steps, seeds: override the preset (see :class:`~.config.StudyConfig`); None keeps it.
         root: data folder for PyG datasets; seed: base seed; progress: tqdm bar (None: on a tty).
-        report_only: run nothing; write the report from the cells finished so far (e.g. while
-            a long study is still running, or between sittings).
+        report_only: run no cell; write the report from the cells finished so far (e.g. while
+            a long study is still running, or between sittings). Cached cross-architecture rows
+            that lack the shuffled-features control get it (a few forward passes).
         **settings: any other :class:`~.config.StudyConfig` field (``epochs``, ``adversarial``,
             ``null_graphs``, ``dataset_options``, ``exclude``).
 
@@ -124,6 +125,8 @@ def _cross(config: StudyConfig, data: DataCache, folder: Path, unavailable, rest
             cached = json.loads(path.read_text()) if path.is_file() else []
             sources = {cell.model.arch for cell in crossarch.source_cells(config, dataset, seed)}
             if {row["source"] for row in cached} >= sources:
+                if crossarch.add_control(cached, config, dataset, seed, data(dataset), folder):
+                    path.write_text(json.dumps(cached))
                 rows += cached
                 continue
             if restore:
