@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch_geometric.utils import k_hop_subgraph
-
 from .kwargs import ForwardKwargs
+from .neighbourhood import in_edges, rings
 
 
 @dataclass
@@ -96,32 +95,18 @@ def receptive_field(x: Tensor, edge_index: Tensor, edge_weight: Tensor | None, t
                     forward_kwargs: ForwardKwargs | None = None, context: int = 0) -> Subgraph:
     """One shared subgraph holding the receptive fields of all ``targets`` [T].
 
-    Local order: the nodes of R (free) first, then the context, then the boundary ring; targets
-    are looked up. ``context``: hops beyond R whose nodes are kept, frozen, with their true
-    degrees. A metamer that rewires the edges among R can bring any node of R next to a target,
-    and with it the nodes up to ``hops - 1`` beyond R: structure and joint metamers need
+    Local order: the nodes of R (free) first, then the context, then the boundary ring, each by
+    node id; targets are looked up. ``context``: hops beyond R whose nodes are kept, frozen, with
+    their true degrees. A metamer that rewires the edges among R can bring any node of R next to
+    a target, and with it the nodes up to ``hops - 1`` beyond R: structure and joint metamers need
     ``context = hops - 1`` for the subgraph to give the activation the full graph gives.
     ``forward_kwargs``: the model's extra arguments, sliced to the subgraph's nodes and edges.
+    Edges keep the graph's order. Cost: proportional to the edges into R and its context (see
+    :func:`~fastmetamer.graph.neighbourhood.rings`), plus the graph's in-edge CSR once.
     """
-    n = x.shape[0]
-    field, _, _, _ = k_hop_subgraph(targets, hops, edge_index, num_nodes=n)
-    inner, _, _, _ = k_hop_subgraph(targets, hops + context, edge_index, num_nodes=n)
-    outer, _, _, _ = k_hop_subgraph(targets, hops + context + 1, edge_index, num_nodes=n)
-    field_mask, inner_mask = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
-    field_mask[field] = True
-    inner_mask[inner] = True
-    nodes = torch.cat([field, inner[~field_mask[inner]], outer[~inner_mask[outer]]])
-    local = torch.full((n,), -1, dtype=torch.long)
-    local[nodes] = torch.arange(nodes.numel())
-    keep = inner_mask[edge_index[1]]
-    sub_edges = local[edge_index[:, keep]]
-    sub_weight = edge_weight[keep] if edge_weight is not None else None
-    free = torch.zeros(nodes.numel(), dtype=torch.bool)
-    free[: field.numel()] = True
-    edge_ids = keep.nonzero().flatten()
-    return Subgraph(x[nodes], sub_edges, sub_weight, nodes, free,
-                    torch.zeros(nodes.numel(), dtype=torch.long), local[targets], 1, edge_ids=edge_ids,
-                    forward_kwargs=None if forward_kwargs is None else forward_kwargs.take(nodes, edge_ids))
+    targets = targets.to(edge_index.device)
+    return _fields(x, edge_index, edge_weight, targets, torch.zeros_like(targets), 1, hops, context,
+                   forward_kwargs)
 
 
 def disjoint_receptive_fields(x: Tensor, edge_index: Tensor, edge_weight: Tensor | None, targets: Tensor,
@@ -129,19 +114,45 @@ def disjoint_receptive_fields(x: Tensor, edge_index: Tensor, edge_weight: Tensor
                               context: int = 0) -> Subgraph:
     """A disjoint union with one private copy of each target's receptive field (like a PyG
     mini-batch), so the targets are independent problems solved in the same steps (arguments as
-    :func:`receptive_field`)."""
-    parts = [receptive_field(x, edge_index, edge_weight, t.view(1), hops, context=context) for t in targets]
-    offsets = torch.tensor([0] + [p.num_nodes for p in parts]).cumsum(0)
-    node_ids, edge_ids = torch.cat([p.node_ids for p in parts]), torch.cat([p.edge_ids for p in parts])
+    :func:`receptive_field`; copy c is target c's, laid out as :func:`receptive_field` lays out
+    a single target's). All copies come from one vectorised frontier expansion."""
+    targets = targets.to(edge_index.device)
+    group = torch.arange(targets.numel(), device=targets.device)
+    return _fields(x, edge_index, edge_weight, targets, group, targets.numel(), hops, context, forward_kwargs)
+
+
+#: Ring of a node of a receptive field: inside R, in the frozen context, or on the boundary.
+FIELD, CONTEXT, BOUNDARY = 0, 1, 2
+
+
+def _fields(x: Tensor, edge_index: Tensor, edge_weight: Tensor | None, targets: Tensor, group: Tensor,
+            num_groups: int, hops: int, context: int, forward_kwargs: ForwardKwargs | None) -> Subgraph:
+    """The disjoint union over groups of the receptive fields of each group's targets."""
+    n, num_edges = x.shape[0], edge_index.shape[1]
+    csr = in_edges(edge_index, n)
+    found = rings(csr, targets, group, hops + context + 1)
+    ring = (found.hop > hops).long() + (found.hop > hops + context).long()
+    order = torch.argsort((found.group * 3 + ring) * n + found.node)
+    position = torch.empty_like(order)  # local id of every found (group, node) pair
+    position[order] = torch.arange(order.numel(), device=order.device)
+    keys = found.group * n + found.node  # ascending: lookups by binary search
+    inner = (ring < BOUNDARY).nonzero().flatten()
+    owner, entry = csr.entries(found.node[inner])
+    into = inner[owner]
+    edge_group, edge_ids = found.group[into], csr.edge_id[entry]
+    source = torch.searchsorted(keys, edge_group * n + csr.source[entry])
+    by_edge = torch.argsort(edge_group * num_edges + edge_ids)
+    edge_ids = edge_ids[by_edge]
+    node_ids = found.node[order]
     return Subgraph(
-        x=torch.cat([p.x for p in parts]),
-        edge_index=torch.cat([p.edge_index + o for p, o in zip(parts, offsets)], dim=1),
-        edge_weight=None if edge_weight is None else torch.cat([p.edge_weight for p in parts]),
+        x=x[node_ids],
+        edge_index=torch.stack([position[source], position[into]])[:, by_edge],
+        edge_weight=None if edge_weight is None else edge_weight[edge_ids],
         node_ids=node_ids,
-        free=torch.cat([p.free for p in parts]),
-        component=torch.cat([torch.full((p.num_nodes,), c) for c, p in enumerate(parts)]),
-        center=torch.cat([p.center + o for p, o in zip(parts, offsets)]),
-        num_components=len(parts),
+        free=ring[order] == FIELD,
+        component=found.group[order],
+        center=position[torch.searchsorted(keys, group * n + targets)],
+        num_components=num_groups,
         edge_ids=edge_ids,
         forward_kwargs=None if forward_kwargs is None else forward_kwargs.take(node_ids, edge_ids),
     )
