@@ -16,7 +16,7 @@ from ..ops import dispatch
 from .criterion import NullDistances, null_distances, passes
 from .features import FeatureParam, FusedBinaryFeatures, is_binary
 from ..graph.kwargs import ForwardKwargs
-from ..graph.layers import accepts_keyword, count_hops, layer_output, resolve_layer
+from ..graph.layers import accepts_keyword, count_hops, full_graph_activations, layer_output, resolve_layer
 from .moves import FeatureMoves, StructureMoves
 from .optimize import BestStates, Restarts, Schedule, run_schedule
 from .refine import refine
@@ -51,7 +51,9 @@ class Options:
         refine_kicks: random restarts of a problem's search when no move improves it.
     hops: receptive-field radius override (default: counted from the model's propagate calls).
     dense_max_nodes, block_size, resample_every: structure candidate settings.
-    null_max_nodes: graphs larger than this use a random sample of nodes as the null set.
+    null_sample: None (default) makes the null set every real node of the graph (exact, SPEC
+        §2.3); an int k makes it k random real nodes (seeded) instead, and the result's
+        ``settings["null_sample"]`` says so.
     null_graphs: for a graph-level (pooled) layer, other real graphs whose embeddings form the
         null distribution of the success criterion (without them nothing passes).
     scores: compute ``res.metrics`` (distances and consistency; False leaves it empty).
@@ -79,7 +81,7 @@ class Options:
     dense_max_nodes: int = 400
     block_size: int | None = None
     resample_every: int = 50
-    null_max_nodes: int = 100_000
+    null_sample: int | None = None
     null_graphs: list | None = None
     scores: bool = True
     progress: bool | None = None
@@ -180,9 +182,12 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
     graph_ids = getattr(graph, "batch", None) if targets is None else None
     if graph_ids is not None:
         check_graph_ids(graph_ids, graph.num_nodes)
-    with torch.no_grad():
-        reference_out = layer_output(model, layer, sub.x, sub.edge_index, sub.edge_weight, batch=graph_ids,
-                                     forward_kwargs=sub.forward_kwargs)
+    if targets is None and graph_ids is None:  # the whole graph: the pass the criterion reuses
+        reference_out = full_graph_activations(model, layer, graph, extra)
+    else:
+        with torch.no_grad():
+            reference_out = layer_output(model, layer, sub.x, sub.edge_index, sub.edge_weight, batch=graph_ids,
+                                         forward_kwargs=sub.forward_kwargs)
     if reference_out.shape[0] != sub.num_nodes:  # a pooled, graph-level layer
         if targets is not None:
             raise ValueError(f"layer {layer!r} is graph-level (pooled); use node=None")
@@ -263,20 +268,19 @@ def _count(graphs) -> int | None:
 
 
 def _null(model, layer, graph, target_ids, reference_acts, hops, opts, seed, extra):
-    """Null distances of the targets, from all real nodes (or a random sample on big graphs).
-    Also checks that the extracted receptive fields reproduce the full-graph activations."""
-    n = graph.num_nodes
+    """Null distances of the targets from every real node (the layer's activations of the whole
+    graph, one pass cached per model, layer and graph), or from ``opts.null_sample`` random real
+    nodes. Also checks that the extracted receptive fields reproduce the full-graph activations."""
     weight = getattr(graph, "edge_weight", None)
-    with torch.no_grad():
-        if n <= opts.null_max_nodes:
-            null_ids = torch.arange(n)
-            null_acts = layer_output(model, layer, graph.x, graph.edge_index, weight,
-                                     forward_kwargs=extra.as_dict())
-            _check_exact(null_acts[target_ids], reference_acts, layer, hops)
-        else:
-            gen = torch.Generator().manual_seed(seed)
-            null_ids = torch.randperm(n, generator=gen)[: opts.null_max_nodes]
-            part = receptive_field(graph.x, graph.edge_index, weight, null_ids, hops, extra)
+    if opts.null_sample is None:
+        null_ids = torch.arange(graph.num_nodes)
+        null_acts = full_graph_activations(model, layer, graph, extra)
+        _check_exact(null_acts[target_ids], reference_acts, layer, hops)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        null_ids = torch.randperm(graph.num_nodes, generator=gen)[: opts.null_sample]
+        part = receptive_field(graph.x, graph.edge_index, weight, null_ids, hops, extra)
+        with torch.no_grad():
             null_acts = layer_output(model, layer, part.x, part.edge_index, part.edge_weight,
                                      forward_kwargs=part.forward_kwargs)[part.center]
     return null_distances(null_acts, null_ids, target_ids, reference_acts)
