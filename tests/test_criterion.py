@@ -3,11 +3,14 @@ a random sample only when the caller asks for one, and the result says which."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 import fastmetamer as fm
 from fastmetamer.graph import layers
 from fastmetamer.graph.layers import full_graph_activations, layer_output
+from fastmetamer.metamers import criterion
+from fastmetamer.metamers.criterion import whole_graph_passes
 
 STEPS = dict(steps=30, progress=False, scores=False, refine_steps=0)
 
@@ -77,3 +80,49 @@ def test_whole_graph_metamer_makes_one_pass_for_reference_and_criterion(graph, z
     calls = counting(monkeypatch, graph)
     fm.generate(zoo_gcn, graph, None, **STEPS)
     assert len(calls) == 1
+
+
+def brute_force(acts, metamer_acts, rtol=1e-6):
+    """All nearest non-twin neighbours in float64 (O(n^2)): (passed, threshold, twins)."""
+    h = acts.double()
+    dist = torch.cdist(h, h)
+    dist.fill_diagonal_(float("inf"))
+    twin = dist <= rtol * h.norm(dim=1, keepdim=True)
+    threshold = dist.masked_fill(twin, float("inf")).min(1).values
+    distance = (metamer_acts.double() - h).norm(dim=1)
+    return distance < threshold, threshold, twin.sum(1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 120), d=st.integers(1, 6), twins=st.integers(0, 10),
+       scale=st.sampled_from([1e-4, 1e-2, 0.3, 3.0]), chunk=st.sampled_from([1, 13, 1 << 22]),
+       dense_width=st.sampled_from([0, 8, 512]))
+def test_whole_graph_range_query_equals_brute_force(seed, n, d, twins, scale, chunk, dense_width):
+    """Same flags and twin counts as brute force, with exact twins, ties in the projection, tiny
+    and huge metamer distances, windows scanned by rounds or densely (``dense_width``); the
+    threshold certifies each flag."""
+    gen = torch.Generator().manual_seed(seed)
+    acts = torch.randn(n, d, generator=gen).round(decimals=1)  # ties and clusters
+    copies = torch.randint(0, n, (min(twins, n),), generator=gen)
+    acts[torch.randint(0, n, (copies.numel(),), generator=gen)] = acts[copies]  # exact twins
+    metamer = acts + scale * torch.randn(n, d, generator=gen) * torch.rand(n, 1, generator=gen)
+    default, criterion.DENSE_WIDTH = criterion.DENSE_WIDTH, dense_width
+    try:
+        passed, distance, null = whole_graph_passes(acts, metamer, chunk_entries=chunk)
+    finally:
+        criterion.DENSE_WIDTH = default
+    expected, threshold, twin_count = brute_force(acts, metamer)
+    assert torch.equal(passed, expected)
+    assert torch.equal(null.twins, twin_count)
+    bound = null.threshold.double()
+    dist64 = (metamer.double() - acts.double()).norm(dim=1)
+    assert bool((bound[passed] > dist64[passed]).all()) and bool((bound[passed] <= threshold[passed] * (1 + 1e-6)).all())
+    assert bool((bound[~passed] <= dist64[~passed] * (1 + 1e-6)).all())
+    assert bool((bound[~passed] >= threshold[~passed] * (1 - 1e-6)).all())
+
+
+def test_whole_graph_metamer_uses_the_range_query(graph, zoo_gcn):
+    res = fm.generate(zoo_gcn, graph, None, **STEPS)
+    acts = layer_output(zoo_gcn, res.layer, graph.x, graph.edge_index)
+    expected, _, twins = brute_force(acts, layer_output(zoo_gcn, res.layer, res.graph.x, res.graph.edge_index))
+    assert torch.equal(res.passed, expected) and torch.equal(res.twins, twins)

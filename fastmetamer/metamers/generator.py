@@ -13,7 +13,7 @@ from ..validation import (check_feature_width, check_forward_kwargs, check_graph
                           model_input)
 from ..engines import FastEngine, loss_scale, make_engine
 from ..ops import dispatch
-from .criterion import NullDistances, null_distances, passes
+from .criterion import NullDistances, null_distances, passes, whole_graph_passes
 from .features import FeatureParam, FusedBinaryFeatures, is_binary
 from ..graph.kwargs import ForwardKwargs
 from ..graph.layers import accepts_keyword, count_hops, full_graph_activations, layer_output, resolve_layer
@@ -201,7 +201,8 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
         target_ids = torch.zeros(sub.num_components, dtype=torch.long)  # each graph draws as if alone
     else:
         target_ids = sub.node_ids[sub.center]
-        null = _null(model, layer, graph, target_ids, reference_out[sub.center], hops, opts, seed, extra)
+        null = None if targets is None else \
+            _null(model, layer, graph, target_ids, reference_out[sub.center], hops, opts, seed, extra)
     reference_acts = reference_out[sub.center]
     joint = targets is None and sub.num_components == 1
     engine = make_engine(backend, model, layer, sub, reference_acts, joint=joint)
@@ -231,7 +232,10 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
     with torch.no_grad():
         metamer_acts = engine.activations(metamer.x, metamer.edge_index, metamer.edge_weight)
         final_loss = engine.losses(metamer.x, metamer.edge_index, metamer.edge_weight)
-    passed, distance = passes(metamer_acts, reference_acts, null)
+    if null is None:  # every node of a whole graph: a range query, not all nearest neighbours
+        passed, distance, null = whole_graph_passes(reference_acts, metamer_acts)
+    else:
+        passed, distance = passes(metamer_acts, reference_acts, null)
     trivial = _unchanged(sub, struct, states)
     if trivial.numel() != passed.numel():  # a whole graph: its nodes share the one problem
         trivial = trivial[sub.component[sub.center]]

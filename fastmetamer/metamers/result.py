@@ -44,7 +44,12 @@ class MetamerResult:
         trivial: bool, or [T]: the metamer came back identical to the reference over R (e.g. no
             free entry: no ones to move, no free edge slot): it claims nothing, never a pass.
         distance: ||h' - h|| per target [T] (the quantity the criterion compares).
-        null_threshold: per target [T], the smallest distance of another real node.
+        null_threshold: per target [T], the smallest distance of another real node that is not a
+            twin. For a whole-graph metamer of node activations (``node=None``) the criterion is a
+            range query and this is a certificate instead: for a node that fails, the distance of
+            a node at least as close as the metamer; for one that passes, a lower bound on the
+            smallest distance that exceeds the metamer's (see
+            :func:`~fastmetamer.metamers.criterion.whole_graph_passes`).
         twins: per target [T], the number of real nodes with identical activation.
         metrics: activation / feature / structure distances (floats, or lists per target).
         kind, layer, hops, nodes: what was asked (nodes: original ids, None = whole graph).
