@@ -394,3 +394,33 @@ def test_null_distances_leave_out_self_and_twins(chunk_entries):
     outside = null_distances(acts, null_ids, torch.tensor([-1]), torch.tensor([[1.0, 0.5]]),
                              chunk_entries=chunk_entries)
     assert outside.threshold.tolist() == pytest.approx([0.5]) and outside.twins.tolist() == [0]
+
+
+def test_binary_marginal_distance_by_counting_equals_the_sorted_w1():
+    """The counting shortcut for 0/1 columns equals the exact sorted-quantile W1 (n != m too)."""
+    from fastmetamer.analysis._common import wasserstein1_columns
+    from fastmetamer.analysis.features import marginal_distance
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(37, 9, generator=gen) < 0.3).float()
+    ref = (torch.rand(23, 9, generator=gen) < 0.6).float()
+    exact = float(wasserstein1_columns(x.double(), ref.double()).mean())
+    assert marginal_distance(x, ref) == pytest.approx(exact, rel=1e-12, abs=1e-15)
+    assert marginal_distance(x, ref) == pytest.approx(float((x.mean(0) - ref.mean(0)).abs().mean()), rel=1e-6)
+
+
+def test_feature_metamer_reports_its_unchanged_structure_without_computing_it(graph):
+    """The structure distances of a feature metamer are identities, equal to computing them on
+    its (unchanged) edges."""
+    import fastmetamer as fm
+    from fastmetamer.analysis import structure_distances
+    from fastmetamer.metamers import scoring
+
+    torch.manual_seed(0)
+    model = fm.models.GCN(12, 3, hidden=8, depth=2).eval()
+    res = fm.generate(model, graph, [3, 4], steps=20, progress=False)
+    assert res.metrics["structure"] == {k: [v, v] for k, v in scoring.UNCHANGED_STRUCTURE.items()}
+    assert torch.equal(res.graph.edge_index, res.reference.edge_index)
+    computed = structure_distances(res.graph.edge_index, res.reference.edge_index, res.graph.num_nodes,
+                                   max_nodes=10_000)
+    assert computed == pytest.approx(scoring.UNCHANGED_STRUCTURE)

@@ -9,6 +9,9 @@ from ..analysis import activation_distances, consistency_scores, feature_distanc
 from ..graph.subgraph import Subgraph
 
 SPECTRAL_MAX_NODES = 500  # larger receptive fields report nan rather than pay an eigensolve
+#: Structure distances of a graph to itself: what a feature metamer (edges unchanged) reports,
+#: without computing them.
+UNCHANGED_STRUCTURE = {"wl": 1.0, "edge_jaccard": 1.0, "degree_w1": 0.0, "spectral": 0.0}
 
 
 def _induced_edges(data: Data, nodes: Tensor) -> Tensor:
@@ -22,8 +25,9 @@ def _component_metrics(metamer: Data, reference: Data, nodes: Tensor, acts: Tens
     scores = {
         "activation": activation_distances(acts, ref_acts),
         "features": feature_distances(metamer.x[nodes], reference.x[nodes]),
-        "structure": structure_distances(_induced_edges(metamer, nodes), _induced_edges(reference, nodes),
-                                         nodes.numel(), max_nodes=SPECTRAL_MAX_NODES),
+        "structure": dict(UNCHANGED_STRUCTURE) if kind == "features" else
+        structure_distances(_induced_edges(metamer, nodes), _induced_edges(reference, nodes),
+                            nodes.numel(), max_nodes=SPECTRAL_MAX_NODES),
     }
     consistency = consistency_scores(scores["activation"]["cosine"], scores["features"]["cosine"],
                                      scores["structure"]["wl"], kind=kind, valid=valid)
