@@ -7,8 +7,10 @@ from hypothesis import given, settings, strategies as st
 import torch
 
 import fastmetamer as fm
+from fastmetamer.engines import passes
+from fastmetamer.engines.passes import full_graph_activations
 from fastmetamer.graph import layers
-from fastmetamer.graph.layers import full_graph_activations, layer_output
+from fastmetamer.graph.layers import layer_output
 from fastmetamer.metamers import criterion
 from fastmetamer.metamers.criterion import whole_graph_passes
 
@@ -22,34 +24,41 @@ def zoo_gcn():
 
 
 def counting(monkeypatch, graph):
-    """Record the whole-graph passes: calls of ``layer_output`` on ``graph``'s own features."""
+    """Record the whole-graph passes (by the model, ``backend="reference"``, or through the
+    lowered program): calls on ``graph``'s own features."""
     calls = []
-    real = layers.layer_output
+    real_model_pass, real_lowered_pass = passes.layer_output, passes.FastEngine.all_activations
 
-    def spy(model, layer, x, *args, **kwargs):
+    def model_pass(model, layer, x, *args, **kwargs):
         if x is graph.x:
             calls.append(layer)
-        return real(model, layer, x, *args, **kwargs)
+        return real_model_pass(model, layer, x, *args, **kwargs)
 
-    monkeypatch.setattr(layers, "layer_output", spy)
+    def lowered_pass(engine, x, *args):
+        if x is graph.x:
+            calls.append(engine.layer)
+        return real_lowered_pass(engine, x, *args)
+
+    monkeypatch.setattr(passes, "layer_output", model_pass)
+    monkeypatch.setattr(passes.FastEngine, "all_activations", lowered_pass)
     return calls
 
 
 def test_whole_graph_pass_is_cached_until_model_or_graph_changes(graph, zoo_gcn, monkeypatch):
     calls = counting(monkeypatch, graph)
     first = full_graph_activations(zoo_gcn, "layers.1", graph)
-    assert torch.equal(first, layer_output(zoo_gcn, "layers.1", graph.x, graph.edge_index))
+    assert torch.allclose(first, layer_output(zoo_gcn, "layers.1", graph.x, graph.edge_index), atol=1e-5)
     assert full_graph_activations(zoo_gcn, "layers.1", graph) is first and calls == ["layers.1"]
     before = full_graph_activations(zoo_gcn, "layers.0", graph)  # another layer: a new pass
     with torch.no_grad():
         next(zoo_gcn.parameters()).add_(1.0)  # a training step in place
     changed = full_graph_activations(zoo_gcn, "layers.0", graph)
     assert calls == ["layers.1", "layers.0", "layers.0"]
-    assert torch.equal(changed, layer_output(zoo_gcn, "layers.0", graph.x, graph.edge_index))
+    assert torch.allclose(changed, layer_output(zoo_gcn, "layers.0", graph.x, graph.edge_index), atol=1e-5)
     assert not torch.equal(changed, before)
     other = graph.clone()  # equal values, other tensors: a new pass
-    assert torch.equal(full_graph_activations(zoo_gcn, "layers.0", other), changed)
-    assert layers._LAST_PASS.refs[1]() is other.x
+    assert torch.allclose(full_graph_activations(zoo_gcn, "layers.0", other), changed, atol=1e-6)
+    assert passes._LAST_PASS.refs[1]() is other.x
 
 
 def test_generate_reuses_the_cached_pass(graph, zoo_gcn, monkeypatch):
@@ -126,3 +135,20 @@ def test_whole_graph_metamer_uses_the_range_query(graph, zoo_gcn):
     acts = layer_output(zoo_gcn, res.layer, graph.x, graph.edge_index)
     expected, _, twins = brute_force(acts, layer_output(zoo_gcn, res.layer, res.graph.x, res.graph.edge_index))
     assert torch.equal(res.passed, expected) and torch.equal(res.twins, twins)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("arch", ["gcn", "graphsage", "gin"])
+def test_whole_graph_pass_lowered_or_not_equals_the_model(graph, arch, backend, monkeypatch):
+    """Every layer's whole-graph pass, through the lowered program or the model's own forward
+    (``backend="reference"``, or a model that does not lower), equals ``layer_output``."""
+    calls = counting(monkeypatch, graph)
+    torch.manual_seed(1)
+    model = fm.models.build_model(arch, 12, 3, hidden=8, depth=2).eval()
+    for layer in ("layers.0", "layers.1"):
+        expected = layer_output(model, layer, graph.x, graph.edge_index)
+        assert torch.allclose(full_graph_activations(model, layer, graph, backend=backend), expected,
+                              rtol=1e-5, atol=1e-5)
+        lowered = passes._forward_engine(model, layer, backend, graph.x.device) is not None
+        assert lowered == (backend == "auto")
+    assert len(calls) == 2

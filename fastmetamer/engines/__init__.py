@@ -15,9 +15,11 @@ from ..graph.subgraph import Subgraph
 from ..ops import dispatch
 from .fast import FastEngine
 from .lowering import Unsupported, lower
+from .passes import full_graph_activations
 from .reference import ReferenceEngine, loss_scale
 
-__all__ = ["FastEngine", "ReferenceEngine", "make_engine", "lower", "Unsupported", "loss_scale"]
+__all__ = ["FastEngine", "ReferenceEngine", "make_engine", "lower", "Unsupported", "loss_scale",
+           "full_graph_activations"]
 
 
 def make_engine(backend: str, model: nn.Module, layer: str, sub: Subgraph, target: Tensor,

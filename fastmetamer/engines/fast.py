@@ -60,6 +60,25 @@ class FastEngine:
         self._patterns: dict = {}
         self._operators: dict = {}
 
+    @classmethod
+    def forward_only(cls, program: Program, backend: str, model: nn.Module) -> "FastEngine":
+        """An engine for :meth:`all_activations` alone (no targets, no loss)."""
+        engine = cls.__new__(cls)
+        engine.program, engine.name, engine.model, engine.layer = program, backend, model, program.layer
+        engine.kernels = {op: dispatch.get(op, backend) for op in dispatch.OPS}
+        engine._patterns, engine._operators = {}, {}
+        return engine
+
+    @torch.no_grad()
+    def all_activations(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
+        """The matched layer's activations of every node [n, d_l] through the lowered program:
+        memory O(n d + E) (CSR aggregations; no per-edge message tensor)."""
+        h = x
+        for stage in self.program.stages:
+            h = self._propagate(stage, h, self._transform(stage, h, None),
+                                self._operator(stage, edge_index, edge_weight, x.shape[0]))
+        return h
+
     def activations(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
         """Layer-l activations at the targets [T, d_l] (no gradient needed: reference path)."""
         return layer_output(self.model, self.layer, x, edge_index, edge_weight,

@@ -8,7 +8,6 @@ otherwise the outermost ``torch_geometric.nn.MessagePassing`` modules in registr
 from __future__ import annotations
 
 import inspect
-import weakref
 from contextlib import contextmanager
 
 import torch
@@ -130,49 +129,6 @@ def layer_output(model: nn.Module, layer: str, x: Tensor, edge_index: Tensor,
     if not isinstance(out, Tensor):
         raise TypeError(f"layer {layer!r} returned {type(out).__name__}, expected a tensor")
     return out
-
-
-class _PassCache:
-    """The last whole-graph pass of :func:`full_graph_activations`, valid while the model, the
-    layer and the very same graph tensors (none edited in place, no parameter updated) are used
-    again. One entry: memory stays at one activation matrix."""
-
-    def __init__(self):
-        self.key, self.acts, self.refs = None, None, []
-
-    @staticmethod
-    def key_of(model: nn.Module, layer: str, tensors: list) -> tuple:
-        state = [*model.parameters(), *model.buffers(), *tensors]
-        return (id(model), layer, tuple((id(t), t._version) for t in state))
-
-    def get(self, key: tuple, model: nn.Module, tensors: list) -> Tensor | None:
-        alive = self.key is not None and self.refs[0]() is model and all(
-            r() is t for r, t in zip(self.refs[1:], tensors))
-        return self.acts if alive and key == self.key else None
-
-    def put(self, key: tuple, model: nn.Module, tensors: list, acts: Tensor) -> None:
-        self.key, self.acts = key, acts
-        self.refs = [weakref.ref(model), *(weakref.ref(t) for t in tensors)]
-
-
-_LAST_PASS = _PassCache()
-
-
-@torch.no_grad()
-def full_graph_activations(model: nn.Module, layer: str, graph, forward_kwargs=None) -> Tensor:
-    """``layer``'s activations [n, d_l] of every node of ``graph`` (a PyG ``Data``), computed by
-    one pass of ``model`` over the whole graph and reused by later calls on the same model,
-    layer and graph (SPEC §9: at most one cached pass over the whole graph).
-    ``forward_kwargs``: the model's extra arguments (a :class:`~.kwargs.ForwardKwargs`) or None."""
-    extra = {} if forward_kwargs is None else forward_kwargs.as_dict()
-    weight = getattr(graph, "edge_weight", None)
-    tensors = [t for t in (graph.x, graph.edge_index, weight, *extra.values()) if isinstance(t, Tensor)]
-    key = _PassCache.key_of(model, layer, tensors)
-    acts = _LAST_PASS.get(key, model, tensors)
-    if acts is None:
-        acts = layer_output(model, layer, graph.x, graph.edge_index, weight, forward_kwargs=extra or None)
-        _LAST_PASS.put(key, model, tensors, acts)
-    return acts
 
 
 def count_hops(model: nn.Module, layer: str, x: Tensor, forward_kwargs: ForwardKwargs | None = None) -> int:

@@ -11,12 +11,12 @@ from torch_geometric.data import Batch, Data
 
 from ..validation import (check_feature_width, check_forward_kwargs, check_graph, check_hops, check_nodes,
                           model_input)
-from ..engines import FastEngine, loss_scale, make_engine
+from ..engines import FastEngine, full_graph_activations, loss_scale, make_engine
 from ..ops import dispatch
 from .criterion import NullDistances, null_distances, passes, whole_graph_passes
 from .features import FeatureParam, FusedBinaryFeatures, is_binary
 from ..graph.kwargs import ForwardKwargs
-from ..graph.layers import accepts_keyword, count_hops, full_graph_activations, layer_output, resolve_layer
+from ..graph.layers import accepts_keyword, count_hops, layer_output, resolve_layer
 from .moves import FeatureMoves, StructureMoves
 from .optimize import BestStates, Restarts, Schedule, run_schedule
 from .refine import refine
@@ -183,7 +183,7 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
     if graph_ids is not None:
         check_graph_ids(graph_ids, graph.num_nodes)
     if targets is None and graph_ids is None:  # the whole graph: the pass the criterion reuses
-        reference_out = full_graph_activations(model, layer, graph, extra)
+        reference_out = full_graph_activations(model, layer, graph, extra, backend)
     else:
         with torch.no_grad():
             reference_out = layer_output(model, layer, sub.x, sub.edge_index, sub.edge_weight, batch=graph_ids,
@@ -202,7 +202,7 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
     else:
         target_ids = sub.node_ids[sub.center]
         null = None if targets is None else \
-            _null(model, layer, graph, target_ids, reference_out[sub.center], hops, opts, seed, extra)
+            _null(model, layer, graph, target_ids, reference_out[sub.center], hops, opts, seed, extra, backend)
     reference_acts = reference_out[sub.center]
     joint = targets is None and sub.num_components == 1
     engine = make_engine(backend, model, layer, sub, reference_acts, joint=joint)
@@ -271,14 +271,14 @@ def _count(graphs) -> int | None:
     return None if graphs is None else len(graphs)
 
 
-def _null(model, layer, graph, target_ids, reference_acts, hops, opts, seed, extra):
+def _null(model, layer, graph, target_ids, reference_acts, hops, opts, seed, extra, backend):
     """Null distances of the targets from every real node (the layer's activations of the whole
     graph, one pass cached per model, layer and graph), or from ``opts.null_sample`` random real
     nodes. Also checks that the extracted receptive fields reproduce the full-graph activations."""
     weight = getattr(graph, "edge_weight", None)
     if opts.null_sample is None:
         null_ids = torch.arange(graph.num_nodes)
-        null_acts = full_graph_activations(model, layer, graph, extra)
+        null_acts = full_graph_activations(model, layer, graph, extra, backend)
         _check_exact(null_acts[target_ids], reference_acts, layer, hops)
     else:
         gen = torch.Generator().manual_seed(seed)
