@@ -144,3 +144,20 @@ def _curvature(self, state):
 
 
 QuadraticMoves.curvature = _curvature
+
+
+def test_swap_search_runs_by_default_for_node_targets_not_for_a_whole_graph():
+    """refine_steps=None: the search follows the straight-through phase of node targets, not of a
+    whole-graph metamer (one loss over every node) unless asked for; asked, it never does worse."""
+    import fastmetamer as fm
+    from conftest import awkward_graph
+
+    graph = awkward_graph(num_nodes=30, num_features=10, seed=5, binary=True)
+    torch.manual_seed(0)
+    model = fm.models.GCN(10, 3, hidden=8, depth=2).eval()
+    options = dict(steps=20, progress=False, scores=False)
+    node = fm.generate(model, graph, 4, **options)
+    whole = fm.generate(model, graph, None, **options)
+    searched = fm.generate(model, graph, None, refine_steps=5, **options)
+    assert node.history.shape[0] > 20 and whole.history.shape[0] == 20
+    assert searched.history.shape[0] > 20 and searched.loss <= whole.loss

@@ -47,7 +47,11 @@ class Options:
         draw, keeping its best state; the swap search likewise starts once more from a random
         state when it ends there (None: never restart).
     refine_steps: iterations of the discrete swap search that follows the straight-through phase
-        for binary features and structure (each keeps the budget; 0 turns it off);
+        for binary features and structure (each keeps the budget; 0 turns it off). None (default):
+        200 for independent problems (node targets, graphs of a batch, one pooled graph), 0 for a
+        whole-graph metamer of node activations, whose one loss over every node a single swap
+        barely moves while each candidate costs a pass over the whole graph (give it explicitly
+        to search there too);
         refine_kicks: random restarts of a problem's search when no move improves it.
     hops: receptive-field radius override (default: counted from the model's propagate calls).
     dense_max_nodes, block_size, resample_every: structure candidate settings.
@@ -75,7 +79,7 @@ class Options:
     tol: float = 1e-5
     restart_patience: int | None = 100
     restart_above: float = 1e-3
-    refine_steps: int = 200
+    refine_steps: int | None = None
     refine_kicks: int = 4
     hops: int | None = None
     dense_max_nodes: int = 400
@@ -398,10 +402,11 @@ def _refine(engine, sub: Subgraph, feats, struct, best: BestStates, generators, 
     kinds = [k for k, p in (("features", feats), ("structure", struct)) if p is not None]
     states = dict(zip(kinds, best.states))
     runs = [stop_below.new_empty(0, sub.num_components)]
-    search = dict(iterations=opts.refine_steps, kicks=opts.refine_kicks, stop_below=stop_below,
+    iterations = opts.refine_steps if opts.refine_steps is not None else 0 if shared_loss else DEFAULT_REFINE_STEPS
+    search = dict(iterations=iterations, kicks=opts.refine_kicks, stop_below=stop_below,
                   restart_above=restart_above)
     x = sub.x
-    if feats is not None and feats.binary and opts.refine_steps > 0:
+    if feats is not None and feats.binary and iterations > 0:
         edge_index, edge_weight = (sub.edge_index, sub.edge_weight) if struct is None else \
             struct.edges_of(states["structure"])
         moves = FeatureMoves(engine, sub, edge_index, edge_weight, opts.per_row, by_ones=struct is None,
@@ -410,7 +415,7 @@ def _refine(engine, sub: Subgraph, feats, struct, best: BestStates, generators, 
         states["features"] = found.to(sub.x.dtype)
         x = moves.features(found)
         runs.append(history)
-    if struct is not None and opts.refine_steps > 0:
+    if struct is not None and iterations > 0:
         if feats is not None and not feats.binary:
             x = _with_free_rows(sub, states["features"])
         moves = StructureMoves(engine, sub, struct, x, states["structure"], shared_loss, copyable)
@@ -418,6 +423,10 @@ def _refine(engine, sub: Subgraph, feats, struct, best: BestStates, generators, 
         states["structure"] = moves.chosen(found)
         runs.append(history)
     return states, torch.cat(runs)
+
+
+#: Swap-search iterations of independent problems when ``refine_steps`` is None.
+DEFAULT_REFINE_STEPS = 200
 
 
 def _with_free_rows(sub: Subgraph, rows: Tensor) -> Tensor:
