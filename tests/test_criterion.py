@@ -9,7 +9,7 @@ import torch
 import fastmetamer as fm
 from fastmetamer.engines import passes
 from fastmetamer.engines.passes import full_graph_activations
-from fastmetamer.graph import layers
+from fastmetamer.ops import dispatch
 from fastmetamer.graph.layers import layer_output
 from fastmetamer.metamers import criterion
 from fastmetamer.metamers.criterion import whole_graph_passes
@@ -149,6 +149,6 @@ def test_whole_graph_pass_lowered_or_not_equals_the_model(graph, arch, backend, 
         expected = layer_output(model, layer, graph.x, graph.edge_index)
         assert torch.allclose(full_graph_activations(model, layer, graph, backend=backend), expected,
                               rtol=1e-5, atol=1e-5)
-        lowered = passes._forward_engine(model, layer, backend, graph.x.device) is not None
+        lowered = passes._forward_engine(model, layer, dispatch.resolve(backend, graph.x.device)) is not None
         assert lowered == (backend == "auto")
     assert len(calls) == 2

@@ -144,3 +144,25 @@ def test_fast_generate_follows_reference_trajectory(synthetic, pyg_gcn, backend)
     assert set(long_fast.graph.x.unique().tolist()) <= {0.0, 1.0}
     free = long_fast.graph.free_mask
     assert long_fast.graph.x[free].sum() == long_fast.reference.x[free].sum()
+
+
+def test_structure_steps_reuse_one_sparsity_pattern(monkeypatch):
+    """Between resamples a structure metamer's edge list is one tensor whose weights change, so
+    the fast engine builds its patterns once, not once per step."""
+    from fastmetamer.engines import csr
+
+    graph = awkward_graph(num_nodes=30, num_features=6, seed=2)
+    torch.manual_seed(0)
+    model = fm.models.GCN(6, 3, hidden=8, depth=2).eval()
+    built = []
+    real = csr.Pattern.from_coo.__func__
+    monkeypatch.setattr(csr.Pattern, "from_coo", classmethod(lambda cls, *a: built.append(1) or real(cls, *a)))
+    counts = []
+    fm.generate(model, graph, 4, steps=1, refine_steps=0, progress=False, scores=False)  # caches the whole-graph pass
+    for steps in (10, 40):
+        built.clear()
+        res = fm.generate(model, graph, 4, kind="structure", steps=steps, refine_steps=0, progress=False,
+                          scores=False, backend="cpu")
+        assert res.settings["backend"] == "cpu"
+        counts.append(len(built))
+    assert counts[0] == counts[1]  # independent of the number of steps

@@ -50,22 +50,24 @@ def full_graph_activations(model: nn.Module, layer: str, graph, forward_kwargs=N
     extra = {} if forward_kwargs is None else forward_kwargs.as_dict()
     weight = getattr(graph, "edge_weight", None)
     tensors = [t for t in (graph.x, graph.edge_index, weight, *extra.values()) if isinstance(t, Tensor)]
+    backend = dispatch.resolve(backend, graph.x.device)
     key = _PassCache.key_of(model, layer, tensors) + (backend,)
     acts = _LAST_PASS.get(key, model, tensors)
     if acts is None:
-        engine = None if extra else _forward_engine(model, layer, backend, graph.x.device)
+        engine = None if extra else _forward_engine(model, layer, backend)
         acts = layer_output(model, layer, graph.x, graph.edge_index, weight, forward_kwargs=extra or None) \
             if engine is None else engine.all_activations(graph.x, graph.edge_index, weight)
         _LAST_PASS.put(key, model, tensors, acts)
     return acts
 
 
-def _forward_engine(model: nn.Module, layer: str, backend: str, device) -> FastEngine | None:
-    """A forward-only fast engine for ``model`` up to ``layer``, or None where it does not lower
-    (or the backend is the reference): the model's own forward is then the pass."""
-    if dispatch.resolve(backend, device) == "reference":
+def _forward_engine(model: nn.Module, layer: str, backend: str) -> FastEngine | None:
+    """A forward-only fast engine for ``model`` up to ``layer`` on the concrete ``backend``, or
+    None where it does not lower (or the backend is the reference): the model's own forward is
+    then the pass."""
+    if backend == "reference":
         return None
     try:
-        return FastEngine.forward_only(lower(model, layer), dispatch.resolve(backend, device), model)
+        return FastEngine.forward_only(lower(model, layer), backend, model)
     except Unsupported:
         return None

@@ -83,7 +83,6 @@ def whole_graph_passes(acts: Tensor, metamer_acts: Tensor, rtol: float = 1e-6,
         nearest non-twin's distance that exceeds r_v. The flags equal the brute-force ones.
     """
     h = acts.double()
-    n = h.shape[0]
     distance = (metamer_acts.double() - h).norm(dim=1)
     twin_radius = rtol * h.norm(dim=1).clamp_min(1e-30)
     position, order, projected, coords = _principal_order(h)

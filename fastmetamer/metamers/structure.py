@@ -100,11 +100,13 @@ class StructureParam:
         sizes = torch.tensor([p.logits.numel() for p in self.parts])
         self._ptr = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
         self._pairs = torch.cat([p.nodes[p.pairs] for p in self.parts], dim=1)
+        # fixed between resamples, so the fast engine keeps its sparsity pattern (weights are values)
+        self._index = torch.cat([self.fixed_index, self._pairs, self._pairs.flip(0)], dim=1)
+        self._entry_component = torch.repeat_interleave(torch.arange(len(self.parts)), sizes)
 
     def parameter_components(self) -> list[Tensor]:
         """For the logit tensor, the component owning each entry."""
-        sizes = self._ptr.diff()
-        return [torch.repeat_interleave(torch.arange(len(self.parts)), sizes)]
+        return [self._entry_component]
 
     def maybe_resample(self, step: int, active: Tensor) -> bool:
         """Resample the blocks of active sparse components; True if the parameters changed."""
@@ -122,11 +124,13 @@ class StructureParam:
         return True
 
     def _hard(self, prob: Tensor) -> Tensor:
+        """1 for the B_c most probable candidates of every component c (ties: lower index), else 0."""
+        order = torch.argsort(prob, descending=True, stable=True)
+        order = order[torch.argsort(self._entry_component[order], stable=True)]
+        component = self._entry_component[order]
+        rank = torch.arange(order.numel()) - self._ptr[component]
         hard = torch.zeros_like(prob)
-        for c, part in enumerate(self.parts):
-            block = prob[self._ptr[c]:self._ptr[c + 1]]
-            top = torch.topk(block, min(part.budget, block.numel())).indices
-            hard[self._ptr[c] + top] = 1.0
+        hard[order[rank < self.budgets[component]]] = 1.0
         return hard
 
     def edges(self) -> tuple[Tensor, Tensor]:
@@ -135,11 +139,9 @@ class StructureParam:
         hard = self._hard(prob.detach())
         self._chosen = self._pairs[:, hard.bool()].t()
         weight = prob + (hard - prob).detach()
-        pairs = self._pairs
-        index = torch.cat([self.fixed_index, pairs, pairs.flip(0)], dim=1)
         fixed = self.fixed_weight if self.fixed_weight is not None else weight.new_ones(
             self.fixed_index.shape[1])
-        return index, torch.cat([fixed, weight, weight])
+        return self._index, torch.cat([fixed, weight, weight])
 
     @property
     def state_owner(self) -> Tensor:
