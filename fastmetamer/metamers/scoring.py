@@ -1,11 +1,13 @@
 """Distances every ``MetamerResult`` reports (SPEC §4), per independent problem."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch_geometric.data import Data
 from torch_geometric.utils import subgraph
 
 from ..analysis import activation_distances, consistency_scores, feature_distances, structure_distances
+from ..analysis.batched import activation_distances_rows, feature_distances_segments
 from ..graph.subgraph import Subgraph
 
 SPECTRAL_MAX_NODES = 500  # larger receptive fields report nan rather than pay an eigensolve
@@ -41,14 +43,27 @@ def metamer_metrics(metamer: Data, reference: Data, sub: Subgraph, acts: Tensor,
     each problem's receptive field R. Values are floats for one problem and lists (one entry per
     target) for a batch; ``consistency`` holds the SPEC §4 scores for ``kind`` (C is NaN unless the
     problem's metamer passed and is not trivial: ``valid`` [T] per target; a whole graph counts
-    when every node does). ``acts`` / ``ref_acts``: [T, d_l] activations at the targets."""
-    per_problem = []
-    for c in range(sub.num_components):
-        nodes = ((sub.component == c) & sub.free).nonzero().flatten()
-        rows = slice(None) if sub.num_components == 1 else slice(c, c + 1)
-        ok = bool(valid.all()) if sub.num_components == 1 else bool(valid[c])
-        per_problem.append(_component_metrics(metamer, reference, nodes, acts[rows], ref_acts[rows], kind, ok))
-    if len(per_problem) == 1:
-        return per_problem[0]
-    return {group: {key: [p[group][key] for p in per_problem] for key in per_problem[0][group]}
-            for group in per_problem[0]}
+    when every node does). ``acts`` / ``ref_acts``: [T, d_l] activations at the targets.
+
+    A batch is scored in vectorised passes over all problems (:mod:`~fastmetamer.analysis.batched`);
+    only the structure distances of structure and joint metamers are computed problem by problem."""
+    if sub.num_components == 1:
+        nodes = sub.free.nonzero().flatten()
+        return _component_metrics(metamer, reference, nodes, acts, ref_acts, kind, bool(valid.all()))
+    rows = sub.free.nonzero().flatten()
+    scores = {"activation": activation_distances_rows(acts, ref_acts),
+              "features": feature_distances_segments(metamer.x[rows], reference.x[rows], sub.component[rows],
+                                                     sub.num_components)}
+    if kind == "features":
+        scores["structure"] = {k: [v] * sub.num_components for k, v in UNCHANGED_STRUCTURE.items()}
+    else:
+        per_problem = [structure_distances(_induced_edges(metamer, nodes), _induced_edges(reference, nodes),
+                                           nodes.numel(), max_nodes=SPECTRAL_MAX_NODES)
+                       for nodes in (rows[sub.component[rows] == c] for c in range(sub.num_components))]
+        scores["structure"] = {k: [p[k] for p in per_problem] for k in per_problem[0]}
+    consistency = consistency_scores(scores["activation"]["cosine"], scores["features"]["cosine"],
+                                     torch.tensor(scores["structure"]["wl"], dtype=torch.float64),
+                                     kind=kind, valid=valid)
+    scores["consistency"] = {k: consistency[k] for k in ("s_match", "s_in", "consistency")}
+    return {group: {key: (value.tolist() if isinstance(value, Tensor) else value) for key, value in values.items()}
+            for group, values in scores.items()}

@@ -1,0 +1,102 @@
+"""The activation and feature distances of many independent problems at once (SPEC §4, §9).
+
+Each function equals the per-problem metric of :mod:`.activation` / :mod:`.features` applied to
+every problem in turn (same conventions for zero rows, empty unions and ties), computed for all
+problems in a few vectorised passes: no Python loop over targets. Inputs are float64-converted
+like the per-problem metrics; results are float64 tensors with one entry per problem.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._common import same_shape_pair, wasserstein1_columns
+from .activation import _relative_sq_rows, cosine_per_row
+
+
+def activation_distances_rows(a, ref) -> dict[str, Tensor]:
+    """:func:`~.activation.activation_distances` of every row pair of ``a``, ``ref`` [T, d]:
+    ``{"act_loss", "snr_db", "pearson", "spearman", "cosine"}``, each [T]."""
+    a, ref = same_shape_pair(a, ref)
+    noise, signal = (ref - a).square().sum(1), ref.square().sum(1)
+    snr = torch.where(noise == 0, math.inf, torch.where(signal == 0, -math.inf,
+                                                        10.0 * torch.log10(signal / noise.clamp_min(1e-300))))
+    return {"act_loss": _relative_sq_rows(a, ref), "snr_db": snr, "pearson": _pearson_rows(a, ref),
+            "spearman": _pearson_rows(_average_ranks(a), _average_ranks(ref)), "cosine": cosine_per_row(a, ref)}
+
+
+def _pearson_rows(a: Tensor, ref: Tensor) -> Tensor:
+    """Row-wise Pearson correlation [T], NaN for a constant row, clipped to [-1, 1]."""
+    ac, rc = a - a.mean(1, keepdim=True), ref - ref.mean(1, keepdim=True)
+    norm = ac.norm(dim=1) * rc.norm(dim=1)
+    corr = (ac * rc).sum(1) / norm.clamp_min(1e-300)
+    return torch.where(norm == 0, math.nan, corr.clamp(-1.0, 1.0))
+
+
+def _average_ranks(a: Tensor) -> Tensor:
+    """Ranks 1..d of every row of ``a`` [T, d], ties sharing their average rank (as
+    ``scipy.stats.rankdata``)."""
+    values, order = a.sort(dim=1, stable=True)
+    rows, d = a.shape
+    new_group = torch.ones_like(values, dtype=torch.bool)
+    new_group[:, 1:] = values[:, 1:] != values[:, :-1]
+    group = new_group.long().cumsum(1) - 1 + torch.arange(rows).unsqueeze(1) * d  # unique per row
+    position = torch.arange(1, d + 1, dtype=a.dtype).expand(rows, d).reshape(-1)
+    first = torch.full((rows * d,), math.inf, dtype=a.dtype).scatter_reduce(0, group.reshape(-1), position, "amin")
+    last = torch.zeros(rows * d, dtype=a.dtype).scatter_reduce(0, group.reshape(-1), position, "amax")
+    sorted_ranks = ((first + last) / 2)[group.reshape(-1)].view(rows, d)
+    return torch.empty_like(sorted_ranks).scatter_(1, order, sorted_ranks)
+
+
+def feature_distances_segments(x, ref, segment: Tensor, num_segments: int,
+                               binary: bool | None = None) -> dict[str, Tensor]:
+    """:func:`~.features.feature_distances` of every problem: rows of ``x``, ``ref`` [m, d] with
+    ``segment`` [m] = s belong to problem s (every problem has at least one row). Returns
+    ``{"cosine", "relative_l2", "marginal_w1"}`` plus ``"jaccard"``, ``"hamming"`` for binary
+    features (``binary=None``: when all of ``x`` and ``ref`` are 0/1), each [S]."""
+    x, ref = same_shape_pair(x, ref, ("x", "ref"))
+    count = torch.bincount(segment, minlength=num_segments).to(x.dtype)
+    if bool((count == 0).any()):
+        raise ValueError("every problem needs at least one row of features")
+
+    def total(values: Tensor) -> Tensor:
+        return torch.zeros(num_segments, *values.shape[1:], dtype=values.dtype).index_add_(0, segment, values)
+
+    diff, scale = total((x - ref).square().sum(1)).sqrt(), total(ref.square().sum(1)).sqrt()
+    relative = torch.where(diff == 0, 0.0, torch.where(scale == 0, math.inf, diff / scale.clamp_min(1e-300)))
+    out = {"cosine": total(cosine_per_row(x, ref)) / count, "relative_l2": relative}
+    all_01 = bool(((x == 0) | (x == 1)).all() and ((ref == 0) | (ref == 1)).all())
+    if binary and not all_01:
+        raise ValueError("x or ref is not binary: Jaccard and Hamming need features that are all 0 or 1")
+    if all_01:  # W1 of Bernoulli marginals by counting
+        out["marginal_w1"] = ((total(x) - total(ref)).abs() / count[:, None]).mean(1)
+    else:
+        out["marginal_w1"] = _segment_w1(x, ref, segment, num_segments)
+    if all_01 if binary is None else binary:
+        both, either = x.bool() & ref.bool(), x.bool() | ref.bool()
+        inter, union = total(both.sum(1).to(x.dtype)), total(either.sum(1).to(x.dtype))
+        out["jaccard"] = torch.where(union == 0, 1.0, inter / union.clamp_min(1))
+        out["hamming"] = total((x != ref).sum(1).to(x.dtype)) / (count * x.shape[1])
+    return {k: out[k] for k in ("cosine", "relative_l2", "marginal_w1", "jaccard", "hamming") if k in out}
+
+
+def _segment_w1(x: Tensor, ref: Tensor, segment: Tensor, num_segments: int) -> Tensor:
+    """Mean over features of the W1 distance of the column values of every problem (equal row
+    counts, so the mean absolute difference of the columns sorted within each problem)."""
+    if num_segments == 1:
+        return wasserstein1_columns(x, ref).mean().view(1)
+
+    def by_segment_then_value(values: Tensor) -> Tensor:
+        values, order = values.sort(dim=0, stable=True)
+        return values.gather(0, segment[order].argsort(dim=0, stable=True))
+
+    gaps = (by_segment_then_value(x) - by_segment_then_value(ref)).abs()
+    rows_segment = segment.sort().values  # the problem of every row of the re-ordered columns
+    count = torch.bincount(segment, minlength=num_segments).to(x.dtype)
+    return (torch.zeros(num_segments, x.shape[1], dtype=x.dtype).index_add_(0, rows_segment, gaps)
+            / count[:, None]).mean(1)
+
+
+__all__ = ["activation_distances_rows", "feature_distances_segments"]
