@@ -1,0 +1,152 @@
+"""Scale: fastmetamer against the plain PyG way on large random graphs, end to end (SPEC §9).
+
+For each graph size n (random graph, average in-degree 20, F = 100 binary features with 5% ones)
+and each PyG model (``GCN``, ``GraphSAGE``, ``GIN``; 2 layers, hidden 64, output 16, untrained:
+the cost does not depend on the weights), three jobs, each run in its own process so that its
+peak memory is its own:
+
+- ``one``: one node's feature metamer, 50 steps;
+- ``many``: 200 node metamers in one call (PyG: a loop over the nodes), 50 steps;
+- ``whole``: a whole-graph metamer, 10 steps.
+
+The PyG side is ``pyg_baseline.py`` (``k_hop_subgraph`` + straight-through Adam loop, the same
+work without the pass criterion and scores). fastmetamer is called as a user calls it, with
+default options; its time is split into the optimisation loop (``res.seconds``) and the rest
+(setup, criterion, scoring). Memory is the process's peak RSS above what it held once the graph
+was built. A job that runs out of time or memory is reported as such.
+
+    python benchmarks/scale.py [--nodes 200000 1000000] [--models GCN] [--jobs one many whole]
+
+writes ``results/scale.json`` and ``results/scale.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+STEPS = {"one": 50, "many": 50, "whole": 10}
+MANY = 200
+
+
+def random_graph(n: int, seed: int = 0):
+    """A random directed graph with n nodes and 20 n edges, binary features [n, 100] (5% ones)."""
+    from torch_geometric.data import Data
+
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.rand(n, 100, generator=gen) < 0.05).float()
+    return Data(x=x, edge_index=torch.randint(0, n, (2, 20 * n), generator=gen))
+
+
+def pyg_model(name: str):
+    from torch_geometric.nn import models
+
+    torch.manual_seed(0)
+    return getattr(models, name)(100, 64, num_layers=2, out_channels=16).eval()
+
+
+def peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def run_one(n: int, model_name: str, job: str, side: str) -> dict:
+    """One measurement in this process."""
+    import fastmetamer as fm  # imports are not part of the measured call
+    from pyg_baseline import feature_metamer, node_metamers
+
+    graph = random_graph(n)
+    model = pyg_model(model_name)
+    nodes = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:MANY].tolist()
+    base = peak_gb()
+    started = time.perf_counter()
+    row = {"n": n, "edges": graph.num_edges, "model": model_name, "job": job, "side": side, "steps": STEPS[job]}
+    if side == "pyg":
+        if job == "whole":
+            feature_metamer(model, graph.x, graph.edge_index, None, STEPS[job])
+        else:
+            node_metamers(model, graph.x, graph.edge_index, nodes[: 1 if job == "one" else MANY], 2, STEPS[job])
+    else:
+        target = None if job == "whole" else nodes[0] if job == "one" else nodes
+        res = fm.generate(model, graph, target, steps=STEPS[job], progress=False)
+        row.update(loop_s=res.seconds, passed=float(torch.as_tensor(res.passed).float().mean()))
+    row.update(seconds=time.perf_counter() - started, peak_gb_above_graph=peak_gb() - base, graph_gb=base)
+    if "loop_s" in row:
+        row["other_s"] = row["seconds"] - row["loop_s"]
+    return row
+
+
+def measure(n: int, model_name: str, job: str, side: str, timeout: float) -> dict:
+    """``run_one`` in a fresh process (its own peak memory); a timeout or crash is a result too."""
+    try:
+        out = subprocess.run([sys.executable, __file__, "--one", str(n), model_name, job, side], cwd=HERE,
+                             capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"n": n, "model": model_name, "job": job, "side": side, "status": f"timeout after {timeout:.0f} s"}
+    if out.returncode != 0:
+        reason = "killed (out of memory?)" if out.returncode < 0 else out.stderr.strip().splitlines()[-1][:200]
+        return {"n": n, "model": model_name, "job": job, "side": side, "status": reason}
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "status": "ok"}
+
+
+def markdown(rows: list[dict], info: dict) -> str:
+    lines = ["# Scale: fastmetamer against the plain PyG loop", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
+             "Random graphs, average in-degree 20, F = 100 binary (5% ones); PyG models, 2 layers, hidden 64. "
+             "one = one node, 50 steps; many = 200 nodes in one call (PyG: a loop), 50 steps; whole = whole "
+             "graph, 10 steps. fastmetamer: default options, end to end; loop = its optimisation loop, other = "
+             "setup + criterion + scoring. Memory: peak RSS above the loaded graph.", "",
+             "| n | model | job | PyG s | fastmetamer s (loop / other) | speed-up | PyG GB | fastmetamer GB | passed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    pairs: dict = {}
+    for row in rows:
+        pairs.setdefault((row["n"], row["model"], row["job"]), {})[row["side"]] = row
+    for (n, model, job), sides in pairs.items():
+        pyg, fast = sides.get("pyg", {}), sides.get("fastmetamer", {})
+
+        def cell(row, key, fmt):
+            return fmt.format(row[key]) if row.get("status") == "ok" else row.get("status", "-")
+
+        ratio = f"{pyg['seconds'] / fast['seconds']:.1f}×" if pyg.get("status") == fast.get("status") == "ok" else "-"
+        timing = (f"{fast['seconds']:.1f} ({fast['loop_s']:.1f} / {fast['other_s']:.1f})"
+                  if fast.get("status") == "ok" else fast.get("status", "-"))
+        lines.append(f"| {n:,} | {model} | {job} | {cell(pyg, 'seconds', '{:.1f}')} | {timing} | {ratio} | "
+                     f"{cell(pyg, 'peak_gb_above_graph', '{:.2f}')} | {cell(fast, 'peak_gb_above_graph', '{:.2f}')} | "
+                     f"{cell(fast, 'passed', '{:.2f}')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[200_000, 1_000_000])
+    parser.add_argument("--models", nargs="+", default=["GCN"])
+    parser.add_argument("--jobs", nargs="+", default=["one", "many", "whole"], choices=list(STEPS))
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
+    parser.add_argument("--out", default=str(HERE / "results" / "scale"), help="output path without suffix")
+    args = parser.parse_args()
+    from run_benchmarks import machine
+
+    rows = []
+    for n in args.nodes:
+        for model_name in args.models:
+            for job in args.jobs:
+                for side in ("pyg", "fastmetamer"):
+                    rows.append(measure(n, model_name, job, side, args.timeout))
+                    print(json.dumps(rows[-1]), flush=True)
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    out.with_suffix(".md").write_text(markdown(rows, machine()))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--one"]:
+        n, model_name, job, side = sys.argv[2:6]
+        print(json.dumps(run_one(int(n), model_name, job, side)))
+    else:
+        main()
