@@ -156,7 +156,7 @@ def test_structure_steps_reuse_one_sparsity_pattern(monkeypatch):
     model = fm.models.GCN(6, 3, hidden=8, depth=2).eval()
     built = []
     real = csr.Pattern.from_coo.__func__
-    monkeypatch.setattr(csr.Pattern, "from_coo", classmethod(lambda cls, *a: built.append(1) or real(cls, *a)))
+    monkeypatch.setattr(csr.Pattern, "from_coo", classmethod(lambda cls, *a, **k: built.append(1) or real(cls, *a, **k)))
     counts = []
     fm.generate(model, graph, 4, steps=1, refine_steps=0, progress=False, scores=False)  # caches the whole-graph pass
     for steps in (10, 40):

@@ -17,7 +17,8 @@ from torch import Tensor
 class Pattern:
     """Sparsity pattern of an operator given as coordinate lists (row [E], col [E]).
 
-    ``order`` sorts entries by row (CSR); ``t_order`` sorts them by column (the transpose's CSR).
+    ``order`` sorts entries by row (CSR); ``t_order`` sorts them by column (the transpose's CSR,
+    None for a forward-only pattern, which needs no backward).
     """
 
     num_rows: int
@@ -25,17 +26,21 @@ class Pattern:
     rowptr: Tensor
     col: Tensor
     order: Tensor
-    t_rowptr: Tensor
-    t_col: Tensor
-    t_order: Tensor
+    t_rowptr: Tensor | None
+    t_col: Tensor | None
+    t_order: Tensor | None
 
     @classmethod
-    def from_coo(cls, row: Tensor, col: Tensor, num_rows: int, num_cols: int) -> "Pattern":
-        """Build the pattern of the entries (row[e], col[e])."""
+    def from_coo(cls, row: Tensor, col: Tensor, num_rows: int, num_cols: int,
+                 transpose: bool = True) -> "Pattern":
+        """Build the pattern of the entries (row[e], col[e]); ``transpose=False`` skips the
+        transpose (one sort and one gather less: forward passes only)."""
         order = torch.argsort(row, stable=True)
+        forward = (num_rows, num_cols, _rowptr(row, num_rows), col[order].contiguous(), order)
+        if not transpose:
+            return cls(*forward, None, None, None)
         t_order = torch.argsort(col, stable=True)
-        return cls(num_rows, num_cols, _rowptr(row, num_rows), col[order].contiguous(), order,
-                   _rowptr(col, num_cols), row[t_order].contiguous(), t_order)
+        return cls(*forward, _rowptr(col, num_cols), row[t_order].contiguous(), t_order)
 
     def rows(self, rows: Tensor) -> "Pattern":
         """The sub-operator made of the given rows [T] (in that order)."""
@@ -128,14 +133,15 @@ def _rowptr(index: Tensor, size: int) -> Tensor:
 @dataclass
 class Operator:
     """A pattern with values for this step: ``value`` [E] in CSR order, ``t_value`` in the
-    transpose's order (``t_value`` is detached: gradients flow through ``value`` only)."""
+    transpose's order (``t_value`` is detached: gradients flow through ``value`` only; None for a
+    forward-only pattern)."""
 
     pattern: Pattern
     value: Tensor
-    t_value: Tensor
+    t_value: Tensor | None
 
     @classmethod
     def build(cls, pattern: Pattern, coo_value: Tensor) -> "Operator":
         """Gather coordinate-order values [E_coo] into CSR and transposed-CSR order."""
-        return cls(pattern, coo_value[pattern.order].contiguous(),
-                   coo_value.detach()[pattern.t_order].contiguous())
+        t_value = None if pattern.t_order is None else coo_value.detach()[pattern.t_order].contiguous()
+        return cls(pattern, coo_value[pattern.order].contiguous(), t_value)

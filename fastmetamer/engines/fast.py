@@ -59,6 +59,7 @@ class FastEngine:
         self.scale = loss_scale(target, joint)
         self._patterns: dict = {}
         self._operators: dict = {}
+        self._transposes = True  # patterns carry their transpose (the backward needs it)
 
     @classmethod
     def forward_only(cls, program: Program, backend: str, model: nn.Module) -> "FastEngine":
@@ -66,7 +67,7 @@ class FastEngine:
         engine = cls.__new__(cls)
         engine.program, engine.name, engine.model, engine.layer = program, backend, model, program.layer
         engine.kernels = {op: dispatch.get(op, backend) for op in dispatch.OPS}
-        engine._patterns, engine._operators = {}, {}
+        engine._patterns, engine._operators, engine._transposes = {}, {}, False
         return engine
 
     @torch.no_grad()
@@ -114,7 +115,7 @@ class FastEngine:
         row, col, value, num_cols = _coo(stage, edge_index, edge_weight, n)
         known = self._patterns.get(stage.operator)
         if known is None or known[0] is not edge_index:
-            known = (edge_index, Pattern.from_coo(row, col, n, num_cols))
+            known = (edge_index, Pattern.from_coo(row, col, n, num_cols, transpose=self._transposes))
             self._patterns[stage.operator] = known
         operator = Operator.build(known[1], value.float())
         if edge_weight is None or not edge_weight.requires_grad:
