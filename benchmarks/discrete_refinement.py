@@ -9,7 +9,8 @@ at the output layer. Reports per row: pass rate over non-trivial targets, trivia
 quantiles, the share below 1e-3 and 1e-2, the largest mean feature cosine, the share of R's edges
 kept (structure) and the wall time of the call.
 
-    python benchmarks/discrete_refinement.py [--nodes 64] [--models GCN,GIN] [--layers first,output] [--append]
+    python benchmarks/discrete_refinement.py [--nodes 64] [--models GCN,GIN] [--layers first,output]
+        [--modes before,after] [--append]
 
 writes ``results/discrete_refinement.json`` and ``.md``.
 """
@@ -55,14 +56,15 @@ def summarise(res, seconds: float) -> dict:
     return row
 
 
-def run(name: str, data, nodes: list[int], layers: list[str]) -> list[dict]:
+def run(name: str, data, nodes: list[int], layers: list[str], modes: list[str]) -> list[dict]:
     model = train(name, data)
     cases = [("features", {"first": "convs.0", "output": OUTPUT_LAYER[name]}[which]) for which in layers]
     if name == "GCN" and "output" in layers:
         cases.append(("structure", OUTPUT_LAYER[name]))
     rows = []
     for kind, layer in cases:
-        for mode, options in MODES.items():
+        for mode in modes:
+            options = MODES[mode]
             start = time.perf_counter()
             res = fm.generate(model, data, nodes, kind=kind, layer=layer, progress=False, **options)
             row = {"model": name, "kind": kind, "layer": layer, "mode": mode,
@@ -96,12 +98,14 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=64)
     parser.add_argument("--models", default="GCN,GraphSAGE,GIN")
     parser.add_argument("--layers", default="first,output", help="first and/or output")
+    parser.add_argument("--modes", default="before,after", help="before and/or after")
     parser.add_argument("--append", action="store_true", help="add the rows to the existing results")
     args = parser.parse_args()
     data = fm.datasets.load("Cora", root=SHARED)
     nodes = test_nodes(data, args.nodes)
     layers = args.layers.split(",")
-    rows = [row for name in args.models.split(",") for row in run(name, data, nodes, layers)]
+    modes = args.modes.split(",")
+    rows = [row for name in args.models.split(",") for row in run(name, data, nodes, layers, modes)]
     out = Path(__file__).parent / "results" / "discrete_refinement.json"
     if args.append and out.exists():
         rows = json.loads(out.read_text())["rows"] + rows
