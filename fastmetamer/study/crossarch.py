@@ -19,6 +19,7 @@ from torch_geometric.data import Data
 
 from .. import models
 from ..graph.layers import call_model
+from .cells import load_or_train
 from .config import Cell, ModelSpec, StudyConfig
 
 
@@ -51,14 +52,14 @@ def predictions(config: StudyConfig, dataset: str, seed: int, data, folder: Path
 def add_control(rows: list[dict], config: StudyConfig, dataset: str, seed: int, data, folder: Path) -> bool:
     """Give cached prediction rows of ``dataset``/``seed`` written before the shuffled-features
     control existed their ``shuffled`` classes (in place). The control needs only the source
-    cell's targets (from its cell record) and the judge, not the saved metamers. Returns True
-    when a row changed."""
+    cell's targets (from its cell record) and the judge (re-trained from its seed when its
+    checkpoint is gone, as a resumed study does), not the saved metamers. Returns True when a
+    row changed."""
     missing = [row for row in rows if "shuffled" not in row]
     if not missing:
         return False
     cells = {c.model.arch: c for c in source_cells(config, dataset, seed)}
-    judges = {row["judge"]: models.load_checkpoint(folder / "models" / f"{cells[row['judge']].model.key}.pt")
-              for row in missing}
+    judges = {row["judge"]: load_or_train(cells[row["judge"]].model, data, config, folder)[0] for row in missing}
     for row in missing:
         record = json.loads((folder / "cells" / f"{cells[row['source']].key}.json").read_text())
         row["shuffled"] = shuffled_classes(judges[row["judge"]], record["targets"], data, seed)

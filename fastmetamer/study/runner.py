@@ -36,7 +36,8 @@ def run_study(out_dir, *, quick: bool = False, datasets=None, architectures=None
         root: data folder for PyG datasets; seed: base seed; progress: tqdm bar (None: on a tty).
         report_only: run no cell; write the report from the cells finished so far (e.g. while
             a long study is still running, or between sittings). Cached cross-architecture rows
-            that lack the shuffled-features control get it (a few forward passes).
+            that lack the shuffled-features control get it (a few forward passes, and judges
+            re-trained from their seeds where their checkpoints are gone).
         **settings: any other :class:`~.config.StudyConfig` field (``epochs``, ``adversarial``,
             ``null_graphs``, ``dataset_options``, ``exclude``).
 
