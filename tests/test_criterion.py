@@ -83,6 +83,9 @@ def test_null_set_is_every_node_unless_a_sample_is_asked_for(graph, zoo_gcn):
     assert sampled.settings["null_sample"] == 5
     assert bool((sampled.null_threshold >= exact.null_threshold).all())
     assert bool((sampled.null_threshold > exact.null_threshold).any())
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="null_sample"):
+            fm.generate(zoo_gcn, graph, nodes, null_sample=bad, **STEPS)
 
 
 def test_whole_graph_metamer_makes_one_pass_for_reference_and_criterion(graph, zoo_gcn, monkeypatch):

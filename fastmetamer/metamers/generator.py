@@ -131,6 +131,9 @@ def generate(model: nn.Module, graph: Data, node: int | list[int] | Tensor | Non
         raise ValueError(f"unknown kind {kind!r}; allowed: {list(KINDS)}")
     opts = Options.from_kwargs(options)
     opts.hops = check_hops(opts.hops)
+    if opts.null_sample is not None and (isinstance(opts.null_sample, bool) or not isinstance(opts.null_sample, int)
+                                         or opts.null_sample < 1):
+        raise ValueError(f"null_sample must be None (every node) or a positive int, got {opts.null_sample!r}")
     schedule = _schedule(kind, steps, lr, opts)
     layer_name = resolve_layer(model, layer)
     source, graph = graph, model_input(model, graph)
