@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import same_shape_pair, wasserstein1_columns
+from ._common import same_shape_pair
 from .activation import _relative_sq_rows, cosine_per_row
 
 
@@ -73,7 +73,7 @@ def feature_distances_segments(x, ref, segment: Tensor, num_segments: int,
     if all_01:  # W1 of Bernoulli marginals by counting
         out["marginal_w1"] = ((total(x) - total(ref)).abs() / count[:, None]).mean(1)
     else:
-        out["marginal_w1"] = _segment_w1(x, ref, segment, num_segments)
+        out["marginal_w1"] = _segment_w1(x, ref, segment, count)
     if all_01 if binary is None else binary:
         both, either = x.bool() & ref.bool(), x.bool() | ref.bool()
         inter, union = total(both.sum(1).to(x.dtype)), total(either.sum(1).to(x.dtype))
@@ -82,20 +82,16 @@ def feature_distances_segments(x, ref, segment: Tensor, num_segments: int,
     return {k: out[k] for k in ("cosine", "relative_l2", "marginal_w1", "jaccard", "hamming") if k in out}
 
 
-def _segment_w1(x: Tensor, ref: Tensor, segment: Tensor, num_segments: int) -> Tensor:
+def _segment_w1(x: Tensor, ref: Tensor, segment: Tensor, count: Tensor) -> Tensor:
     """Mean over features of the W1 distance of the column values of every problem (equal row
     counts, so the mean absolute difference of the columns sorted within each problem)."""
-    if num_segments == 1:
-        return wasserstein1_columns(x, ref).mean().view(1)
-
     def by_segment_then_value(values: Tensor) -> Tensor:
         values, order = values.sort(dim=0, stable=True)
         return values.gather(0, segment[order].argsort(dim=0, stable=True))
 
     gaps = (by_segment_then_value(x) - by_segment_then_value(ref)).abs()
     rows_segment = segment.sort().values  # the problem of every row of the re-ordered columns
-    count = torch.bincount(segment, minlength=num_segments).to(x.dtype)
-    return (torch.zeros(num_segments, x.shape[1], dtype=x.dtype).index_add_(0, rows_segment, gaps)
+    return (torch.zeros(count.numel(), x.shape[1], dtype=x.dtype).index_add_(0, rows_segment, gaps)
             / count[:, None]).mean(1)
 
 

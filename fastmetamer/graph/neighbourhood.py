@@ -46,11 +46,15 @@ class InEdges:
         """The in-edge entries of ``nodes`` [P]: (owner [M], entry [M]); ``owner`` indexes
         ``nodes``, ``entry`` indexes :attr:`source` / :attr:`edge_id`; grouped by owner."""
         starts = self.rowptr[nodes]
-        counts = self.rowptr[nodes + 1] - starts
-        owner = torch.repeat_interleave(torch.arange(nodes.numel(), device=nodes.device), counts)
-        offsets = torch.cumsum(counts, 0) - counts
-        entry = starts[owner] + torch.arange(owner.numel(), device=nodes.device) - offsets[owner]
-        return owner, entry
+        return expand_ranges(starts, self.rowptr[nodes + 1] - starts)
+
+
+def expand_ranges(starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """The ranges ``starts[i] : starts[i] + counts[i]`` [R] laid end to end: (owner [M]: the range
+    i of every element, index [M]: its value), with M = counts.sum()."""
+    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    offsets = torch.cumsum(counts, 0) - counts
+    return owner, starts[owner] + torch.arange(owner.numel(), device=counts.device) - offsets[owner]
 
 
 #: ``id(edge_index)`` -> (weak reference, tensor version, n, InEdges); entries die with the tensor.
@@ -105,4 +109,4 @@ def rings(csr: InEdges, targets: Tensor, group: Tensor, radius: int) -> Rings:
     return Rings(keys // n, keys % n, torch.cat(hops)[order])
 
 
-__all__ = ["InEdges", "in_edges", "Rings", "rings"]
+__all__ = ["InEdges", "in_edges", "Rings", "rings", "expand_ranges"]

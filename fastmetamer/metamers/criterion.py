@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..graph.neighbourhood import expand_ranges
+
 
 @dataclass
 class NullDistances:
@@ -132,11 +134,9 @@ def _pairs(lo: Tensor, hi: Tensor, nodes: Tensor, chunk_entries: int):
     while start < nodes.numel():
         stop = int(torch.searchsorted(ends, ends[start] - counts[start] + chunk_entries, side="right"))
         stop = max(stop, start + 1)
-        part, c = nodes[start:stop], counts[start:stop]
-        owner = torch.repeat_interleave(part, c)
-        offsets = torch.cumsum(c, 0) - c
-        rank = lo[owner] + torch.arange(owner.numel(), device=owner.device) - torch.repeat_interleave(offsets, c)
-        yield owner, rank
+        part = nodes[start:stop]
+        which, rank = expand_ranges(lo[part], counts[start:stop])
+        yield part[which], rank
         start = stop
 
 
