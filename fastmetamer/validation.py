@@ -18,6 +18,19 @@ from .graph.kwargs import ForwardKwargs
 from .graph.layers import count_hops
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite. One reduction and no mask for the common case: a
+    NaN or an infinity makes the sum non-finite, so a finite sum proves them absent (a sum that
+    overflows falls back to the elementwise check)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def is_binary(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is exactly 0 or 1. Checked in slices of 2^18 entries (small
+    temporaries that stay in cache; the first slice with another value ends the check)."""
+    return all(bool(((part == 0) | (part == 1)).all()) for part in t.reshape(-1).split(1 << 18))
+
+
 def check_graph(graph: Data) -> None:
     """Check that ``graph`` is a PyG ``Data`` with finite float features and a valid edge list.
 
@@ -34,7 +47,7 @@ def check_graph(graph: Data) -> None:
         raise TypeError(f"graph.x must be floating point, got dtype {x.dtype}")
     if x.shape[0] == 0:
         raise ValueError("graph has no nodes (graph.x has 0 rows)")
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         bad = (~torch.isfinite(x)).any(dim=1).nonzero().flatten()[:5].tolist()
         raise ValueError(f"graph.x contains NaN or Inf values (first affected nodes: {bad})")
     check_edge_index(getattr(graph, "edge_index", None), x.shape[0])
@@ -44,7 +57,7 @@ def check_graph(graph: Data) -> None:
             raise ValueError(
                 f"graph.edge_weight must have shape [{graph.edge_index.shape[1]}] "
                 f"(one weight per edge), got {tuple(weight.shape)}")
-        if not torch.isfinite(weight).all():
+        if not all_finite(weight):
             raise ValueError("graph.edge_weight contains NaN or Inf values")
         if weight.numel() and bool((weight < 0).any()):
             raise ValueError(f"graph.edge_weight has negative values (min {float(weight.min()):g}); "

@@ -424,3 +424,42 @@ def test_feature_metamer_reports_its_unchanged_structure_without_computing_it(gr
     computed = structure_distances(res.graph.edge_index, res.reference.edge_index, res.graph.num_nodes,
                                    max_nodes=10_000)
     assert computed == pytest.approx(scoring.UNCHANGED_STRUCTURE)
+
+
+def _grakel_wl(edges: list, n: int, ref_edges: list, m: int, labels: list, ref_labels: list, iterations: int):
+    """The SPEC's definition: grakel's normalised WL subtree kernel with VertexHistogram."""
+    from grakel import Graph
+    from grakel.kernels import VertexHistogram, WeisfeilerLehman
+
+    def graph(pairs, k, node_labels):
+        adjacency = {v: [] for v in range(k)}
+        for u, v in {tuple(sorted(p)) for p in pairs if p[0] != p[1]}:
+            adjacency[u].append(v)
+            adjacency[v].append(u)
+        return Graph(adjacency, node_labels=dict(enumerate(node_labels)))
+
+    kernel = WeisfeilerLehman(n_iter=iterations, base_graph_kernel=VertexHistogram, normalize=True)
+    return min(1.0, float(kernel.fit_transform([graph(edges, n, labels), graph(ref_edges, m, ref_labels)])[0, 1]))
+
+
+@settings(deadline=None, max_examples=30, derandomize=True)
+@given(n=st.integers(1, 25), m=st.integers(1, 25), density=st.floats(0.0, 3.0), seed=st.integers(0, 2**16),
+       label_kind=st.sampled_from(["degree", "int", "str"]), iterations=st.integers(1, 4))
+def test_vectorised_wl_equals_grakel(n, m, density, seed, label_kind, iterations):
+    """Random graphs with self loops, duplicate and reversed edges, isolated nodes and one-node
+    graphs; degree labels, integer labels and string labels (compared across the two graphs)."""
+    gen = torch.Generator().manual_seed(seed)
+    ei = torch.randint(0, n, (2, int(density * n)), generator=gen)
+    ref_ei = torch.randint(0, m, (2, int(density * m)), generator=gen)
+    if m == n and seed % 2:  # a near copy: shares most labels with the reference
+        ref_ei = ei[:, : max(0, ei.shape[1] - 1)]
+    ints = torch.randint(0, 3, (n + m,), generator=gen).tolist()
+    labels = {"degree": (None, None), "int": (T(ints[:n]), T(ints[n:])),
+              "str": ([f"l{v}" for v in ints[:n]], [f"l{v}" for v in ints[n:]])}[label_kind]
+    if label_kind == "degree":
+        both = [torch.bincount(torch.unique(e.t()[e[0] != e[1]].sort(1).values, dim=0).flatten(), minlength=k).tolist()
+                for e, k in ((ei, n), (ref_ei, m))]
+    else:
+        both = [list(map(str, ints[:n])), list(map(str, ints[n:]))]
+    want = _grakel_wl(ei.t().tolist(), n, ref_ei.t().tolist(), m, *both, iterations)
+    assert wl_similarity(ei, ref_ei, n, m, *labels, iterations=iterations) == approx(want, abs=1e-12)

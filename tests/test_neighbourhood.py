@@ -102,3 +102,24 @@ def test_rings_cost_follows_the_rings_not_the_graph():
     found = neighbourhood.rings(csr_spy, torch.tensor([3]), torch.zeros(1, dtype=torch.long), 5)
     assert found.node.tolist() == [0, 1, 2, 3] and found.hop.tolist() == [3, 2, 1, 0]
     assert sum(touched) == 4  # the frontiers 3, 2, 1, 0; nothing of the other 200k edges
+
+
+@settings(deadline=None, max_examples=25, derandomize=True)
+@given(n=st.integers(1, 30), seed=st.integers(0, 2**16), stacked=st.booleans(), transpose=st.booleans())
+def test_operator_pattern_from_in_edges_equals_the_sorted_one(n, seed, stacked, transpose):
+    """An operator's pattern built from the cached in-edge CSR (no sort) is the one a stable sort
+    of its coordinates gives: edges then one entry per node, on graphs with isolated nodes, self
+    loops, duplicates, a hub, one node or no edges; columns stacked [A | I] or not."""
+    from fastmetamer.engines.csr import Pattern
+
+    graph = awkward_graph(num_nodes=n, num_features=2, seed=seed) if n > 3 else None
+    edge_index = graph.edge_index if graph is not None else torch.randint(0, n, (2, seed % 3 * n))
+    loops = torch.arange(n)
+    row = torch.cat([edge_index[1], loops])
+    col = torch.cat([edge_index[0], loops + (n if stacked else 0)])
+    num_cols = 2 * n if stacked else n
+    got = Pattern.from_in_edges(neighbourhood.in_edges(edge_index, n), row, col, num_cols, transpose)
+    want = Pattern.from_coo(row, col, n, num_cols, transpose)
+    for field in ("rowptr", "col", "order", "t_rowptr", "t_col", "t_order"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert (a is None and b is None) or torch.equal(a, b), field

@@ -21,6 +21,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ptr"), py::arg("k"), py::arg("slope"));
   m.def("top_mask_csr", &fm::top_mask_csr, "the ones of top_mask's mask as CSR (rowptr, col) and the threshold",
         py::arg("theta"), py::arg("ptr"), py::arg("k"), py::arg("slope"));
+  m.def("group_by", &fm::group_by, "stable counting sort: (rowptr, order) of the entries grouped by key",
+        py::arg("keys"), py::arg("num_groups"));
   m.def("adam_ste_update", &fm::adam_ste_update, "fused margin + straight-through + Adam step (in place)",
         py::arg("theta"), py::arg("grad_x"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"),
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("slope"),

@@ -7,11 +7,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..validation import all_finite
+
 
 def to_float64(x, name: str) -> Tensor:
     """Return ``x`` as a detached float64 CPU tensor; ValueError if it holds NaN or Inf."""
     t = torch.as_tensor(x, dtype=torch.float64, device="cpu").detach()
-    if not torch.isfinite(t).all():
+    if not all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf values; metrics need finite input")
     return t
 

@@ -10,6 +10,7 @@ import math
 
 from torch import Tensor
 
+from ..validation import is_binary
 from ._common import require_dim, same_shape_pair, to_float64, wasserstein1_columns
 from .activation import cosine_per_row
 
@@ -21,16 +22,11 @@ def _features_pair(x, ref) -> tuple[Tensor, Tensor]:
     return x, ref
 
 
-def _is_binary(t: Tensor) -> bool:
-    """True when every entry of ``t`` is exactly 0 or 1."""
-    return bool(((t == 0) | (t == 1)).all())
-
-
 def _binary_pair(x, ref) -> tuple[Tensor, Tensor]:
     """Check two feature matrices of equal shape whose entries are all 0 or 1; return them as bool."""
     x, ref = _features_pair(x, ref)
     for name, t in (("x", x), ("ref", ref)):
-        if not _is_binary(t):
+        if not is_binary(t):
             raise ValueError(f"{name} is not binary: Jaccard and Hamming need features that are all 0 or 1")
     return x.bool(), ref.bool()
 
@@ -92,7 +88,7 @@ def marginal_distance(x, ref) -> float:
     if x.shape[1] != ref.shape[1] or 0 in (*x.shape, *ref.shape):
         raise ValueError(f"x and ref must be non-empty with the same number of features, "
                          f"got shapes {tuple(x.shape)} and {tuple(ref.shape)}")
-    if _is_binary(x) and _is_binary(ref):  # W1 of two Bernoulli marginals: |p - q|, by counting
+    if is_binary(x) and is_binary(ref):  # W1 of two Bernoulli marginals: |p - q|, by counting
         return float((x.mean(0) - ref.mean(0)).abs().mean())
     return float(wasserstein1_columns(x, ref).mean())
 
@@ -108,7 +104,7 @@ def feature_distances(x, ref, binary: bool | None = None) -> dict[str, float]:
     out = {"cosine": feature_cosine(x, ref), "relative_l2": relative_l2(x, ref),
            "marginal_w1": marginal_distance(x, ref)}
     if binary is None:
-        binary = _is_binary(x) and _is_binary(ref)
+        binary = is_binary(x) and is_binary(ref)
     if binary:
         out.update(jaccard=jaccard(x, ref), hamming=hamming(x, ref))
     return out

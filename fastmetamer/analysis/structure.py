@@ -12,11 +12,10 @@ import math
 
 import numpy as np
 import torch
-from grakel import Graph
-from grakel.kernels import VertexHistogram, WeisfeilerLehman
 from torch import Tensor
 
 from ._common import check_edge_index, check_num_nodes, wasserstein1_columns
+from .wl import wl_kernel
 
 
 def _simple_edges(edge_index: Tensor) -> Tensor:
@@ -37,31 +36,43 @@ def _degrees(num_nodes: int, edges: Tensor) -> Tensor:
     return torch.bincount(edges.flatten(), minlength=num_nodes)
 
 
-def _grakel_graph(num_nodes: int, edges: Tensor, labels) -> Graph:
-    """A grakel ``Graph`` with symmetric adjacency lists (isolated nodes included) and node labels."""
-    adjacency = {v: [] for v in range(num_nodes)}
-    for u, v in edges.tolist():
-        adjacency[u].append(v)
-        adjacency[v].append(u)
-    return Graph(adjacency, node_labels=dict(enumerate(labels)))
+def _label_values(labels, num_nodes: int, name: str) -> list | Tensor:
+    """The given node labels as a flat tensor (numeric) or list (other hashables), checked to
+    hold one label per node."""
+    try:
+        values = torch.as_tensor(labels).detach().cpu().flatten()
+    except (TypeError, ValueError, RuntimeError):  # not numeric
+        values = list(labels)
+    if len(values) != num_nodes:
+        raise ValueError(f"{name} must have one label per node ({num_nodes}), got {len(values)}")
+    return values
 
 
-def _node_labels(labels, num_nodes: int, edges: Tensor, name: str) -> list:
-    """The given node labels as a list (checked to have length ``num_nodes``), or the degrees."""
+def _initial_labels(labels, ref_labels, graphs: tuple) -> Tensor:
+    """Ids [n + m] (0 .. L-1) of both graphs' initial WL labels, equal exactly where the labels
+    are equal: the given labels (numbers or any hashable values) or else the degrees.
+    ``graphs``: ((n, edges), (m, ref_edges))."""
     if labels is None:
-        return _degrees(num_nodes, edges).tolist()
-    labels = torch.as_tensor(labels).detach().cpu().flatten()
-    if labels.numel() != num_nodes:
-        raise ValueError(f"{name} must have one label per node ({num_nodes}), got {labels.numel()}")
-    return labels.tolist()
+        values = torch.cat([_degrees(k, e) for k, e in graphs])
+    else:
+        first, second = (_label_values(v, k, name) for v, (k, _), name in
+                         zip((labels, ref_labels), graphs, ("labels", "ref_labels")))
+        if isinstance(first, Tensor) and isinstance(second, Tensor):
+            values = torch.cat([first, second])
+        else:  # compare as Python values, as a dictionary does
+            both = [*(first.tolist() if isinstance(first, Tensor) else first),
+                    *(second.tolist() if isinstance(second, Tensor) else second)]
+            ids = {value: i for i, value in enumerate(dict.fromkeys(both))}
+            values = torch.tensor([ids[value] for value in both], dtype=torch.long)
+    return torch.unique(values, return_inverse=True)[1]
 
 
 def wl_similarity(edge_index, ref_edge_index, num_nodes: int, ref_num_nodes: int | None = None,
                   labels=None, ref_labels=None, iterations: int = 3) -> float:
     """Normalised Weisfeiler–Lehman subtree kernel similarity of two graphs.
 
-    grakel ``WeisfeilerLehman(n_iter=iterations, base_graph_kernel=VertexHistogram,
-    normalize=True)``: the label histograms after 0, 1, ..., ``iterations`` refinement steps are
+    Equal to grakel ``WeisfeilerLehman(n_iter=iterations, base_graph_kernel=VertexHistogram,
+    normalize=True)``, computed vectorised (:mod:`.wl`, O((n + E) log(n + E)) per iteration): the label histograms after 0, 1, ..., ``iterations`` refinement steps are
     concatenated into φ(G), and the result is <φ(G), φ(H)> / sqrt(<φ(G), φ(G)> <φ(H), φ(H)>).
     Node labels are ``labels`` / ``ref_labels`` (each [num_nodes], hashable values; give both or
     neither) or else the node degrees. ``ref_num_nodes`` defaults to ``num_nodes``.
@@ -75,10 +86,12 @@ def wl_similarity(edge_index, ref_edge_index, num_nodes: int, ref_num_nodes: int
     ref_num_nodes = num_nodes if ref_num_nodes is None else ref_num_nodes
     n, edges = _graph(edge_index, num_nodes, "edge_index")
     m, ref_edges = _graph(ref_edge_index, ref_num_nodes, "ref_edge_index")
-    graphs = [_grakel_graph(n, edges, _node_labels(labels, n, edges, "labels")),
-              _grakel_graph(m, ref_edges, _node_labels(ref_labels, m, ref_edges, "ref_labels"))]
-    kernel = WeisfeilerLehman(n_iter=iterations, base_graph_kernel=VertexHistogram, normalize=True)
-    return min(1.0, float(kernel.fit_transform(graphs)[0, 1]))
+    initial = _initial_labels(labels, ref_labels, ((n, edges), (m, ref_edges)))
+    union = torch.cat([edges, ref_edges + n]).t()
+    kernel = wl_kernel(initial, torch.cat([union[0], union[1]]), torch.cat([union[1], union[0]]),
+                       torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(m, dtype=torch.long)]), 2,
+                       iterations)
+    return min(1.0, float(kernel[0, 1] / (kernel[0, 0] * kernel[1, 1]).sqrt()))
 
 
 def edge_jaccard(edge_index, ref_edge_index) -> float:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..graph.neighbourhood import InEdges
+from ..ops import dispatch
+
 
 @dataclass
 class Pattern:
@@ -35,12 +38,43 @@ class Pattern:
                  transpose: bool = True) -> "Pattern":
         """Build the pattern of the entries (row[e], col[e]); ``transpose=False`` skips the
         transpose (one sort and one gather less: forward passes only)."""
-        order = torch.argsort(row, stable=True)
-        forward = (num_rows, num_cols, _rowptr(row, num_rows), col[order].contiguous(), order)
+        rowptr, order = dispatch.group_by(row, num_rows)
+        return cls._with_transpose(num_rows, num_cols, rowptr, col.index_select(0, order), order, row, col,
+                                   transpose)
+
+    @classmethod
+    def from_in_edges(cls, in_edges: InEdges, row: Tensor, col: Tensor, num_cols: int,
+                      transpose: bool = True) -> "Pattern":
+        """The pattern of an operator whose entries are a graph's edges followed by one entry per
+        node: ``row`` = [destination of every edge, 0 .. n-1], ``col`` = [source of every edge,
+        any column per node] ([E + n] each). Equal to :meth:`from_coo` of them, but the CSR
+        comes from the graph's cached in-edge CSR ``in_edges`` (each row: its in-edges in edge
+        order, then its node's entry) with O(E + n) sequential writes instead of a sort."""
+        n, num_edges = in_edges.num_nodes, in_edges.source.numel()
+        if row.shape != (num_edges + n,) or col.shape != row.shape:
+            raise ValueError(f"row and col must hold the {num_edges} edges and {n} node entries, "
+                             f"got {tuple(row.shape)} and {tuple(col.shape)}")
+        nodes = torch.arange(n + 1, device=row.device)
+        counts = in_edges.rowptr.diff()
+        rowptr = in_edges.rowptr + nodes
+        edge_slot = torch.arange(num_edges, device=row.device) + torch.repeat_interleave(nodes[:-1], counts)
+        node_slot = rowptr[1:] - 1
+        order = torch.empty(num_edges + n, dtype=torch.long, device=row.device)
+        order[edge_slot] = in_edges.edge_id
+        order[node_slot] = nodes[:-1] + num_edges
+        csr_col = torch.empty_like(order)
+        csr_col[edge_slot] = in_edges.source
+        csr_col[node_slot] = col[num_edges:]
+        return cls._with_transpose(n, num_cols, rowptr, csr_col, order, row, col, transpose)
+
+    @classmethod
+    def _with_transpose(cls, num_rows: int, num_cols: int, rowptr: Tensor, csr_col: Tensor, order: Tensor,
+                        row: Tensor, col: Tensor, transpose: bool) -> "Pattern":
+        """The pattern from its CSR, plus the transpose's CSR of the coordinates when asked."""
         if not transpose:
-            return cls(*forward, None, None, None)
-        t_order = torch.argsort(col, stable=True)
-        return cls(*forward, _rowptr(col, num_cols), row[t_order].contiguous(), t_order)
+            return cls(num_rows, num_cols, rowptr, csr_col, order, None, None, None)
+        t_rowptr, t_order = dispatch.group_by(col, num_cols)
+        return cls(num_rows, num_cols, rowptr, csr_col, order, t_rowptr, row.index_select(0, t_order), t_order)
 
     def rows(self, rows: Tensor) -> "Pattern":
         """The sub-operator made of the given rows [T] (in that order)."""
@@ -143,5 +177,5 @@ class Operator:
     @classmethod
     def build(cls, pattern: Pattern, coo_value: Tensor) -> "Operator":
         """Gather coordinate-order values [E_coo] into CSR and transposed-CSR order."""
-        t_value = None if pattern.t_order is None else coo_value.detach()[pattern.t_order].contiguous()
-        return cls(pattern, coo_value[pattern.order].contiguous(), t_value)
+        t_value = None if pattern.t_order is None else coo_value.detach().index_select(0, pattern.t_order)
+        return cls(pattern, coo_value.index_select(0, pattern.order), t_value)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
 from ..graph.layers import layer_output
+from ..graph.neighbourhood import in_edges
 from ..graph.subgraph import Subgraph
 from ..ops import dispatch
 from . import functions as F
@@ -24,26 +24,41 @@ def _coo(stage: Stage, edge_index: Tensor, edge_weight: Tensor | None, n: int):
     """(row, col, value, num_cols) of the stage's operator in coordinate form (row = destination).
 
     For a stage with a root weight the operator is [A | I] over the stacked input [x W; x W_r]."""
-    from ..models.convs import gcn_normalize
-
     src, dst = edge_index
     if not stage.weighted:
         edge_weight = None
-    weight = torch.ones(src.numel()) if edge_weight is None else edge_weight
-    loops = torch.arange(n)
-    if stage.operator == "gcn":
-        index, value = gcn_normalize(edge_index, edge_weight, n, torch.float32)
-        return index[1], index[0], value, n
-    if stage.operator == "gcn_pyg":
-        index, value = gcn_norm(edge_index, edge_weight, n, improved=False, add_self_loops=True)
-        return index[1], index[0], value, n
+    weight = torch.ones(src.numel(), device=src.device) if edge_weight is None else edge_weight
+    loops = torch.arange(n, device=src.device)
+    if stage.operator in ("gcn", "gcn_pyg"):
+        return _gcn_coo(src, dst, weight, n, remaining_loops=stage.operator == "gcn_pyg")
     if stage.operator == "sum_self":
-        self_value = torch.full((n,), 1.0 + stage.eps)
+        self_value = torch.full((n,), 1.0 + stage.eps, device=src.device)
         return torch.cat([dst, loops]), torch.cat([src, loops]), torch.cat([weight, self_value]), n
-    degree = torch.zeros(n).index_add(0, dst, weight)
+    degree = torch.zeros(n, device=src.device).index_add(0, dst, weight)
     degree = torch.where(degree > 0, degree, torch.ones_like(degree))
     value = weight / degree[dst]
-    return torch.cat([dst, loops]), torch.cat([src, loops + n]), torch.cat([value, torch.ones(n)]), 2 * n
+    return torch.cat([dst, loops]), torch.cat([src, loops + n]), torch.cat([value, torch.ones(n, device=src.device)]), 2 * n
+
+
+def _gcn_coo(src: Tensor, dst: Tensor, weight: Tensor, n: int, remaining_loops: bool):
+    """(row, col, value, n) of D^-1/2 (A_w + L) D^-1/2 with one self-loop entry per node appended.
+
+    ``remaining_loops=False`` (the zoo's ``gcn_normalize``): L = I, existing self loops stay
+    ordinary edges. ``True`` (PyG's ``gcn_norm`` with ``add_remaining_self_loops``): existing
+    self loops count as absent (their entries get value 0) and their weight replaces the unit
+    loop of their node. Entries stay one per edge, then one per node (see
+    :meth:`Pattern.from_in_edges`). O(n + E), differentiable w.r.t. ``weight`` [E]."""
+    loop_weight = torch.ones(n, device=src.device, dtype=weight.dtype)
+    if remaining_loops:
+        is_loop = src == dst
+        if bool(is_loop.any()):
+            loop_weight = loop_weight.index_put((src[is_loop],), weight[is_loop])
+            weight = weight.masked_fill(is_loop, 0.0)
+    degree = loop_weight.index_add(0, dst, weight)
+    inv_sqrt = degree.pow(-0.5).masked_fill(degree == 0, 0.0)
+    loops = torch.arange(n, device=src.device)
+    value = torch.cat([inv_sqrt[src] * weight * inv_sqrt[dst], inv_sqrt * loop_weight * inv_sqrt])
+    return torch.cat([dst, loops]), torch.cat([src, loops]), value, n
 
 
 class FastEngine:
@@ -115,7 +130,8 @@ class FastEngine:
         row, col, value, num_cols = _coo(stage, edge_index, edge_weight, n)
         known = self._patterns.get(stage.operator)
         if known is None or known[0] is not edge_index:
-            known = (edge_index, Pattern.from_coo(row, col, n, num_cols, transpose=self._transposes))
+            pattern = Pattern.from_in_edges(in_edges(edge_index, n), row, col, num_cols, transpose=self._transposes)
+            known = (edge_index, pattern)
             self._patterns[stage.operator] = known
         operator = Operator.build(known[1], value.float())
         if edge_weight is None or not edge_weight.requires_grad:

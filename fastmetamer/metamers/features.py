@@ -71,11 +71,6 @@ def draw_noise(ptr: Tensor, dim: int, generators: list[torch.Generator], out: Te
     return out
 
 
-def is_binary(x: Tensor) -> bool:
-    """Whether every entry of ``x`` is exactly 0 or 1."""
-    return bool(((x == 0) | (x == 1)).all())
-
-
 class FeatureParam:
     """Learned features of the free rows.
 

@@ -10,11 +10,11 @@ from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
 
 from ..validation import (check_feature_width, check_forward_kwargs, check_graph, check_hops, check_nodes,
-                          model_input)
+                          is_binary, model_input)
 from ..engines import FastEngine, full_graph_activations, loss_scale, make_engine
 from ..ops import dispatch
 from .criterion import NullDistances, null_distances, passes, whole_graph_passes
-from .features import FeatureParam, FusedBinaryFeatures, is_binary
+from .features import FeatureParam, FusedBinaryFeatures
 from ..graph.kwargs import ForwardKwargs
 from ..graph.layers import accepts_keyword, count_hops, layer_output, resolve_layer
 from .moves import FeatureMoves, StructureMoves

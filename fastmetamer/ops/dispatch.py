@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-OPS = ("aggregate", "loss", "update")
+OPS = ("aggregate", "loss", "update", "group")
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 
@@ -58,9 +58,16 @@ def resolve(backend: str, device: torch.device | str = "cpu") -> str:
 
 
 def get(op: str, backend: str) -> ModuleType:
-    """The module implementing op family ``op`` (aggregate, loss, update) for ``backend``."""
+    """The module implementing op family ``op`` (aggregate, loss, update, group) for ``backend``."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops: {list(OPS)}")
     module = _module(op, resolve(backend))
     assert module is not None
     return module
+
+
+def group_by(keys: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries grouped by key with the fastest backend for ``keys``' device: ``keys`` [E] int64 in
+    [0, num_groups) -> (rowptr [num_groups + 1], order [E]), ``order`` a stable argsort of
+    ``keys`` and ``rowptr`` its group offsets (the CSR of an edge list keyed by row)."""
+    return get("group", resolve("auto", keys.device)).group_by(keys, num_groups)

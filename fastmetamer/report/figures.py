@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..analysis.activation import cosine_per_row
 from ..metamers.result import MetamerResult
+from ..validation import is_binary
 from .summary import num_targets
 
 #: At most this many frozen boundary nodes are drawn in a neighbourhood picture.
@@ -196,11 +197,6 @@ def plot_neighbourhood(result: MetamerResult, path, target: int = 0) -> Path:
     return _save(fig, path)
 
 
-def _is_binary(*tensors: Tensor) -> bool:
-    """True when every entry of every tensor is exactly 0 or 1."""
-    return all(bool(((t == 0) | (t == 1)).all()) for t in tensors)
-
-
 def plot_features(result: MetamerResult, path, target: int = 0) -> Path:
     """Reference vs metamer feature matrices (free nodes x features) of one target's receptive
     field as images; the target is the top row. Binary (bag-of-words) features are drawn black
@@ -216,7 +212,7 @@ def plot_features(result: MetamerResult, path, target: int = 0) -> Path:
     center = _center(result, target)
     rows = torch.cat([free.new_tensor([center]), free[free != center]])
     ref, met = result.reference.x[rows].double(), result.graph.x[rows].double()
-    binary = _is_binary(ref, met)
+    binary = is_binary(ref) and is_binary(met)
     scale = float(torch.cat([ref, met]).abs().max().clamp_min(1e-12))
     style = dict(cmap="Greys", vmin=0, vmax=1) if binary else dict(cmap="RdBu_r", vmin=-scale, vmax=scale)
     fig = Figure(figsize=(12, 4.8))

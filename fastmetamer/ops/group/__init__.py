@@ -1,0 +1,1 @@
+"""Op family: group (entries grouped by an integer key: the CSR of an edge list; see fastmetamer.ops)."""
