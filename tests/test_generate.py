@@ -377,3 +377,37 @@ def test_batched_graph_level_metamers_equal_single_calls():
     with pytest.raises(ValueError, match="sorted graph ids"):
         fm.generate(model, Data(x=targets[0].x, edge_index=targets[0].edge_index,
                                 batch=torch.arange(targets[0].num_nodes).flip(0)), None, **options)
+
+
+def _flat_metrics(metrics: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in metrics.items():
+        out.update(_flat_metrics(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+@pytest.mark.parametrize("kind", ["features", "structure"])
+def test_chunked_targets_equal_one_unchunked_call(synthetic, pyg_gcn, kind):
+    """A memory budget too small for two problems solves every target alone; the merged result
+    is the one call over all of them: metamers, losses, flags, histories (padded per phase:
+    targets stop at different steps) and metrics."""
+    nodes = list(range(0, 24, 4))
+    options = dict(kind=kind, steps=40, refine_steps=30, progress=False)
+    whole = fm.generate(pyg_gcn, synthetic, nodes, **options)
+    split = fm.generate(pyg_gcn, synthetic, nodes, memory_budget=1, **options)
+    for name in ("x", "edge_index", "n_id", "free_mask", "batch", "center"):
+        assert torch.equal(getattr(split.graph, name), getattr(whole.graph, name)), name
+        assert torch.equal(getattr(split.reference, name), getattr(whole.reference, name)), name
+    for name in ("loss", "history", "passed", "trivial", "distance", "null_threshold", "twins", "center"):
+        assert torch.equal(getattr(split, name), getattr(whole, name)), name
+    assert split.gradient_steps == whole.gradient_steps and split.nodes == whole.nodes
+    got, want = _flat_metrics(split.metrics), _flat_metrics(whole.metrics)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12, nan_ok=True), key
+
+
+def test_memory_budget_is_validated(synthetic, pyg_gcn):
+    for bad in (0, -5, 1.5, True, "1GB"):
+        with pytest.raises(ValueError, match="memory_budget"):
+            fm.generate(pyg_gcn, synthetic, [0, 1], steps=2, progress=False, memory_budget=bad)

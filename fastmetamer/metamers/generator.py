@@ -20,6 +20,7 @@ from ..graph.layers import accepts_keyword, count_hops, layer_output, resolve_la
 from .moves import FeatureMoves, StructureMoves
 from .optimize import BestStates, Restarts, Schedule, run_schedule
 from .refine import refine
+from . import chunks
 from ..graph.subgraph import (Subgraph, check_graph_ids, disjoint_receptive_fields, receptive_field,
                               whole_graph)
 from .scoring import metamer_metrics
@@ -58,6 +59,10 @@ class Options:
     null_sample: None (default) makes the null set every real node of the graph (exact, SPEC
         §2.3); an int k makes it k random real nodes (seeded) instead, and the result's
         ``settings["null_sample"]`` says so.
+    memory_budget: bytes that a list of node targets may use at once; the targets are solved
+        in consecutive chunks whose estimated memory fits it (see :mod:`.chunks`) and the
+        result is the one a single call over all of them gives. None (default): a quarter of
+        the memory available at the call, at most 4 GiB.
     null_graphs: for a graph-level (pooled) layer, other real graphs whose embeddings form the
         null distribution of the success criterion (without them nothing passes).
     scores: compute ``res.metrics`` (distances and consistency; False leaves it empty).
@@ -87,6 +92,7 @@ class Options:
     resample_every: int = 50
     null_sample: int | None = None
     null_graphs: list | None = None
+    memory_budget: int | None = None
     scores: bool = True
     progress: bool | None = None
     forward_kwargs: dict | None = None
@@ -134,6 +140,10 @@ def generate(model: nn.Module, graph: Data, node: int | list[int] | Tensor | Non
     if opts.null_sample is not None and (isinstance(opts.null_sample, bool) or not isinstance(opts.null_sample, int)
                                          or opts.null_sample < 1):
         raise ValueError(f"null_sample must be None (every node) or a positive int, got {opts.null_sample!r}")
+    if opts.memory_budget is not None and (isinstance(opts.memory_budget, bool) or
+                                          not isinstance(opts.memory_budget, int) or opts.memory_budget < 1):
+        raise ValueError(f"memory_budget must be None (automatic) or a positive int of bytes, "
+                         f"got {opts.memory_budget!r}")
     schedule = _schedule(kind, steps, lr, opts)
     layer_name = resolve_layer(model, layer)
     source, graph = graph, model_input(model, graph)
@@ -141,8 +151,8 @@ def generate(model: nn.Module, graph: Data, node: int | list[int] | Tensor | Non
     check_forward_kwargs(extra, kind, graph.x.device)
     with _frozen(model):
         check_feature_width(model, layer_name, graph.x, extra)
-        result = _generate(model, graph, targets, layer_name, kind, schedule, 0 if seed is None else seed,
-                           backend, opts, extra)
+        result = _generate_in_chunks(model, graph, targets, layer_name, kind, schedule, 0 if seed is None else seed,
+                                     backend, opts, extra)
     result.input_graph = source
     return result
 
@@ -175,12 +185,30 @@ def _frozen(model: nn.Module):
             p.requires_grad_(g)
 
 
-def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts, extra) -> MetamerResult:
-    weight = getattr(graph, "edge_weight", None)
+def _generate_in_chunks(model, graph, targets, layer, kind, schedule, seed, backend, opts, extra) -> MetamerResult:
+    """:func:`_generate` over consecutive chunks of a list of node targets that fit the memory
+    budget, merged (one call when they all fit, or for one target or a whole graph)."""
     hops = count_hops(model, layer, graph.x, extra) if opts.hops is None else opts.hops
+    if targets is None or targets.numel() == 1:
+        return _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts, extra, hops)
+    budget = chunks.default_budget(graph.x.device) if opts.memory_budget is None else opts.memory_budget
+    costs = chunks.problem_bytes(graph, targets, hops + _context(kind, hops))
+    parts = chunks.split_targets(costs, targets, budget)
+    if len(parts) == 1:
+        return _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts, extra, hops)
+    return chunks.merge_results([_generate(model, graph, part, layer, kind, schedule, seed, backend, opts, extra,
+                                           hops, single=False) for part in parts])
+
+
+def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts, extra, hops,
+              single: bool | None = None) -> MetamerResult:
+    """One batch of problems. ``single`` (default: exactly one target node) returns that
+    target's outputs as scalars."""
+    weight = getattr(graph, "edge_weight", None)
+    single = targets is not None and targets.numel() == 1 if single is None else single
     if targets is None:
         sub = whole_graph(graph.x, graph.edge_index, weight, forward_kwargs=extra)
-    elif targets.numel() == 1:
+    elif single:
         sub = receptive_field(graph.x, graph.edge_index, weight, targets, hops, extra,
                               context=_context(kind, hops))
     else:
@@ -233,6 +261,7 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
         if pass_loss is None else torch.clamp(pass_loss, max=opts.restart_above)
     states, refined = _refine(engine, sub, feats, struct, best, generators, stop_below, restart_above, opts,
                               shared_loss, copyable)
+    gradient_steps = history.shape[0]
     history = torch.cat([history, refined])
     seconds = time.perf_counter() - started
     metamer = _metamer_graph(sub, graph, struct, states)
@@ -248,12 +277,11 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
         trivial = trivial[sub.component[sub.center]]
     passed &= ~trivial
     reference = _subgraph_data(sub, graph, sub.x, sub.edge_index, sub.edge_weight)
-    single = targets is not None and targets.numel() == 1
     return MetamerResult(
         graph=metamer, reference=reference,
         center=int(sub.center[0]) if single else sub.center,
-        loss=float(final_loss[0]) if final_loss.numel() == 1 else final_loss,
-        history=history[:, 0] if history.shape[1] == 1 else history,
+        loss=float(final_loss[0]) if final_loss.numel() == 1 and (single or targets is None) else final_loss,
+        history=history[:, 0] if history.shape[1] == 1 and (single or targets is None) else history,
         passed=bool(passed[0]) if single else passed,
         trivial=bool(trivial[0]) if single else trivial,
         distance=distance, null_threshold=null.threshold, twins=null.twins,
@@ -264,7 +292,8 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
                                    "forward_kwargs": sorted(opts.forward_kwargs or {}),
                                    "steps": schedule.steps, "lr": schedule.lr,
                                    "seed": seed, "backend": engine.name,
-                                   "binary": None if feats is None else feats.binary})
+                                   "binary": None if feats is None else feats.binary},
+        gradient_steps=gradient_steps)
 
 
 def _context(kind: str, hops: int) -> int:
@@ -441,9 +470,12 @@ def _with_free_rows(sub: Subgraph, rows: Tensor) -> Tensor:
 
 def _metamer_graph(sub: Subgraph, graph: Data, struct, states: dict) -> Data:
     x = _with_free_rows(sub, states["features"]) if "features" in states else sub.x
-    edge_index, edge_weight = struct.edges_of(states["structure"]) if struct is not None else \
-        (sub.edge_index, sub.edge_weight)
-    return _subgraph_data(sub, graph, x, edge_index, edge_weight)
+    if struct is None:
+        return _subgraph_data(sub, graph, x, sub.edge_index, sub.edge_weight)
+    edge_index, edge_weight = struct.edges_of(states["structure"])
+    # grouped by problem (stable): a problem's edges do not depend on which others share the batch
+    order = torch.argsort(sub.component[edge_index[1]], stable=True)
+    return _subgraph_data(sub, graph, x, edge_index[:, order], None if edge_weight is None else edge_weight[order])
 
 
 def _unchanged(sub: Subgraph, struct, states: dict) -> Tensor:

@@ -55,6 +55,8 @@ class MetamerResult:
         kind, layer, hops, nodes: what was asked (nodes: original ids, None = whole graph).
         seconds: wall time of the optimisation.
         settings: the resolved options.
+        gradient_steps: how many rows of ``history`` come from the straight-through gradient
+            phase (the rows after them are swap-search iterations).
         input_graph: the graph passed to ``generate`` (a reference, not a copy), used by
             :meth:`to_full_graph`; neither saved nor pickled (None after :meth:`load`).
 
@@ -84,6 +86,7 @@ class MetamerResult:
     nodes: list[int] | None
     seconds: float
     settings: dict = field(default_factory=dict)
+    gradient_steps: int = 0
     input_graph: Data | None = field(default=None, repr=False, compare=False)
 
     @property

@@ -1,0 +1,135 @@
+"""Memory-bounded batches: many node targets solved as consecutive chunks, merged into the
+result one call over all of them gives (SPEC §9).
+
+Every target is an independent problem with its own random stream, learning-rate schedule,
+early stop and swap search, so solving the targets in chunks changes nothing but the peak
+memory. A chunk's memory is estimated from its receptive fields (found by one vectorised
+frontier expansion): nodes × features and the edges they touch, at a fixed number of bytes each
+(the optimiser's copies of a feature entry, a sparse pattern with its transpose per edge).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+from torch_geometric.data import Data
+
+from ..graph.neighbourhood import in_edges, rings
+from .result import MetamerResult
+
+#: Bytes per receptive-field feature entry: features, logits, Adam moments, gradient, best state,
+#: probabilities and hard mask, activations of the layers above (a generous estimate).
+BYTES_PER_ENTRY = 64
+#: Bytes per edge touched: CSR and transposed CSR patterns, orders, values, edge gradients.
+BYTES_PER_EDGE = 96
+#: The automatic budget: this share of the memory available when the call starts, at most 4 GiB.
+AUTO_SHARE, AUTO_CAP = 0.25, 4 << 30
+
+
+def default_budget(device: torch.device) -> int:
+    """Bytes a batch of node targets may use when the caller gives no ``memory_budget``."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_host_bytes()
+    return int(min(AUTO_CAP, AUTO_SHARE * free))
+
+
+def _available_host_bytes() -> int:
+    """The host memory available to a new allocation (Linux ``MemAvailable``; else free pages;
+    else 8 GiB)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def problem_bytes(graph: Data, targets: Tensor, radius: int) -> Tensor:
+    """Estimated memory [T] (bytes, int64) of each target's problem: the nodes within ``radius``
+    hops times the feature width, and the in-edges of the nodes inside."""
+    csr = in_edges(graph.edge_index, graph.num_nodes)
+    ring = rings(csr, targets, torch.arange(targets.numel()), radius)
+    nodes = torch.bincount(ring.group, minlength=targets.numel())
+    degree = csr.rowptr.diff()[ring.node] * (ring.hop < radius)
+    edges = torch.zeros(targets.numel(), dtype=torch.long).index_add_(0, ring.group, degree)
+    return nodes * graph.x.shape[1] * BYTES_PER_ENTRY + edges * BYTES_PER_EDGE
+
+
+def split_targets(costs: Tensor, targets: Tensor, budget: int) -> list[Tensor]:
+    """Consecutive runs of ``targets`` [T] whose summed ``costs`` [T] stay within ``budget``
+    (a target above the budget on its own forms its own chunk)."""
+    start = torch.cumsum(costs, 0) - costs
+    chunk = torch.div(start, budget, rounding_mode="floor")
+    sizes = torch.unique_consecutive(chunk, return_counts=True)[1]
+    return list(targets.split(sizes.tolist()))
+
+
+def _concat_graphs(graphs: list[Data], problems: list[int]) -> Data:
+    """Disjoint union of the chunks' problem graphs: node ids, problem ids and centres shifted."""
+    node_offsets = torch.tensor([0] + [g.num_nodes for g in graphs]).cumsum(0)
+    problem_offsets = torch.tensor([0] + problems).cumsum(0)
+    merged = Data(
+        x=torch.cat([g.x for g in graphs]),
+        edge_index=torch.cat([g.edge_index + node_offsets[i] for i, g in enumerate(graphs)], dim=1),
+        n_id=torch.cat([g.n_id for g in graphs]), free_mask=torch.cat([g.free_mask for g in graphs]),
+        batch=torch.cat([g.batch + problem_offsets[i] for i, g in enumerate(graphs)]),
+        center=torch.cat([g.center + node_offsets[i] for i, g in enumerate(graphs)]))
+    if getattr(graphs[0], "edge_weight", None) is not None:
+        merged.edge_weight = torch.cat([g.edge_weight for g in graphs])
+    if getattr(graphs[0], "y", None) is not None:
+        merged.y = torch.cat([g.y for g in graphs])
+    return merged
+
+
+def _padded(history: Tensor, steps: int, rows: int) -> Tensor:
+    """``history`` [h, T] of one phase continued to ``rows`` rows by its last row: a problem that
+    has stopped keeps its loss while the other chunks' problems run on."""
+    part = history[:steps] if steps else history[:0]
+    if part.shape[0] == rows:
+        return part
+    return torch.cat([part, part[-1:].expand(rows - part.shape[0], -1)])
+
+
+def _merged_history(results: list[MetamerResult]) -> tuple[Tensor, int]:
+    """The chunks' loss histories side by side, each phase (gradient steps, swap search)
+    padded to the longest chunk's length; returns (history [steps, T], gradient steps)."""
+    gradient = max(r.gradient_steps for r in results)
+    search = max(r.history.shape[0] - r.gradient_steps for r in results)
+    columns = []
+    for r in results:
+        columns.append(torch.cat([_padded(r.history, r.gradient_steps, gradient),
+                                  _padded(r.history[r.gradient_steps:], r.history.shape[0] - r.gradient_steps,
+                                          search) if search else r.history[:0]]))
+    return torch.cat(columns, dim=1), gradient
+
+
+def _merged_metrics(parts: list[dict]) -> dict:
+    """Per-target metric lists of the chunks laid end to end (nested dictionaries kept; a chunk
+    of one problem holds plain values)."""
+    if not parts or not parts[0]:
+        return {}
+    return {key: _merged_metrics([p[key] for p in parts]) if isinstance(parts[0][key], dict)
+            else [v for p in parts for v in (p[key] if isinstance(p[key], list) else [p[key]])]
+            for key in parts[0]}
+
+
+def merge_results(results: list[MetamerResult]) -> MetamerResult:
+    """One result for the chunks' targets in order, as one batched call returns it (every chunk
+    solved with per-target outputs: tensors [T_chunk], histories [steps, T_chunk])."""
+    first = results[0]
+    problems = [r.center.numel() for r in results]
+    history, gradient = _merged_history(results)
+    graph = _concat_graphs([r.graph for r in results], problems)
+    cat = lambda name: torch.cat([getattr(r, name) for r in results])  # noqa: E731
+    return MetamerResult(
+        graph=graph, reference=_concat_graphs([r.reference for r in results], problems), center=graph.center,
+        loss=cat("loss"), history=history, passed=cat("passed"), trivial=cat("trivial"), distance=cat("distance"),
+        null_threshold=cat("null_threshold"), twins=cat("twins"),
+        metrics=_merged_metrics([r.metrics for r in results]),
+        kind=first.kind, layer=first.layer, hops=first.hops, nodes=[v for r in results for v in r.nodes],
+        seconds=sum(r.seconds for r in results), settings=first.settings, gradient_steps=gradient)
