@@ -76,6 +76,28 @@ def test_fast_engine_matches_reference(backend, seed):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{name} {layer} {what}")
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fast_target_outputs_match_reference_activations(backend):
+    """The targets' activations through the lowered program (only the rows that reach the
+    targets computed) and their gradients w.r.t. features and edge weights."""
+    graph = awkward_graph(num_nodes=30, num_features=7, seed=2)
+    for name, model, layer, sub, joint, target, fast in _engine_cases(graph, backend):
+        ref = ReferenceEngine(model, layer, sub, target, joint)
+        weight = torch.rand(sub.edge_index.shape[1], generator=torch.Generator().manual_seed(1))
+        results = []
+        for engine in (fast, ref):
+            x = sub.x.clone().requires_grad_()
+            w = weight.clone().requires_grad_()
+            out = engine.target_outputs(x, sub.edge_index, w)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            results.append((out.detach(), x.grad, w.grad))
+        for got, want, what in zip(*results, ("outputs", "grad x", "grad edge weight")):
+            if want is None:
+                assert got is None or not got.any(), (name, layer, what)
+                continue
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{name} {layer} {what}")
+
+
 def _binary_rows(sub, include_frozen: bool) -> BinaryRows:
     """The sub-problem's features as BinaryRows: the free rows' ones (all rows: rows=None),
     plus the frozen rows' ones when asked; a NaN-filled gradient buffer."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..graph.neighbourhood import InEdges
+from ..graph.neighbourhood import InEdges, expand_ranges
 from ..ops import dispatch
 
 
@@ -76,18 +76,32 @@ class Pattern:
         t_rowptr, t_order = dispatch.group_by(col, num_cols)
         return cls(num_rows, num_cols, rowptr, csr_col, order, t_rowptr, row.index_select(0, t_order), t_order)
 
-    def rows(self, rows: Tensor) -> "Pattern":
-        """The sub-operator made of the given rows [T] (in that order)."""
-        starts, ends = self.rowptr[rows], self.rowptr[rows + 1]
-        counts = ends - starts
-        entry = torch.repeat_interleave(starts - torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]]),
-                                        counts) + torch.arange(int(counts.sum()))
-        new_row = torch.repeat_interleave(torch.arange(rows.numel()), counts)
+    def submatrix(self, rows: Tensor, cols: Tensor, stacked: bool = False) -> "Pattern":
+        """The operator's rows ``rows`` [r] (in that order) with its columns renumbered to their
+        positions in ``cols`` [c] (ascending ids; every column the rows use must be there). A
+        ``stacked`` operator [A | I] acts on [x W; x W_r]: its columns n + j become c + the
+        position of j. ``order`` / ``t_order`` keep indexing this pattern's coordinate entries,
+        so the same coordinate values build the sub-operator (:meth:`Operator.build`)."""
+        half = self.num_cols // 2 if stacked else self.num_cols
+        owner, entry = expand_ranges(self.rowptr[rows], self.rowptr[rows + 1] - self.rowptr[rows])
+        column = self.col[entry]
+        root = column >= half
+        position = torch.searchsorted(cols, torch.where(root, column - half, column)) + root * cols.numel()
+        sub = Pattern.from_coo(owner, position, rows.numel(), cols.numel() * (2 if stacked else 1),
+                               transpose=self.t_order is not None)
         coo_entry = self.order[entry]
-        sub = Pattern.from_coo(new_row, self.col[entry], rows.numel(), self.num_cols)
         sub.order = coo_entry[sub.order]
-        sub.t_order = coo_entry[sub.t_order]
+        if sub.t_order is not None:
+            sub.t_order = coo_entry[sub.t_order]
         return sub
+
+    def columns_of(self, rows: Tensor, stacked: bool = False) -> Tensor:
+        """The nodes [c] (ascending) that rows ``rows`` read: their columns, a stacked operator's
+        columns n + j counted as node j."""
+        half = self.num_cols // 2 if stacked else self.num_cols
+        _, entry = expand_ranges(self.rowptr[rows], self.rowptr[rows + 1] - self.rowptr[rows])
+        column = self.col[entry]
+        return torch.unique(torch.where(column >= half, column - half, column))
 
 
 @dataclass
@@ -110,6 +124,7 @@ class BinaryRows:
     grad: Tensor
     token: Tensor
     written: bool = False
+    parent: "BinaryRows | None" = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -135,21 +150,36 @@ class BinaryRows:
         ones = Pattern(num_rows, grad.shape[1], rowptr, col, empty, empty, empty, empty)
         return cls(ones, rows, grad, token)
 
+    def restrict(self, keep: Tensor) -> "BinaryRows | None":
+        """Rows ``keep`` [k] (ascending local ids) as a k-row BinaryRows that writes into this
+        one's gradient buffer; None unless every optimised row is kept."""
+        rows = torch.arange(self.shape[0], device=keep.device) if self.rows is None else self.rows
+        position = torch.searchsorted(keep, rows)
+        if rows.numel() and (int(position.max()) >= keep.numel() or not torch.equal(keep[position], rows)):
+            return None
+        counts = self.ones.rowptr[keep + 1] - self.ones.rowptr[keep]
+        _, entry = expand_ranges(self.ones.rowptr[keep], counts)
+        rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        empty = entry.new_empty(0)
+        ones = Pattern(keep.numel(), self.shape[1], rowptr, self.ones.col[entry], empty, empty, empty, empty)
+        return BinaryRows(ones, position, self.grad, self.token, parent=self)
+
     def add_grad(self, grad_rows: Tensor, weight: Tensor | None = None) -> None:
         """Add dL/dX'[rows] given either directly (``grad_rows`` [m, d]) or as the gradient
         [m, f] of X' @ ``weight`` [d, f] (one GEMM into the buffer)."""
+        owner = self if self.parent is None else self.parent
         if self.rows is not None:
             grad_rows = grad_rows.index_select(0, self.rows)
         if weight is None:
-            if self.written:
+            if owner.written:
                 self.grad.add_(grad_rows)
             else:
                 self.grad.copy_(grad_rows)
-        elif self.written:
+        elif owner.written:
             self.grad.addmm_(grad_rows, weight.t())
         else:
             torch.mm(grad_rows, weight.t(), out=self.grad)
-        self.written = True
+        owner.written = True
 
     def dense(self) -> Tensor:
         """X' as a dense [m, d] 0/1 tensor (for layers that need it, e.g. a residual)."""

@@ -7,6 +7,8 @@ feature metamer does no sorting, transposing or normalising of the graph.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -105,38 +107,84 @@ class FastEngine:
 
         ``x`` may be :class:`~fastmetamer.engines.csr.BinaryRows` (binary features by their
         ones): the first dense product then gathers weight rows instead of multiplying by the
-        dense 0/1 matrix, and the gradient goes to the optimised rows only."""
+        dense 0/1 matrix, and the gradient goes to the optimised rows only.
+
+        Each stage computes only the rows that reach the targets (see :class:`_RowPlan`): the
+        frozen boundary ring and the outer hops of a receptive field cost nothing per step."""
+        return self._run(x, edge_index, edge_weight, loss=True)
+
+    def target_outputs(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
+        """Layer-l activations at the targets [T, d_l] through the lowered program,
+        differentiable w.r.t. ``x`` [m, d] and ``edge_weight`` [E]; like :meth:`losses`, only
+        the rows that reach the targets are computed."""
+        return self._run(x, edge_index, edge_weight, loss=False)
+
+    def _run(self, x: Tensor | BinaryRows, edge_index: Tensor, edge_weight: Tensor | None, loss: bool) -> Tensor:
         stages = self.program.stages
-        sparse = x if isinstance(x, BinaryRows) else None
-        n = x.shape[0]
-        h = x if sparse is None else (F.binary_dense(sparse) if stages[0].residual is not None else None)
+        plan = self._plan(edge_index, x.shape[0])
+        h, sparse = self._first_input(x, plan.inputs, stages[0].residual is not None)
         for i, stage in enumerate(stages):
-            operator = self._operator(stage, edge_index, edge_weight, n)
+            operator = self._restricted_operator(i, stage, plan, edge_index, edge_weight, x.shape[0])
             inputs = self._transform(stage, h, sparse if i == 0 else None)
+            h_rows = None if h is None else h.index_select(0, plan.self_positions[i])
             if i == len(stages) - 1:
-                return self._matched(stage, h, inputs, operator)
-            h = self._propagate(stage, h, inputs, operator)
+                if loss:
+                    return self._matched(stage, h_rows, inputs, operator)
+                return self._post(stage, F.aggregate(inputs, operator, self.kernels, stage.bias, stage.act), h_rows)
+            h = self._propagate(stage, h_rows, inputs, operator)
         raise AssertionError("a program has at least one stage")
 
-    def _operator(self, stage: Stage, edge_index: Tensor, edge_weight: Tensor | None, n: int) -> Operator:
-        """The stage's operator for these edges. One pattern and one operator are cached per kind
-        of stage (bounded memory), reused while the same edge tensors come back."""
-        if not stage.weighted:
-            edge_weight = None
-        cache_key = (stage.operator, stage.eps)
-        cached = self._operators.get(cache_key)
-        if cached is not None and cached[0] is edge_index and cached[1] is edge_weight:
-            return cached[2]
-        row, col, value, num_cols = _coo(stage, edge_index, edge_weight, n)
+    def _first_input(self, x: Tensor | BinaryRows, rows: Tensor, dense_needed: bool):
+        """(dense rows of x or None, BinaryRows or None) restricted to the rows the first stage reads."""
+        if not isinstance(x, BinaryRows):
+            return (x if rows.numel() == x.shape[0] else x.index_select(0, rows)), None
+        if rows.numel() == x.shape[0]:
+            return (F.binary_dense(x) if dense_needed else None), x
+        sparse = x.restrict(rows)
+        if sparse is None:  # an optimised row outside the rows read: gradient zero there
+            dense = F.binary_dense(x).index_select(0, rows)
+            return dense, None
+        return (F.binary_dense(sparse) if dense_needed else None), sparse
+
+    def _plan(self, edge_index: Tensor, n: int) -> "_RowPlan":
+        """The rows each stage computes for these edges (cached while the edge tensor is reused)."""
+        known = self._patterns.get("plan")
+        if known is not None and known[0] is edge_index:
+            return known[1]
+        plan = _RowPlan.build([self._pattern(stage, edge_index, n) for stage in self.program.stages],
+                              [stage.root_weight is not None for stage in self.program.stages], self.sub.center)
+        self._patterns["plan"] = (edge_index, plan)
+        return plan
+
+    def _pattern(self, stage: Stage, edge_index: Tensor, n: int) -> Pattern:
+        """The stage's full pattern for these edges, one cached per kind of stage."""
         known = self._patterns.get(stage.operator)
         if known is None or known[0] is not edge_index:
+            row, col, _, num_cols = _coo(stage, edge_index, None, n)
             pattern = Pattern.from_in_edges(in_edges(edge_index, n), row, col, num_cols, transpose=self._transposes)
             known = (edge_index, pattern)
             self._patterns[stage.operator] = known
-        operator = Operator.build(known[1], value.float())
+        return known[1]
+
+    def _restricted_operator(self, i: int, stage: Stage, plan: "_RowPlan", edge_index: Tensor,
+                             edge_weight: Tensor | None, n: int) -> Operator:
+        """Stage i's operator on the plan's rows and columns, with this step's values (cached
+        while they carry no gradient)."""
+        if not stage.weighted:
+            edge_weight = None
+        cached = self._operators.get(i)
+        if cached is not None and cached[0] is plan and cached[1] is edge_weight:
+            return cached[2]
+        value = _coo(stage, edge_index, edge_weight, n)[2]
+        operator = Operator.build(plan.patterns[i], value.float())
         if edge_weight is None or not edge_weight.requires_grad:
-            self._operators[cache_key] = (edge_index, edge_weight, operator)
+            self._operators[i] = (plan, edge_weight, operator)
         return operator
+
+    def _operator(self, stage: Stage, edge_index: Tensor, edge_weight: Tensor | None, n: int) -> Operator:
+        """The stage's full operator (every row) for these edges (forward passes over a whole graph)."""
+        value = _coo(stage, edge_index, None if not stage.weighted else edge_weight, n)[2]
+        return Operator.build(self._pattern(stage, edge_index, n), value.float())
 
     def _transform(self, stage: Stage, h: Tensor | None, sparse: BinaryRows | None) -> Tensor:
         """The aggregation's input: h @ weight (stacked with h @ root_weight when present)."""
@@ -177,30 +225,47 @@ class FastEngine:
         residual = self._residual(stage, h)
         return out if residual is None else out + residual
 
-    def _matched(self, stage: Stage, h: Tensor, inputs: Tensor, operator: Operator) -> Tensor:
-        rows = self._target_operator(operator)
+    def _matched(self, stage: Stage, h: Tensor | None, inputs: Tensor, rows: Operator) -> Tensor:
+        """The matched stage at the targets (``rows``: its operator restricted to them; ``h``: the
+        stage input at the targets) fused with the loss where the epilogue allows."""
         if stage.fused_epilogue and stage.residual is None:
             return F.matched_loss(inputs, rows, self.kernels, self.target, self.component,
                                   self.scale, stage.bias, stage.act)
         out = F.aggregate(inputs, rows, self.kernels, stage.bias, stage.act)
-        center_h = h[self.sub.center] if stage.residual is not None else h
-        diff = (self._post(stage, out, center_h) - self.target).pow(2).sum(1)
+        diff = (self._post(stage, out, h) - self.target).pow(2).sum(1)
         return torch.zeros_like(self.scale).index_add(0, self.component, diff) / self.scale
 
-    def _target_operator(self, operator: Operator) -> Operator:
-        """The operator's rows at the targets (pattern cached with the operator's pattern; the
-        whole operator cached too when its values carry no gradient)."""
-        known = self._patterns.get("rows")
-        if known is not None and known[0] is operator:
-            return known[1]
-        known = self._patterns.get("row_pattern")
-        if known is None or known[0] is not operator.pattern:
-            known = (operator.pattern, operator.pattern.rows(self.sub.center))
-            self._patterns["row_pattern"] = known
-        rows = known[1]
-        # rows.order indexes coordinate-order values; recover them from the CSR-order values.
-        coo_value = torch.empty_like(operator.value).index_put((operator.pattern.order,), operator.value)
-        result = Operator.build(rows, coo_value)
-        if not operator.value.requires_grad:
-            self._patterns["rows"] = (operator, result)
-        return result
+
+@dataclass
+class _RowPlan:
+    """Which rows each stage of a program computes so that the targets' outputs are exact.
+
+    Stage L-1 computes the targets; stage i computes the nodes stage i+1 reads, and the program
+    input is read at the nodes stage 0 reads. ``patterns[i]``: stage i's pattern on its rows,
+    columns renumbered to positions among the rows stage i-1 computed (``inputs`` for i = 0);
+    ``self_positions[i]`` [r_i]: the position of each of stage i's rows among its input rows
+    (for a residual or root term)."""
+
+    inputs: Tensor
+    patterns: list
+    self_positions: list
+
+    @classmethod
+    def build(cls, full: list[Pattern], stacked: list[bool], targets: Tensor) -> "_RowPlan":
+        rows = [None] * len(full)
+        rows[-1] = targets
+        for i in range(len(full) - 1, 0, -1):
+            rows[i - 1] = full[i].columns_of(rows[i], stacked[i])
+        inputs = full[0].columns_of(rows[0], stacked[0])
+        reads = [inputs, *rows[:-1]]
+        return cls(inputs, [p if _is_everything(p, r, c, s) else p.submatrix(r, c, s)
+                            for p, r, c, s in zip(full, rows, reads, stacked)],
+                   [torch.searchsorted(c, r) for r, c in zip(rows, reads)])
+
+
+def _is_everything(pattern: Pattern, rows: Tensor, cols: Tensor, stacked: bool) -> bool:
+    """Whether ``rows`` are all the pattern's rows in order and ``cols`` all its nodes (a whole
+    graph): the full pattern is then its own restriction, and no copy is made."""
+    nodes = pattern.num_cols // 2 if stacked else pattern.num_cols
+    return rows.numel() == pattern.num_rows and cols.numel() == nodes and \
+        bool((rows == torch.arange(rows.numel(), device=rows.device)).all())

@@ -54,6 +54,11 @@ class ReferenceEngine:
                            forward_kwargs=self.sub.forward_kwargs)
         return out[self.sub.center]
 
+    def target_outputs(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
+        """Layer-l activations at the targets [T, d_l], differentiable w.r.t. ``x`` and the edge
+        weights (here: :meth:`activations` with autograd)."""
+        return self.activations(x, edge_index, edge_weight)
+
     def losses(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
         """L_act per independent problem [C] (one value, [1], for a joint whole-graph problem):
         ||H'[S] - H[S]||^2 / ||H[S]||^2."""

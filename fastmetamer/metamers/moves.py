@@ -145,7 +145,7 @@ class FeatureMoves:
         if self.shared_loss:
             return torch.zeros(state.shape)
         x = self.features(state).requires_grad_(True)
-        squares = _squared_jacobian(lambda: self.engine.activations(x, self.edge_index, self.edge_weight), x)
+        squares = _squared_jacobian(lambda: self.engine.target_outputs(x, self.edge_index, self.edge_weight), x)
         return squares[self.free_rows] / self.engine.scale[self.row_component].unsqueeze(1)
 
 
@@ -204,7 +204,7 @@ class StructureMoves:
         if self.shared_loss:
             return torch.zeros(state.shape)
         on = state[:, 0].float().requires_grad_(True)
-        squares = _squared_jacobian(lambda: self.engine.activations(self.x, self.index, self._weights(on)), on)
+        squares = _squared_jacobian(lambda: self.engine.target_outputs(self.x, self.index, self._weights(on)), on)
         return (squares / self.engine.scale[self.row_block]).unsqueeze(1)
 
     def chosen(self, state: Tensor) -> Tensor:
