@@ -15,7 +15,7 @@ default options; its time is split into the optimisation loop (``res.seconds``) 
 (setup, criterion, scoring). Memory is the process's peak RSS above what it held once the graph
 was built. A job that runs out of time or memory is reported as such.
 
-    python benchmarks/scale.py [--nodes 200000 1000000] [--models GCN] [--jobs one many whole]
+    python benchmarks/scale.py [--graphs 200000 1000000 cora] [--models GCN] [--jobs one many whole whole30]
 
 writes ``results/scale.json`` and ``results/scale.md``.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -32,8 +33,18 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-STEPS = {"one": 50, "many": 50, "whole": 10}
+STEPS = {"one": 50, "many": 50, "whole": 10, "whole30": 30}
 MANY = 200
+
+
+def load_graph(size: str):
+    """``"cora"`` (Cora from ``../shared/data`` or ``FASTMETAMER_DATA``) or a node count as text:
+    a random graph of that size."""
+    if size == "cora":
+        import fastmetamer as fm
+
+        return fm.datasets.load("Cora", root=os.environ.get("FASTMETAMER_DATA", str(HERE.parent.parent / "shared" / "data")))
+    return random_graph(int(size))
 
 
 def random_graph(n: int, seed: int = 0):
@@ -45,35 +56,37 @@ def random_graph(n: int, seed: int = 0):
     return Data(x=x, edge_index=torch.randint(0, n, (2, 20 * n), generator=gen))
 
 
-def pyg_model(name: str):
+def pyg_model(name: str, in_channels: int = 100):
     from torch_geometric.nn import models
 
     torch.manual_seed(0)
-    return getattr(models, name)(100, 64, num_layers=2, out_channels=16).eval()
+    return getattr(models, name)(in_channels, 64, num_layers=2, out_channels=16).eval()
 
 
 def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def run_one(n: int, model_name: str, job: str, side: str) -> dict:
+def run_one(size: str, model_name: str, job: str, side: str) -> dict:
     """One measurement in this process."""
     import fastmetamer as fm  # imports are not part of the measured call
     from pyg_baseline import feature_metamer, node_metamers
 
-    graph = random_graph(n)
-    model = pyg_model(model_name)
+    graph = load_graph(size)
+    n = graph.num_nodes
+    model = pyg_model(model_name, graph.num_features)
     nodes = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:MANY].tolist()
     base = peak_gb()
     started = time.perf_counter()
-    row = {"n": n, "edges": graph.num_edges, "model": model_name, "job": job, "side": side, "steps": STEPS[job]}
+    row = {"graph": size, "n": n, "edges": graph.num_edges, "model": model_name, "job": job, "side": side,
+           "steps": STEPS[job], "threads": torch.get_num_threads()}
     if side == "pyg":
-        if job == "whole":
+        if job.startswith("whole"):
             feature_metamer(model, graph.x, graph.edge_index, None, STEPS[job])
         else:
             node_metamers(model, graph.x, graph.edge_index, nodes[: 1 if job == "one" else MANY], 2, STEPS[job])
     else:
-        target = None if job == "whole" else nodes[0] if job == "one" else nodes
+        target = None if job.startswith("whole") else nodes[0] if job == "one" else nodes
         res = fm.generate(model, graph, target, steps=STEPS[job], progress=False)
         row.update(loop_s=res.seconds, passed=float(torch.as_tensor(res.passed).float().mean()))
     row.update(seconds=time.perf_counter() - started, peak_gb_above_graph=peak_gb() - base, graph_gb=base)
@@ -82,16 +95,17 @@ def run_one(n: int, model_name: str, job: str, side: str) -> dict:
     return row
 
 
-def measure(n: int, model_name: str, job: str, side: str, timeout: float) -> dict:
+def measure(size: str, model_name: str, job: str, side: str, timeout: float) -> dict:
     """``run_one`` in a fresh process (its own peak memory); a timeout or crash is a result too."""
+    about = {"graph": size, "model": model_name, "job": job, "side": side}
     try:
-        out = subprocess.run([sys.executable, __file__, "--one", str(n), model_name, job, side], cwd=HERE,
+        out = subprocess.run([sys.executable, __file__, "--one", size, model_name, job, side], cwd=HERE,
                              capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"n": n, "model": model_name, "job": job, "side": side, "status": f"timeout after {timeout:.0f} s"}
+        return {**about, "status": f"timeout after {timeout:.0f} s"}
     if out.returncode != 0:
         reason = "killed (out of memory?)" if out.returncode < 0 else out.stderr.strip().splitlines()[-1][:200]
-        return {"n": n, "model": model_name, "job": job, "side": side, "status": reason}
+        return {**about, "status": reason}
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "status": "ok"}
 
 
@@ -100,14 +114,14 @@ def markdown(rows: list[dict], info: dict) -> str:
              "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
              "Random graphs, average in-degree 20, F = 100 binary (5% ones); PyG models, 2 layers, hidden 64. "
              "one = one node, 50 steps; many = 200 nodes in one call (PyG: a loop), 50 steps; whole = whole "
-             "graph, 10 steps. fastmetamer: default options, end to end; loop = its optimisation loop, other = "
+             "graph, 10 steps (whole30: 30 steps). fastmetamer: default options, end to end; loop = its optimisation loop, other = "
              "setup + criterion + scoring. Memory: peak RSS above the loaded graph.", "",
-             "| n | model | job | PyG s | fastmetamer s (loop / other) | speed-up | PyG GB | fastmetamer GB | passed |",
+             "| graph (nodes) | model | job | PyG s | fastmetamer s (loop / other) | speed-up | PyG GB | fastmetamer GB | passed |",
              "|---|---|---|---|---|---|---|---|---|"]
     pairs: dict = {}
     for row in rows:
-        pairs.setdefault((row["n"], row["model"], row["job"]), {})[row["side"]] = row
-    for (n, model, job), sides in pairs.items():
+        pairs.setdefault((row["graph"], row["model"], row["job"]), {})[row["side"]] = row
+    for (graph, model, job), sides in pairs.items():
         pyg, fast = sides.get("pyg", {}), sides.get("fastmetamer", {})
 
         def cell(row, key, fmt):
@@ -116,7 +130,8 @@ def markdown(rows: list[dict], info: dict) -> str:
         ratio = f"{pyg['seconds'] / fast['seconds']:.1f}×" if pyg.get("status") == fast.get("status") == "ok" else "-"
         timing = (f"{fast['seconds']:.1f} ({fast['loop_s']:.1f} / {fast['other_s']:.1f})"
                   if fast.get("status") == "ok" else fast.get("status", "-"))
-        lines.append(f"| {n:,} | {model} | {job} | {cell(pyg, 'seconds', '{:.1f}')} | {timing} | {ratio} | "
+        name = graph if not graph.isdigit() else f"{int(graph):,}"
+        lines.append(f"| {name} | {model} | {job} | {cell(pyg, 'seconds', '{:.1f}')} | {timing} | {ratio} | "
                      f"{cell(pyg, 'peak_gb_above_graph', '{:.2f}')} | {cell(fast, 'peak_gb_above_graph', '{:.2f}')} | "
                      f"{cell(fast, 'passed', '{:.2f}')} |")
     return "\n".join(lines) + "\n"
@@ -124,29 +139,31 @@ def markdown(rows: list[dict], info: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, nargs="+", default=[200_000, 1_000_000])
+    parser.add_argument("--graphs", nargs="+", default=["200000", "1000000"],
+                        help="node counts of random graphs, or 'cora'")
     parser.add_argument("--models", nargs="+", default=["GCN"])
     parser.add_argument("--jobs", nargs="+", default=["one", "many", "whole"], choices=list(STEPS))
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     parser.add_argument("--out", default=str(HERE / "results" / "scale"), help="output path without suffix")
+    parser.add_argument("--append", action="store_true", help="keep the rows already in the output JSON")
     args = parser.parse_args()
     from run_benchmarks import machine
 
-    rows = []
-    for n in args.nodes:
+    out = Path(args.out)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"] if args.append else []
+    for size in args.graphs:
         for model_name in args.models:
             for job in args.jobs:
                 for side in ("pyg", "fastmetamer"):
-                    rows.append(measure(n, model_name, job, side, args.timeout))
+                    rows.append(measure(size, model_name, job, side, args.timeout))
                     print(json.dumps(rows[-1]), flush=True)
-    out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
     out.with_suffix(".md").write_text(markdown(rows, machine()))
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--one"]:
-        n, model_name, job, side = sys.argv[2:6]
-        print(json.dumps(run_one(int(n), model_name, job, side)))
+        size, model_name, job, side = sys.argv[2:6]
+        print(json.dumps(run_one(size, model_name, job, side)))
     else:
         main()

@@ -139,8 +139,7 @@ def test_all_nodes_equal_single_calls_and_any_chunking(graph, monkeypatch):
     some = metamer_dimension(model, graph, picked, batch_size=2)
     assert some.nodes.tolist() == picked
     assert torch.equal(some.dimension, every.dimension[picked])
-    monkeypatch.setattr(dim_module, "CHUNK_BYTES", 1)  # one target per chunk
-    chunked = metamer_dimension(model, graph)
+    chunked = metamer_dimension(model, graph, memory_budget=1)  # one target per chunk
     assert torch.equal(chunked.rank, every.rank)
     assert torch.allclose(chunked.log_volume, every.log_volume, rtol=1e-10)
 
@@ -236,3 +235,32 @@ def test_bad_graphs_and_models(graph):
         metamer_dimension(pooled, graph, layer="readout", wrt="self")
     with pytest.raises(ValueError, match="do not reproduce"):
         metamer_dimension(_GlobalModel(), graph, layer="conv")
+
+
+@pytest.mark.parametrize("wrt, edgeless", [("self", False), ("features", True)])
+def test_forward_mode_equals_reverse_mode_and_jacrev(graph, monkeypatch, wrt, edgeless):
+    """Where every target has fewer inputs than d_l (wrt="self" with d = 5 < 6 outputs; one-node
+    receptive fields of a graph without edges) the Jacobian comes from batched JVPs; it equals
+    the batched-VJP path and the dense jacrev."""
+    if edgeless:
+        graph = Data(x=graph.x, edge_index=torch.zeros(2, 0, dtype=torch.long))
+    model = zoo_model("gcn", "elu")
+    used = []
+    forward = dim_module._jacobian_rows_forward
+    monkeypatch.setattr(dim_module, "_jacobian_rows_forward", lambda *a: used.append(1) or forward(*a))
+    got = metamer_dimension(model, graph, wrt=wrt)
+    assert used, "forward mode was not chosen"
+    assert_matches_dense(got, dense_reference(model, graph, None, wrt))
+    monkeypatch.setattr(dim_module, "_jacobian_rows_forward",
+                        lambda problem, union, targets, owner, passes:
+                        dim_module._jacobian_rows_reverse(problem, union, targets, owner.numel()))
+    want = metamer_dimension(model, graph, wrt=wrt)
+    assert torch.equal(got.rank, want.rank) and torch.equal(got.input_dim, want.input_dim)
+    for a, b in zip(got.singular_values, want.singular_values):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_memory_budget_is_validated(graph):
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="memory_budget"):
+            metamer_dimension(zoo_model("gcn", "relu"), graph, memory_budget=bad)

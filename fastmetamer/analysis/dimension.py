@@ -25,7 +25,7 @@ targets), and sigma = svdvals(R_v). Forming G_v explicitly and taking sqrt(eigva
 square the condition number: its error is sqrt(eps) * sigma_max ~ 1e-8 sigma_max, far above the
 rank tolerance, so exact zero singular values (dead ReLUs, narrow layers) would be miscounted as
 rank. The QR route costs the same O(|R| d d_l^2) and is accurate to ~eps * sigma_max. Dense J_v is
-never formed beyond the VJP rows of one chunk; chunks respect ``batch_size`` and a memory budget.
+never formed beyond the VJP rows of one chunk; chunks respect ``batch_size`` and ``memory_budget``.
 """
 from __future__ import annotations
 
@@ -37,11 +37,10 @@ from torch import Tensor, nn
 from torch_geometric.data import Data
 
 from ..graph.layers import count_hops, layer_output, resolve_layer
+from ..memory import check_budget, default_budget
 from ..validation import check_devices, check_feature_width, check_graph, check_nodes
 
 WRT = ("features", "self", "edges")
-#: Rough upper bound on the float64 working memory of one chunk of targets.
-CHUNK_BYTES = 2 ** 29
 #: Gram matrices with eigenvalue ratio lambda_min / lambda_max at most this are (near-)singular:
 #: their singular values are recomputed without squaring (see :func:`_singular_values`).
 RCOND = 1e-8
@@ -87,7 +86,7 @@ class DimensionResult:
 
 def metamer_dimension(model: nn.Module, graph: Data, node: int | list[int] | Tensor | None = None, *,
                       layer: str | int | None = None, wrt: str = "features", tol: float | None = None,
-                      batch_size: int = 1024) -> DimensionResult:
+                      batch_size: int = 1024, memory_budget: int | None = None) -> DimensionResult:
     """Local metamer dimension and log-volume of J_v = d h^l_v / d(input) for each target v.
 
     Args:
@@ -105,7 +104,9 @@ def metamer_dimension(model: nn.Module, graph: Data, node: int | list[int] | Ten
             of the edges among the receptive field).
         tol: absolute singular-value threshold; None: sigma_max * max(d_l, input_dim) * eps.
         batch_size: targets whose receptive fields are extracted together; each group is split
-            further into chunks of about :data:`CHUNK_BYTES` of float64 work memory.
+            further into chunks of at most ``memory_budget`` bytes of estimated float64 work
+            memory (None: a quarter of the memory available, at most 4 GiB), with the same
+            result as one chunk.
 
     Returns:
         a :class:`DimensionResult` with one entry per target, in the order given.
@@ -114,6 +115,8 @@ def metamer_dimension(model: nn.Module, graph: Data, node: int | list[int] | Ten
     check_devices(model, graph)
     targets = check_nodes(node, graph.num_nodes)
     _check_args(graph, wrt, tol, batch_size)
+    check_budget(memory_budget)
+    budget = default_budget(graph.x.device) if memory_budget is None else memory_budget
     problem = _Problem.build(model, graph, resolve_layer(model, layer), wrt, tol)
     if problem.graph_level:
         _check_graph_level(problem, targets)
@@ -121,7 +124,7 @@ def metamer_dimension(model: nn.Module, graph: Data, node: int | list[int] | Ten
     else:
         targets = torch.arange(graph.num_nodes) if targets is None else targets
         parts = [_solve(problem, chunk, _union(problem.graph, problem.fields, chunk, keys))
-                 for group in targets.split(batch_size) for chunk, keys in _chunks(problem, group)]
+                 for group in targets.split(batch_size) for chunk, keys in _chunks(problem, group, budget)]
     sigma, rank, input_dim = (torch.cat([p[i] for p in parts]) for i in range(3))
     d_out = problem.d_out
     return DimensionResult(
@@ -236,14 +239,14 @@ class _InEdges:
         return inner
 
 
-def _chunks(problem: _Problem, targets: Tensor):
-    """Split ``targets`` [T] into consecutive chunks of about :data:`CHUNK_BYTES` of work memory;
+def _chunks(problem: _Problem, targets: Tensor, budget: int):
+    """Split ``targets`` [T] into consecutive chunks of at most ``budget`` bytes of work memory;
     yields (chunk targets [T_c], their receptive-field keys renumbered from copy 0)."""
     n, width = problem.fields.n, problem.graph.x.shape[1]
     inner = problem.fields.receptive_keys(targets, problem.hops)
     sizes = torch.bincount(inner // n, minlength=targets.numel())
     cost = sizes * 8 * width * (problem.d_out + 2)
-    _, counts = torch.unique_consecutive((cost.cumsum(0) - cost) // CHUNK_BYTES, return_counts=True)
+    _, counts = torch.unique_consecutive((cost.cumsum(0) - cost) // budget, return_counts=True)
     start = 0
     for chunk, keys in zip(targets.split(counts.tolist()), inner.split(_sums(sizes, counts))):
         yield chunk, keys - start * n
@@ -323,16 +326,58 @@ def _solve(problem: _Problem, targets: Tensor, union: _Union) -> tuple[Tensor, T
     one union."""
     owner = {"features": union.owner, "self": torch.arange(targets.numel()),
              "edges": union.edge_owner}[problem.wrt]
-    rows = _jacobian_rows(problem, union, targets, owner.numel())
+    rows = _jacobian_rows(problem, union, targets, owner)
     sigma = _singular_values(rows, owner, targets.numel())
     input_dim = torch.bincount(owner, minlength=targets.numel()) * rows.shape[2]
     return sigma, _rank(sigma, input_dim, problem.tol), input_dim
 
 
-def _jacobian_rows(problem: _Problem, union: _Union, targets: Tensor, count: int) -> Tensor:
-    """Columns of every target's J_v at once: [S, d_l, w] for the first ``count`` = S inputs
-    (free nodes' or targets' feature rows, w = d; or edge weights among R, w = 1), each
-    belonging to one target; entry [s, k, :] is d h_{v,k} / d input_s."""
+def _jacobian_rows(problem: _Problem, union: _Union, targets: Tensor, owner: Tensor) -> Tensor:
+    """Columns of every target's J_v at once: [S, d_l, w] for the first S inputs (free nodes' or
+    targets' feature rows, w = d; or edge weights among R, w = 1), input s belonging to target
+    ``owner[s]``; entry [s, k, :] is d h_{v,k} / d input_s. Reverse mode (d_l batched VJPs) or,
+    where the largest target has fewer feature inputs than d_l (e.g. ``wrt="self"`` with d < d_l),
+    forward mode (one batched JVP per input entry of the largest target)."""
+    width = 1 if problem.wrt == "edges" else union.x.shape[1]
+    passes = int(torch.bincount(owner, minlength=targets.numel()).max()) * width if owner.numel() else 0
+    if problem.wrt != "edges" and 0 < passes < problem.d_out:
+        return _jacobian_rows_forward(problem, union, targets, owner, passes)
+    return _jacobian_rows_reverse(problem, union, targets, owner.numel())
+
+
+def _layer_of(problem: _Problem, union: _Union, count: int):
+    """(the leaf the Jacobian is taken by, f(leaf) -> the targets' outputs [T, d_l])."""
+    edges = problem.wrt == "edges"
+    leaf = (union.edge_weight if edges else union.x).detach()
+
+    def outputs(value: Tensor) -> Tensor:
+        x, weight = (union.x, value) if edges else (value, union.edge_weight)
+        return layer_output(problem.model, problem.layer, x, union.edge_index, weight, union.batch)[:count]
+    return leaf, outputs
+
+
+def _jacobian_rows_forward(problem: _Problem, union: _Union, targets: Tensor, owner: Tensor, passes: int) -> Tensor:
+    """:func:`_jacobian_rows` by forward mode: pass j puts tangent 1 on input entry j of every
+    target at once (the targets' copies are disjoint) and reads column j of every J_v."""
+    leaf, outputs = _layer_of(problem, union, targets.numel())
+    with torch.no_grad():
+        _check_exact(problem, outputs(leaf), targets)
+    rows, width = owner.numel(), 1 if problem.wrt == "edges" else leaf.shape[1]
+    order = torch.argsort(owner, stable=True)
+    first = torch.searchsorted(owner[order], owner[order])  # start of each input's target group
+    rank = torch.empty_like(owner)
+    rank[order] = torch.arange(rows) - first
+    entry = (rank[:, None] * width + torch.arange(width)).flatten()  # the pass of every input entry
+    tangents = leaf.new_zeros(passes, rows * width)
+    tangents[entry, torch.arange(rows * width)] = 1.0
+    tangents = torch.cat([tangents, tangents.new_zeros(passes, leaf.numel() - rows * width)], 1).view(passes, *leaf.shape)
+    columns = torch.func.vmap(lambda t: torch.func.jvp(outputs, (leaf,), (t,))[1])(tangents)  # [P, T, d_l]
+    return columns[entry.view(rows, width), owner[:, None]].permute(0, 2, 1)
+
+
+def _jacobian_rows_reverse(problem: _Problem, union: _Union, targets: Tensor, count: int) -> Tensor:
+    """:func:`_jacobian_rows` by reverse mode: the d_l cotangents e_k at every target as one
+    batched backward."""
     edges = problem.wrt == "edges"
     leaf = (union.edge_weight if edges else union.x).detach().requires_grad_(True)
     x, weight = (union.x, leaf) if edges else (leaf, union.edge_weight)

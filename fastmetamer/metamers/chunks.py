@@ -9,8 +9,6 @@ frontier expansion): nodes × features and the edges they touch, at a fixed numb
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 from torch_geometric.data import Data
@@ -23,30 +21,6 @@ from .result import MetamerResult
 BYTES_PER_ENTRY = 64
 #: Bytes per edge touched: CSR and transposed CSR patterns, orders, values, edge gradients.
 BYTES_PER_EDGE = 96
-#: The automatic budget: this share of the memory available when the call starts, at most 4 GiB.
-AUTO_SHARE, AUTO_CAP = 0.25, 4 << 30
-
-
-def default_budget(device: torch.device) -> int:
-    """Bytes a batch of node targets may use when the caller gives no ``memory_budget``."""
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_host_bytes()
-    return int(min(AUTO_CAP, AUTO_SHARE * free))
-
-
-def _available_host_bytes() -> int:
-    """The host memory available to a new allocation (Linux ``MemAvailable``; else free pages;
-    else 8 GiB)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
 
 
 def problem_bytes(graph: Data, targets: Tensor, radius: int) -> Tensor:

@@ -21,6 +21,7 @@ from .moves import FeatureMoves, StructureMoves
 from .optimize import BestStates, Restarts, Schedule, run_schedule
 from .refine import refine
 from . import chunks
+from ..memory import check_budget, default_budget
 from ..graph.subgraph import (Subgraph, check_graph_ids, disjoint_receptive_fields, receptive_field,
                               whole_graph)
 from .scoring import metamer_metrics
@@ -140,10 +141,7 @@ def generate(model: nn.Module, graph: Data, node: int | list[int] | Tensor | Non
     if opts.null_sample is not None and (isinstance(opts.null_sample, bool) or not isinstance(opts.null_sample, int)
                                          or opts.null_sample < 1):
         raise ValueError(f"null_sample must be None (every node) or a positive int, got {opts.null_sample!r}")
-    if opts.memory_budget is not None and (isinstance(opts.memory_budget, bool) or
-                                          not isinstance(opts.memory_budget, int) or opts.memory_budget < 1):
-        raise ValueError(f"memory_budget must be None (automatic) or a positive int of bytes, "
-                         f"got {opts.memory_budget!r}")
+    check_budget(opts.memory_budget)
     schedule = _schedule(kind, steps, lr, opts)
     layer_name = resolve_layer(model, layer)
     source, graph = graph, model_input(model, graph)
@@ -191,7 +189,7 @@ def _generate_in_chunks(model, graph, targets, layer, kind, schedule, seed, back
     hops = count_hops(model, layer, graph.x, extra) if opts.hops is None else opts.hops
     if targets is None or targets.numel() == 1:
         return _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts, extra, hops)
-    budget = chunks.default_budget(graph.x.device) if opts.memory_budget is None else opts.memory_budget
+    budget = default_budget(graph.x.device) if opts.memory_budget is None else opts.memory_budget
     costs = chunks.problem_bytes(graph, targets, hops + _context(kind, hops))
     parts = chunks.split_targets(costs, targets, budget)
     if len(parts) == 1:
