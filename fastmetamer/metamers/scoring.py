@@ -6,7 +6,7 @@ from torch import Tensor
 from torch_geometric.data import Data
 from torch_geometric.utils import subgraph
 
-from ..analysis import activation_distances, consistency_scores, feature_distances, structure_distances
+from ..analysis import activation_distances, consistency_scores, structure_distances
 from ..analysis.batched import activation_distances_rows, feature_distances_segments
 from ..graph.subgraph import Subgraph
 
@@ -26,7 +26,8 @@ def _component_metrics(metamer: Data, reference: Data, nodes: Tensor, acts: Tens
                        ref_acts: Tensor, kind: str, valid: bool) -> dict[str, dict[str, float]]:
     scores = {
         "activation": activation_distances(acts, ref_acts),
-        "features": feature_distances(metamer.x[nodes], reference.x[nodes]),
+        "features": {key: float(value[0]) for key, value in feature_distances_segments(
+            metamer.x[nodes], reference.x[nodes], torch.zeros(nodes.numel(), dtype=torch.long), 1).items()},
         "structure": dict(UNCHANGED_STRUCTURE) if kind == "features" else
         structure_distances(_induced_edges(metamer, nodes), _induced_edges(reference, nodes),
                             nodes.numel(), max_nodes=SPECTRAL_MAX_NODES),
