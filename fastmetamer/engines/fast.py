@@ -126,7 +126,8 @@ class FastEngine:
         for i, stage in enumerate(stages):
             operator = self._restricted_operator(i, stage, plan, edge_index, edge_weight, x.shape[0])
             inputs = self._transform(stage, h, sparse if i == 0 else None)
-            h_rows = None if h is None else h.index_select(0, plan.self_positions[i])
+            positions = plan.self_positions[i]
+            h_rows = h if h is None or positions is None else h.index_select(0, positions)
             if i == len(stages) - 1:
                 if loss:
                     return self._matched(stage, h_rows, inputs, operator)
@@ -244,7 +245,7 @@ class _RowPlan:
     input is read at the nodes stage 0 reads. ``patterns[i]``: stage i's pattern on its rows,
     columns renumbered to positions among the rows stage i-1 computed (``inputs`` for i = 0);
     ``self_positions[i]`` [r_i]: the position of each of stage i's rows among its input rows
-    (for a residual or root term)."""
+    (for a residual or root term; None where they are the same rows, e.g. a whole graph)."""
 
     inputs: Tensor
     patterns: list
@@ -252,6 +253,9 @@ class _RowPlan:
 
     @classmethod
     def build(cls, full: list[Pattern], stacked: list[bool], targets: Tensor) -> "_RowPlan":
+        n = full[-1].num_rows
+        if targets.numel() == n and bool((targets == torch.arange(n, device=targets.device)).all()):
+            return cls(targets, list(full), [None] * len(full))  # every node is a target: all rows
         rows = [None] * len(full)
         rows[-1] = targets
         for i in range(len(full) - 1, 0, -1):
