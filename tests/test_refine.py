@@ -4,8 +4,10 @@ from __future__ import annotations
 import itertools
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fastmetamer.metamers.refine import refine
+from fastmetamer.metamers.refine import apply_moves, refine
 
 
 class QuadraticMoves:
@@ -129,11 +131,11 @@ def test_batched_problems_equal_single_ones():
         assert float(one_loss[0]) == float(loss[c])
 
 
-def _losses_many(self, states):
-    return torch.stack([self.losses(state) for state in states])
+def _losses_of_moves(self, state, off, on, selections):
+    return torch.stack([self.losses(apply_moves(state, off, on, chosen)) for chosen in selections])
 
 
-QuadraticMoves.losses_many = _losses_many
+QuadraticMoves.losses_of_moves = _losses_of_moves
 
 
 def _curvature(self, state):
@@ -161,3 +163,25 @@ def test_swap_search_runs_by_default_for_node_targets_not_for_a_whole_graph():
     searched = fm.generate(model, graph, None, refine_steps=5, **options)
     assert node.history.shape[0] > 20 and whole.history.shape[0] == 20
     assert searched.history.shape[0] > 20 and searched.loss <= whole.loss
+
+
+@settings(deadline=None, max_examples=30, derandomize=True)
+@given(rows=st.integers(1, 12), width=st.integers(1, 9), copies=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_copies_built_from_moves_equal_the_edited_dense_states(rows, width, copies, seed):
+    """The swap search's copies from the state's ones plus the moved entries are the CSR of the
+    dense edited states: empty states, moves that switch off a zero or on a one, one entry
+    switched on twice, an entry switched off and on in one selection."""
+    from fastmetamer.metamers.moves import _ones_of_copies
+    from fastmetamer.ops.update.reference import mask_to_csr
+
+    gen = torch.Generator().manual_seed(seed)
+    state = torch.rand(rows, width, generator=gen) < 0.3
+    size = rows * width
+    off = torch.randint(0, size, (6,), generator=gen)
+    on = torch.randint(0, size, (6,), generator=gen)
+    on[-1] = off[0]
+    selections = [torch.rand(6, generator=gen) < 0.5 for _ in range(copies)]
+    base = state.reshape(-1).nonzero().flatten()
+    got = _ones_of_copies(base, state.shape, off, on, selections)
+    want = mask_to_csr(torch.cat([apply_moves(state, off, on, chosen) for chosen in selections]))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

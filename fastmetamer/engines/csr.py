@@ -158,10 +158,13 @@ class BinaryRows:
         if rows.numel() and (int(position.max()) >= keep.numel() or not torch.equal(keep[position], rows)):
             return None
         counts = self.ones.rowptr[keep + 1] - self.ones.rowptr[keep]
-        _, entry = expand_ranges(self.ones.rowptr[keep], counts)
         rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        empty = entry.new_empty(0)
-        ones = Pattern(keep.numel(), self.shape[1], rowptr, self.ones.col[entry], empty, empty, empty, empty)
+        if int(rowptr[-1]) == self.ones.col.numel():  # every one is in a kept row: same columns
+            col = self.ones.col
+        else:
+            col = self.ones.col[expand_ranges(self.ones.rowptr[keep], counts)[1]]
+        empty = col.new_empty(0)
+        ones = Pattern(keep.numel(), self.shape[1], rowptr, col, empty, empty, empty, empty)
         return BinaryRows(ones, position, self.grad, self.token, parent=self)
 
     def add_grad(self, grad_rows: Tensor, weight: Tensor | None = None) -> None:

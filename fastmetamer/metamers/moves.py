@@ -18,6 +18,7 @@ from ..engines import FastEngine, make_engine
 from ..engines.csr import BinaryRows
 from ..graph.subgraph import Subgraph
 from ..ops.update.reference import mask_to_csr
+from .refine import apply_moves
 from .structure import StructureParam
 
 
@@ -113,6 +114,23 @@ class FeatureMoves:
         with torch.no_grad():
             return self.engine.losses(self._input(state), self.edge_index, self.edge_weight)
 
+    def losses_of_moves(self, state: Tensor, off: Tensor, on: Tensor, selections: list[Tensor]) -> Tensor:
+        """[S, C] L_act of ``state`` [F, d] with each selection [*] of the moves (entries ``off``
+        -> 0, ``on`` -> 1) applied. By ones, a group of copies is built from the state's ones and
+        the moved entries only (O(S nnz), not O(S F d))."""
+        copies = self.copies
+        if copies.engine is None or not self.by_ones:
+            return self.losses_many([apply_moves(state, off, on, chosen) for chosen in selections])
+        base = state.reshape(-1).nonzero().flatten()
+        out = []
+        with torch.no_grad():
+            for group in copies.chunks(selections):
+                rowptr, col = _ones_of_copies(base, state.shape, off, on, group)
+                x = BinaryRows.from_csr(rowptr, col, copies.free_rows, copies.num_nodes,
+                                        self.grad.new_zeros(0, state.shape[1]), self.token)
+                out.append(copies.engine.losses(x, copies.edge_index, copies.edge_weight))
+        return copies.split(torch.cat(out), len(selections))
+
     def losses_many(self, states: list[Tensor]) -> Tensor:
         """[S, C] L_act of every hard state [F, d] of ``states``."""
         copies = self.copies
@@ -182,6 +200,10 @@ class StructureMoves:
         with torch.no_grad():
             return self.engine.losses(self.x, self.index, self._weights(state[:, 0].float()))
 
+    def losses_of_moves(self, state: Tensor, off: Tensor, on: Tensor, selections: list[Tensor]) -> Tensor:
+        """[S, C] L_act of ``state`` with each selection of the moves applied."""
+        return self.losses_many([apply_moves(state, off, on, chosen) for chosen in selections])
+
     def losses_many(self, states: list[Tensor]) -> Tensor:
         """[S, C] L_act of every state [P, 1] of ``states``."""
         copies = self.copies
@@ -210,6 +232,48 @@ class StructureMoves:
     def chosen(self, state: Tensor) -> Tensor:
         """The pairs [sum B, 2] that are on, problem by problem."""
         return self.pairs[state[:, 0]]
+
+
+def _ones_of_copies(base: Tensor, shape: torch.Size, off: Tensor, on: Tensor,
+                    selections: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """(rowptr [S R + 1], col) of S stacked copies of a bool state [R, W] whose ones are at the
+    flat indices ``base`` (ascending), copy s with ``off[selections[s]]`` -> 0 and then
+    ``on[selections[s]]`` -> 1: equal to ``mask_to_csr`` of the stacked edited states."""
+    rows, width = shape
+    size = rows * width
+    copies = len(selections)
+    keep = torch.ones(copies, base.numel(), dtype=torch.bool)
+    added = []
+    for s, chosen in enumerate(selections):
+        gone = off[chosen]
+        if base.numel():
+            at = torch.searchsorted(base, gone).clamp_max(base.numel() - 1)
+            keep[s, at[base[at] == gone]] = False
+        added.append(on[chosen] + s * size)
+    kept = (base.unsqueeze(0) + torch.arange(copies).unsqueeze(1) * size)[keep]  # ascending
+    keys = _insert_sorted(kept, torch.unique(torch.cat(added)))
+    row = keys // width
+    rowptr = torch.zeros(copies * rows + 1, dtype=torch.long)
+    torch.cumsum(torch.bincount(row, minlength=copies * rows), 0, out=rowptr[1:])
+    return rowptr, keys % width
+
+
+def _insert_sorted(keys: Tensor, new: Tensor) -> Tensor:
+    """The union of the ascending distinct ``keys`` [K] and ``new`` [N], ascending, in O(K + N log K)
+    (the few new keys are placed, the many old ones never sorted again)."""
+    if new.numel() == 0:
+        return keys
+    at = torch.searchsorted(keys, new)
+    present = (at < keys.numel()) & (keys[at.clamp_max(max(keys.numel() - 1, 0))] == new) if keys.numel() else \
+        torch.zeros_like(new, dtype=torch.bool)
+    new, at = new[~present], at[~present]
+    slot = at + torch.arange(new.numel())
+    out = torch.empty(keys.numel() + new.numel(), dtype=keys.dtype)
+    old = torch.ones(out.numel(), dtype=torch.bool)
+    old[slot] = False
+    out[slot] = new
+    out[old] = keys
+    return out
 
 
 def _squared_jacobian(activations, inputs: Tensor) -> Tensor:

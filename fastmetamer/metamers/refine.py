@@ -43,7 +43,8 @@ class Moves(Protocol):
 
     def losses(self, state: Tensor) -> Tensor: ...                   # [C] exact L_act
 
-    def losses_many(self, states: list[Tensor]) -> Tensor: ...      # [S, C] for many states
+    def losses_of_moves(self, state: Tensor, off: Tensor, on: Tensor,
+                        selections: list[Tensor]) -> Tensor: ...     # [S, C]: apply_moves(state, ...) each
 
     def gradient(self, state: Tensor) -> Tensor: ...                 # [R, W] dL/d(state)
 
@@ -80,10 +81,10 @@ def refine(moves: Moves, state: Tensor, generators: list[torch.Generator], *, it
         off, on, valid, variants = _candidate_moves(moves.gradient(state), curvature, state, moves, count, width)
         valid &= active.unsqueeze(1)
         valid[:, singles:count] &= widened.unsqueeze(1)  # each problem's own candidate set
-        trials = moves.losses_many([_apply(state, off, on, valid & v) for v in variants])
+        trials = moves.losses_of_moves(state, off, on, [valid & v for v in variants])
         new_loss, pick = trials.min(0)
         improved = active & (new_loss < loss * (1 - MIN_GAIN))
-        state = _apply(state, off, on, valid & variants[pick] & improved.unsqueeze(1))
+        state = apply_moves(state, off, on, valid & variants[pick] & improved.unsqueeze(1))
         loss = torch.where(improved, new_loss, loss)
         history.append(loss.clone())
         better = loss < best_loss
@@ -184,7 +185,7 @@ def _block_top(score: Tensor, row_block: Tensor, num_blocks: int, count: int) ->
     return padded[pos], best
 
 
-def _apply(state: Tensor, off: Tensor, on: Tensor, selected: Tensor) -> Tensor:
+def apply_moves(state: Tensor, off: Tensor, on: Tensor, selected: Tensor) -> Tensor:
     """A copy of ``state`` with the selected moves applied (entries ``off`` -> 0, ``on`` -> 1)."""
     flat = state.reshape(-1).clone()
     flat[off[selected]] = False
