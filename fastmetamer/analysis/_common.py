@@ -4,6 +4,8 @@ All metrics compute in float64 on the CPU, whatever the device and dtype of thei
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -77,3 +79,18 @@ def wasserstein1_columns(x: Tensor, ref: Tensor) -> Tensor:
     widths = torch.diff(ends, prepend=ends.new_zeros(1)).to(torch.float64) / (n * m)
     ix, ir = (ends + m - 1) // m - 1, (ends + n - 1) // n - 1
     return (widths[:, None] * (xs[ix] - rs[ir]).abs()).sum(dim=0)
+
+
+def average_ranks(a: Tensor) -> Tensor:
+    """Ranks 1..d of every row of ``a`` [T, d], ties sharing their average rank (as
+    ``scipy.stats.rankdata``)."""
+    values, order = a.sort(dim=1, stable=True)
+    rows, d = a.shape
+    new_group = torch.ones_like(values, dtype=torch.bool)
+    new_group[:, 1:] = values[:, 1:] != values[:, :-1]
+    group = new_group.long().cumsum(1) - 1 + torch.arange(rows).unsqueeze(1) * d  # unique per row
+    position = torch.arange(1, d + 1, dtype=a.dtype).expand(rows, d).reshape(-1)
+    first = torch.full((rows * d,), math.inf, dtype=a.dtype).scatter_reduce(0, group.reshape(-1), position, "amin")
+    last = torch.zeros(rows * d, dtype=a.dtype).scatter_reduce(0, group.reshape(-1), position, "amax")
+    sorted_ranks = ((first + last) / 2)[group.reshape(-1)].view(rows, d)
+    return torch.empty_like(sorted_ranks).scatter_(1, order, sorted_ranks)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 
 import torch
-from scipy.stats import rankdata
 from torch import Tensor
 
-from ._common import require_dim, same_shape_pair
+from ._common import average_ranks, require_dim, same_shape_pair
 
 
 def _relative_sq_rows(a: Tensor, ref: Tensor) -> Tensor:
@@ -77,8 +76,7 @@ def spearman(a, ref) -> float:
     the same shape. Returns a float in [-1, 1], or nan when either input is constant.
     """
     a, ref = same_shape_pair(a, ref)
-    return pearson(torch.from_numpy(rankdata(a.flatten().numpy())),
-                   torch.from_numpy(rankdata(ref.flatten().numpy())))
+    return pearson(average_ranks(a.reshape(1, -1))[0], average_ranks(ref.reshape(1, -1))[0])
 
 
 def cosine_per_row(a, ref) -> Tensor:

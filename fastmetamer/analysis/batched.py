@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import same_shape_pair
+from ._common import average_ranks, same_shape_pair
 from .activation import _relative_sq_rows, cosine_per_row
 
 
@@ -24,7 +24,7 @@ def activation_distances_rows(a, ref) -> dict[str, Tensor]:
     snr = torch.where(noise == 0, math.inf, torch.where(signal == 0, -math.inf,
                                                         10.0 * torch.log10(signal / noise.clamp_min(1e-300))))
     return {"act_loss": _relative_sq_rows(a, ref), "snr_db": snr, "pearson": _pearson_rows(a, ref),
-            "spearman": _pearson_rows(_average_ranks(a), _average_ranks(ref)), "cosine": cosine_per_row(a, ref)}
+            "spearman": _pearson_rows(average_ranks(a), average_ranks(ref)), "cosine": cosine_per_row(a, ref)}
 
 
 def _pearson_rows(a: Tensor, ref: Tensor) -> Tensor:
@@ -35,19 +35,6 @@ def _pearson_rows(a: Tensor, ref: Tensor) -> Tensor:
     return torch.where(norm == 0, math.nan, corr.clamp(-1.0, 1.0))
 
 
-def _average_ranks(a: Tensor) -> Tensor:
-    """Ranks 1..d of every row of ``a`` [T, d], ties sharing their average rank (as
-    ``scipy.stats.rankdata``)."""
-    values, order = a.sort(dim=1, stable=True)
-    rows, d = a.shape
-    new_group = torch.ones_like(values, dtype=torch.bool)
-    new_group[:, 1:] = values[:, 1:] != values[:, :-1]
-    group = new_group.long().cumsum(1) - 1 + torch.arange(rows).unsqueeze(1) * d  # unique per row
-    position = torch.arange(1, d + 1, dtype=a.dtype).expand(rows, d).reshape(-1)
-    first = torch.full((rows * d,), math.inf, dtype=a.dtype).scatter_reduce(0, group.reshape(-1), position, "amin")
-    last = torch.zeros(rows * d, dtype=a.dtype).scatter_reduce(0, group.reshape(-1), position, "amax")
-    sorted_ranks = ((first + last) / 2)[group.reshape(-1)].view(rows, d)
-    return torch.empty_like(sorted_ranks).scatter_(1, order, sorted_ranks)
 
 
 def feature_distances_segments(x, ref, segment: Tensor, num_segments: int,

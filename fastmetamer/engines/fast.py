@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..graph.layers import layer_output
 from ..graph.neighbourhood import in_edges
 from ..graph.subgraph import Subgraph
 from ..ops import dispatch
@@ -97,10 +96,11 @@ class FastEngine:
                                 self._operator(stage, edge_index, edge_weight, x.shape[0]))
         return h
 
+    @torch.no_grad()
     def activations(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
-        """Layer-l activations at the targets [T, d_l] (no gradient needed: reference path)."""
-        return layer_output(self.model, self.layer, x, edge_index, edge_weight,
-                            forward_kwargs=self.sub.forward_kwargs)[self.sub.center]
+        """Layer-l activations at the targets [T, d_l] through the lowered program (as the
+        whole-graph pass that gives the criterion's null set), without gradients."""
+        return self._run(x, edge_index, edge_weight, loss=False)
 
     def losses(self, x: Tensor | BinaryRows, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
         """L_act per problem [C], differentiable w.r.t. ``x`` [m, d] and ``edge_weight`` [E].
