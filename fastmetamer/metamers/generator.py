@@ -274,6 +274,9 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
     if trivial.numel() != passed.numel():  # a whole graph: its nodes share the one problem
         trivial = trivial[sub.component[sub.center]]
     passed &= ~trivial
+    backend_name, binary = engine.name, None if feats is None else feats.binary
+    # the optimiser's state (parameters, Adam moments, sparse patterns) is not needed for scoring
+    del engine, feats, struct, best, param_sets, states
     reference = _subgraph_data(sub, graph, sub.x, sub.edge_index, sub.edge_weight)
     return MetamerResult(
         graph=metamer, reference=reference,
@@ -289,8 +292,7 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
         seconds=seconds, settings={**asdict(opts), "null_graphs": _count(opts.null_graphs),
                                    "forward_kwargs": sorted(opts.forward_kwargs or {}),
                                    "steps": schedule.steps, "lr": schedule.lr,
-                                   "seed": seed, "backend": engine.name,
-                                   "binary": None if feats is None else feats.binary},
+                                   "seed": seed, "backend": backend_name, "binary": binary},
         gradient_steps=gradient_steps)
 
 
