@@ -133,7 +133,7 @@ def markdown(rows: list[dict], info: dict) -> str:
         pyg, fast = sides.get("pyg", {}), sides.get("fastmetamer", {})
 
         def cell(row, key, fmt):
-            return fmt.format(row[key]) if row.get("status") == "ok" else row.get("status", "-")
+            return fmt.format(row[key]) if row.get("status") == "ok" else row.get("status", "not run")
 
         ratio = f"{pyg['seconds'] / fast['seconds']:.1f}×" if pyg.get("status") == fast.get("status") == "ok" else "-"
         timing = (f"{fast['seconds']:.1f} ({fast['loop_s']:.1f} / {fast['other_s']:.1f})"
