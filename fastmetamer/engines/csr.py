@@ -82,11 +82,8 @@ class Pattern:
         ``stacked`` operator [A | I] acts on [x W; x W_r]: its columns n + j become c + the
         position of j. ``order`` / ``t_order`` keep indexing this pattern's coordinate entries,
         so the same coordinate values build the sub-operator (:meth:`Operator.build`)."""
-        half = self.num_cols // 2 if stacked else self.num_cols
-        owner, entry = expand_ranges(self.rowptr[rows], self.rowptr[rows + 1] - self.rowptr[rows])
-        column = self.col[entry]
-        root = column >= half
-        position = torch.searchsorted(cols, torch.where(root, column - half, column)) + root * cols.numel()
+        owner, entry, node, root = self._entries_of(rows, stacked)
+        position = torch.searchsorted(cols, node) + root * cols.numel()
         sub = Pattern.from_coo(owner, position, rows.numel(), cols.numel() * (2 if stacked else 1),
                                transpose=self.t_order is not None)
         coo_entry = self.order[entry]
@@ -98,10 +95,16 @@ class Pattern:
     def columns_of(self, rows: Tensor, stacked: bool = False) -> Tensor:
         """The nodes [c] (ascending) that rows ``rows`` read: their columns, a stacked operator's
         columns n + j counted as node j."""
+        return torch.unique(self._entries_of(rows, stacked)[2])
+
+    def _entries_of(self, rows: Tensor, stacked: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The entries of ``rows`` [r]: (owner [M]: index into rows, entry [M]: CSR position,
+        node [M]: the node each column reads, root [M]: a stacked operator's I part)."""
         half = self.num_cols // 2 if stacked else self.num_cols
-        _, entry = expand_ranges(self.rowptr[rows], self.rowptr[rows + 1] - self.rowptr[rows])
+        owner, entry = expand_ranges(self.rowptr[rows], self.rowptr[rows + 1] - self.rowptr[rows])
         column = self.col[entry]
-        return torch.unique(torch.where(column >= half, column - half, column))
+        root = column >= half
+        return owner, entry, torch.where(root, column - half, column), root
 
 
 @dataclass
@@ -142,7 +145,7 @@ class BinaryRows:
             row = torch.repeat_interleave(local, rowptr.diff())
             row, col = torch.cat([row, frozen[0]]), torch.cat([col, frozen[1]])
             order = torch.argsort(row * grad.shape[1] + col)
-            rowptr, col = _rowptr(row, num_rows), col[order]
+            rowptr, col = row_offsets(row, num_rows), col[order]
         elif rows is not None:
             counts = torch.zeros(num_rows, dtype=torch.long).index_copy_(0, rows, rowptr.diff())
             rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
@@ -191,8 +194,9 @@ class BinaryRows:
         return torch.zeros(self.shape).index_put_((row, self.ones.col), values)
 
 
-def _rowptr(index: Tensor, size: int) -> Tensor:
-    ptr = torch.zeros(size + 1, dtype=torch.long)
+def row_offsets(index: Tensor, size: int) -> Tensor:
+    """CSR offsets [size + 1] of the entries whose rows are ``index`` [M] (any order)."""
+    ptr = torch.zeros(size + 1, dtype=torch.long, device=index.device)
     ptr[1:] = torch.bincount(index, minlength=size).cumsum(0)
     return ptr
 

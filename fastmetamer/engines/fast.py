@@ -21,34 +21,39 @@ from .lowering import Program, Stage
 from .reference import loss_scale
 
 
-def _coo(stage: Stage, edge_index: Tensor, edge_weight: Tensor | None, n: int):
-    """(row, col, value, num_cols) of the stage's operator in coordinate form (row = destination).
-
-    For a stage with a root weight the operator is [A | I] over the stacked input [x W; x W_r]."""
+def _coordinates(stage: Stage, edge_index: Tensor, n: int) -> tuple[Tensor, Tensor, int]:
+    """(row [E + n], col [E + n], num_cols) of the stage's operator in coordinate form: one entry
+    per edge (row = destination, col = source), then one per node (its self loop; for a stage
+    with a root weight, "mean", the operator is [A | I] over the stacked input [x W; x W_r], so
+    node j's entry sits in column n + j)."""
     src, dst = edge_index
-    if not stage.weighted:
-        edge_weight = None
-    weight = torch.ones(src.numel(), device=src.device) if edge_weight is None else edge_weight
     loops = torch.arange(n, device=src.device)
+    stacked = stage.operator == "mean"
+    return torch.cat([dst, loops]), torch.cat([src, loops + n if stacked else loops]), 2 * n if stacked else n
+
+
+def _values(stage: Stage, edge_index: Tensor, edge_weight: Tensor | None, n: int) -> Tensor:
+    """The operator's values [E + n] in the order of :func:`_coordinates`, differentiable w.r.t.
+    ``edge_weight`` [E] (ignored by an unweighted stage)."""
+    src, dst = edge_index
+    if not stage.weighted or edge_weight is None:
+        edge_weight = torch.ones(src.numel(), device=src.device)
     if stage.operator in ("gcn", "gcn_pyg"):
-        return _gcn_coo(src, dst, weight, n, remaining_loops=stage.operator == "gcn_pyg")
+        return _gcn_values(src, dst, edge_weight, n, remaining_loops=stage.operator == "gcn_pyg")
     if stage.operator == "sum_self":
-        self_value = torch.full((n,), 1.0 + stage.eps, device=src.device)
-        return torch.cat([dst, loops]), torch.cat([src, loops]), torch.cat([weight, self_value]), n
-    degree = torch.zeros(n, device=src.device).index_add(0, dst, weight)
+        return torch.cat([edge_weight, torch.full((n,), 1.0 + stage.eps, device=src.device)])
+    degree = torch.zeros(n, device=src.device).index_add(0, dst, edge_weight)
     degree = torch.where(degree > 0, degree, torch.ones_like(degree))
-    value = weight / degree[dst]
-    return torch.cat([dst, loops]), torch.cat([src, loops + n]), torch.cat([value, torch.ones(n, device=src.device)]), 2 * n
+    return torch.cat([edge_weight / degree[dst], torch.ones(n, device=src.device)])
 
 
-def _gcn_coo(src: Tensor, dst: Tensor, weight: Tensor, n: int, remaining_loops: bool):
-    """(row, col, value, n) of D^-1/2 (A_w + L) D^-1/2 with one self-loop entry per node appended.
+def _gcn_values(src: Tensor, dst: Tensor, weight: Tensor, n: int, remaining_loops: bool) -> Tensor:
+    """Values [E + n] of D^-1/2 (A_w + L) D^-1/2: one per edge, then each node's self loop.
 
     ``remaining_loops=False`` (the zoo's ``gcn_normalize``): L = I, existing self loops stay
     ordinary edges. ``True`` (PyG's ``gcn_norm`` with ``add_remaining_self_loops``): existing
     self loops count as absent (their entries get value 0) and their weight replaces the unit
-    loop of their node. Entries stay one per edge, then one per node (see
-    :meth:`Pattern.from_in_edges`). O(n + E), differentiable w.r.t. ``weight`` [E]."""
+    loop of their node. O(n + E), differentiable w.r.t. ``weight`` [E]."""
     loop_weight = torch.ones(n, device=src.device, dtype=weight.dtype)
     if remaining_loops:
         is_loop = src == dst
@@ -57,9 +62,7 @@ def _gcn_coo(src: Tensor, dst: Tensor, weight: Tensor, n: int, remaining_loops: 
             weight = weight.masked_fill(is_loop, 0.0)
     degree = loop_weight.index_add(0, dst, weight)
     inv_sqrt = degree.pow(-0.5).masked_fill(degree == 0, 0.0)
-    loops = torch.arange(n, device=src.device)
-    value = torch.cat([inv_sqrt[src] * weight * inv_sqrt[dst], inv_sqrt * loop_weight * inv_sqrt])
-    return torch.cat([dst, loops]), torch.cat([src, loops]), value, n
+    return torch.cat([inv_sqrt[src] * weight * inv_sqrt[dst], inv_sqrt * loop_weight * inv_sqrt])
 
 
 class FastEngine:
@@ -161,7 +164,7 @@ class FastEngine:
         """The stage's full pattern for these edges, one cached per kind of stage."""
         known = self._patterns.get(stage.operator)
         if known is None or known[0] is not edge_index:
-            row, col, _, num_cols = _coo(stage, edge_index, None, n)
+            row, col, num_cols = _coordinates(stage, edge_index, n)
             pattern = Pattern.from_in_edges(in_edges(edge_index, n), row, col, num_cols, transpose=self._transposes)
             known = (edge_index, pattern)
             self._patterns[stage.operator] = known
@@ -176,7 +179,7 @@ class FastEngine:
         cached = self._operators.get(i)
         if cached is not None and cached[0] is plan and cached[1] is edge_weight:
             return cached[2]
-        value = _coo(stage, edge_index, edge_weight, n)[2]
+        value = _values(stage, edge_index, edge_weight, n)
         operator = Operator.build(plan.patterns[i], value.float())
         if edge_weight is None or not edge_weight.requires_grad:
             self._operators[i] = (plan, edge_weight, operator)
@@ -184,7 +187,7 @@ class FastEngine:
 
     def _operator(self, stage: Stage, edge_index: Tensor, edge_weight: Tensor | None, n: int) -> Operator:
         """The stage's full operator (every row) for these edges (forward passes over a whole graph)."""
-        value = _coo(stage, edge_index, None if not stage.weighted else edge_weight, n)[2]
+        value = _values(stage, edge_index, edge_weight, n)
         return Operator.build(self._pattern(stage, edge_index, n), value.float())
 
     def _transform(self, stage: Stage, h: Tensor | None, sparse: BinaryRows | None) -> Tensor:

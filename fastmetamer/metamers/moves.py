@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..engines import FastEngine, make_engine
-from ..engines.csr import BinaryRows
+from ..engines.csr import BinaryRows, row_offsets
 from ..graph.subgraph import Subgraph
 from ..ops.update.reference import mask_to_csr
 from .refine import apply_moves
@@ -252,10 +252,7 @@ def _ones_of_copies(base: Tensor, shape: torch.Size, off: Tensor, on: Tensor,
         added.append(on[chosen] + s * size)
     kept = (base.unsqueeze(0) + torch.arange(copies).unsqueeze(1) * size)[keep]  # ascending
     keys = _insert_sorted(kept, torch.unique(torch.cat(added)))
-    row = keys // width
-    rowptr = torch.zeros(copies * rows + 1, dtype=torch.long)
-    torch.cumsum(torch.bincount(row, minlength=copies * rows), 0, out=rowptr[1:])
-    return rowptr, keys % width
+    return row_offsets(keys // width, copies * rows), keys % width
 
 
 def _insert_sorted(keys: Tensor, new: Tensor) -> Tensor:
