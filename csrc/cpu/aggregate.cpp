@@ -26,19 +26,22 @@ const BitMasks& bit_masks() {
 }
 
 // Gathered rows are random reads: ask for the row PREFETCH_EDGES edges ahead while this one is
-// summed, so the memory latency of a large graph's rows overlaps with the arithmetic.
+// summed, so the memory latency of a large graph's rows overlaps with the arithmetic. The look
+// ahead crosses row ends (up to the chunk's last edge): with ~20 edges a row, stopping at each
+// row's end would leave its first edges unprefetched (measured: 30% slower on 1 M rows).
 constexpr i64 PREFETCH_EDGES = 8;
 inline void prefetch_row(const float* row, i64 f) {
   for (i64 c = 0; c < f; c += 16) __builtin_prefetch(row + c);
 }
 
-// acc[0:f) = sum_{e in [e0, e1)} w[e] * x[col[e], 0:f), accumulated in edge order (as index_add_).
-inline void spmm_row(float* __restrict acc, i64 e0, i64 e1, const i64* __restrict col,
+// acc[0:f) = sum_{e in [e0, e1)} w[e] * x[col[e], 0:f), accumulated in edge order (as index_add_);
+// rows are prefetched up to edge `ahead_end` (the end of the rows this thread sums).
+inline void spmm_row(float* __restrict acc, i64 e0, i64 e1, i64 ahead_end, const i64* __restrict col,
                      const float* __restrict w, const float* __restrict x, i64 f) {
 #pragma omp simd
   for (i64 c = 0; c < f; ++c) acc[c] = 0.f;
   for (i64 e = e0; e < e1; ++e) {
-    if (e + PREFETCH_EDGES < e1) prefetch_row(x + col[e + PREFETCH_EDGES] * f, f);
+    if (e + PREFETCH_EDGES < ahead_end) prefetch_row(x + col[e + PREFETCH_EDGES] * f, f);
     const float we = w[e];
     const float* __restrict xr = x + col[e] * f;
 #pragma omp simd
@@ -77,7 +80,7 @@ FM_SIMD_CLONES void forward_rows(i64 r0, i64 r1, float* __restrict acc, const i6
   const i64 nb = (f + 7) / 8;
   uint8_t* pos = reinterpret_cast<uint8_t*>(acc + f);  // scratch beyond the accumulator
   for (i64 i = r0; i < r1; ++i) {
-    spmm_row(acc, rowptr[i], rowptr[i + 1], col, w, x, f);
+    spmm_row(acc, rowptr[i], rowptr[i + 1], rowptr[r1], col, w, x, f);
     if (bias) {
 #pragma omp simd
       for (i64 c = 0; c < f; ++c) acc[c] += bias[c];
@@ -111,7 +114,7 @@ FM_SIMD_CLONES void backward_rows(i64 r0, i64 r1, float* __restrict acc, const i
   const BitMasks& lut = bit_masks();
   for (i64 j = r0; j < r1; ++j) {
     if constexpr (A == ACT_NONE) {
-      spmm_row(acc, rowptr[j], rowptr[j + 1], col, w, g, f);
+      spmm_row(acc, rowptr[j], rowptr[j + 1], rowptr[r1], col, w, g, f);
     } else {
 #pragma omp simd
       for (i64 c = 0; c < f; ++c) acc[c] = 0.f;

@@ -23,6 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("theta"), py::arg("ptr"), py::arg("k"), py::arg("slope"));
   m.def("group_by", &fm::group_by, "stable counting sort: (rowptr, order) of the entries grouped by key",
         py::arg("keys"), py::arg("num_groups"));
+  m.def("append_node_entries", &fm::append_node_entries,
+        "CSR (rowptr, col, order) of a graph's in-edges with one entry per node appended to each row",
+        py::arg("rowptr"), py::arg("source"), py::arg("edge_id"), py::arg("node_col"));
   m.def("adam_ste_update", &fm::adam_ste_update, "fused margin + straight-through + Adam step (in place)",
         py::arg("theta"), py::arg("grad_x"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"),
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("slope"),

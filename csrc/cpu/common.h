@@ -126,6 +126,9 @@ std::tuple<at::Tensor, at::Tensor> top_mask(const at::Tensor& theta, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> top_mask_csr(const at::Tensor& theta, const at::Tensor& ptr,
                                                             const at::Tensor& k, double slope);
 std::tuple<at::Tensor, at::Tensor> group_by(const at::Tensor& keys, int64_t num_groups);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> append_node_entries(const at::Tensor& rowptr, const at::Tensor& source,
+                                                                   const at::Tensor& edge_id,
+                                                                   const at::Tensor& node_col);
 void adam_ste_update(at::Tensor theta, const at::Tensor& grad_x, at::Tensor exp_avg, at::Tensor exp_avg_sq,
                      int64_t step, double lr, double beta1, double beta2, double eps, double slope,
                      const at::Tensor& threshold, double margin, const at::Tensor& margin_scale,

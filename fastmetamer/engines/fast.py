@@ -21,48 +21,60 @@ from .lowering import Program, Stage
 from .reference import loss_scale
 
 
-def _coordinates(stage: Stage, edge_index: Tensor, n: int) -> tuple[Tensor, Tensor, int]:
-    """(row [E + n], col [E + n], num_cols) of the stage's operator in coordinate form: one entry
-    per edge (row = destination, col = source), then one per node (its self loop; for a stage
-    with a root weight, "mean", the operator is [A | I] over the stacked input [x W; x W_r], so
-    node j's entry sits in column n + j)."""
+def _node_columns(stage: Stage, n: int, device) -> tuple[Tensor, int]:
+    """(column [n] of every node's own entry, num_cols) of the stage's operator: node j's entry is
+    its self loop, or for a stage with a root weight ("mean"), whose operator is [A | I] over the
+    stacked input [x W; x W_r], column n + j."""
+    loops = torch.arange(n, device=device)
+    return (loops + n, 2 * n) if stage.operator == "mean" else (loops, n)
+
+
+def _coordinates(edge_index: Tensor, node_col: Tensor) -> tuple[Tensor, Tensor]:
+    """(row [E + n], col [E + n]) of a stage's operator in coordinate form: one entry per edge
+    (row = destination, col = source), then one per node (column ``node_col``)."""
     src, dst = edge_index
-    loops = torch.arange(n, device=src.device)
-    stacked = stage.operator == "mean"
-    return torch.cat([dst, loops]), torch.cat([src, loops + n if stacked else loops]), 2 * n if stacked else n
+    return torch.cat([dst, torch.arange(node_col.numel(), device=dst.device)]), torch.cat([src, node_col])
 
 
 def _values(stage: Stage, edge_index: Tensor, edge_weight: Tensor | None, n: int) -> Tensor:
     """The operator's values [E + n] in the order of :func:`_coordinates`, differentiable w.r.t.
-    ``edge_weight`` [E] (ignored by an unweighted stage)."""
+    ``edge_weight`` [E] (ignored by an unweighted stage; None: every edge weighs 1)."""
     src, dst = edge_index
-    if not stage.weighted or edge_weight is None:
-        edge_weight = torch.ones(src.numel(), device=src.device)
+    weight = edge_weight if stage.weighted else None
     if stage.operator in ("gcn", "gcn_pyg"):
-        return _gcn_values(src, dst, edge_weight, n, remaining_loops=stage.operator == "gcn_pyg")
+        return _gcn_values(src, dst, weight, n, remaining_loops=stage.operator == "gcn_pyg")
+    if weight is None:
+        weight = torch.ones(src.numel(), device=src.device)
     if stage.operator == "sum_self":
-        return torch.cat([edge_weight, torch.full((n,), 1.0 + stage.eps, device=src.device)])
-    degree = torch.zeros(n, device=src.device).index_add(0, dst, edge_weight)
+        return torch.cat([weight, torch.full((n,), 1.0 + stage.eps, device=src.device)])
+    degree = torch.zeros(n, device=src.device).index_add(0, dst, weight)
     degree = torch.where(degree > 0, degree, torch.ones_like(degree))
-    return torch.cat([edge_weight / degree[dst], torch.ones(n, device=src.device)])
+    return torch.cat([weight / degree.index_select(0, dst), torch.ones(n, device=src.device)])
 
 
-def _gcn_values(src: Tensor, dst: Tensor, weight: Tensor, n: int, remaining_loops: bool) -> Tensor:
+def _gcn_values(src: Tensor, dst: Tensor, weight: Tensor | None, n: int, remaining_loops: bool) -> Tensor:
     """Values [E + n] of D^-1/2 (A_w + L) D^-1/2: one per edge, then each node's self loop.
 
     ``remaining_loops=False`` (the zoo's ``gcn_normalize``): L = I, existing self loops stay
     ordinary edges. ``True`` (PyG's ``gcn_norm`` with ``add_remaining_self_loops``): existing
     self loops count as absent (their entries get value 0) and their weight replaces the unit
-    loop of their node. O(n + E), differentiable w.r.t. ``weight`` [E]."""
-    loop_weight = torch.ones(n, device=src.device, dtype=weight.dtype)
+    loop of their node. O(n + E), differentiable w.r.t. ``weight`` [E] (None: unit weights)."""
+    loop_weight = torch.ones(n, device=src.device, dtype=torch.float32 if weight is None else weight.dtype)
     if remaining_loops:
         is_loop = src == dst
         if bool(is_loop.any()):
-            loop_weight = loop_weight.index_put((src[is_loop],), weight[is_loop])
-            weight = weight.masked_fill(is_loop, 0.0)
-    degree = loop_weight.index_add(0, dst, weight)
+            if weight is None:
+                weight = (~is_loop).float()
+            else:
+                loop_weight = loop_weight.index_put((src[is_loop],), weight[is_loop])
+                weight = weight.masked_fill(is_loop, 0.0)
+    if weight is None:
+        degree = loop_weight + torch.bincount(dst, minlength=n)
+    else:
+        degree = loop_weight.index_add(0, dst, weight)
     inv_sqrt = degree.pow(-0.5).masked_fill(degree == 0, 0.0)
-    return torch.cat([inv_sqrt[src] * weight * inv_sqrt[dst], inv_sqrt * loop_weight * inv_sqrt])
+    edge = inv_sqrt.index_select(0, src) * inv_sqrt.index_select(0, dst)
+    return torch.cat([edge if weight is None else edge * weight, inv_sqrt * loop_weight * inv_sqrt])
 
 
 class FastEngine:
@@ -93,10 +105,12 @@ class FastEngine:
     def all_activations(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
         """The matched layer's activations of every node [n, d_l] through the lowered program:
         memory O(n d + E) (CSR aggregations; no per-edge message tensor)."""
-        h = x
+        h, operators = x, {}
         for stage in self.program.stages:
-            h = self._propagate(stage, h, self._transform(stage, h, None),
-                                self._operator(stage, edge_index, edge_weight, x.shape[0]))
+            kind = (stage.operator, stage.weighted and edge_weight is not None, stage.eps)
+            if kind not in operators:  # stages of one kind share their operator
+                operators[kind] = self._operator(stage, edge_index, edge_weight, x.shape[0])
+            h = self._propagate(stage, h, self._transform(stage, h, None), operators[kind])
         return h
 
     @torch.no_grad()
@@ -164,8 +178,9 @@ class FastEngine:
         """The stage's full pattern for these edges, one cached per kind of stage."""
         known = self._patterns.get(stage.operator)
         if known is None or known[0] is not edge_index:
-            row, col, num_cols = _coordinates(stage, edge_index, n)
-            pattern = Pattern.from_in_edges(in_edges(edge_index, n), row, col, num_cols, transpose=self._transposes)
+            node_col, num_cols = _node_columns(stage, n, edge_index.device)
+            coordinates = _coordinates(edge_index, node_col) if self._transposes else None
+            pattern = Pattern.from_in_edges(in_edges(edge_index, n), node_col, num_cols, coordinates)
             known = (edge_index, pattern)
             self._patterns[stage.operator] = known
         return known[1]

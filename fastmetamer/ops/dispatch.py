@@ -71,3 +71,12 @@ def group_by(keys: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.T
     [0, num_groups) -> (rowptr [num_groups + 1], order [E]), ``order`` a stable argsort of
     ``keys`` and ``rowptr`` its group offsets (the CSR of an edge list keyed by row)."""
     return get("group", resolve("auto", keys.device)).group_by(keys, num_groups)
+
+
+def append_node_entries(rowptr: torch.Tensor, source: torch.Tensor, edge_id: torch.Tensor,
+                        node_col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CSR (rowptr [n + 1], col [E + n], order [E + n]) of an operator whose coordinate entries
+    are a graph's edges then one entry per node, from its in-edge CSR (``rowptr`` [n + 1],
+    ``source`` [E], ``edge_id`` [E]) and the node entries' columns ``node_col`` [n], with the
+    fastest backend for the tensors' device (see ``ops/group/reference.py``)."""
+    return get("group", resolve("auto", rowptr.device)).append_node_entries(rowptr, source, edge_id, node_col)

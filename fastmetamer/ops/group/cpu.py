@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .reference import check_keys
+from .reference import check_in_edges, check_keys
 
 try:
     from fastmetamer import _C
 except ImportError:  # extension not built: the backend reports itself unavailable
     _C = None
-AVAILABLE = _C is not None and hasattr(_C, "group_by")
+AVAILABLE = _C is not None and hasattr(_C, "append_node_entries")
 
 
 def group_by(keys: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
@@ -21,3 +21,14 @@ def group_by(keys: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     if keys.device.type != "cpu":
         raise ValueError(f"keys must be on the CPU for the cpu backend, got {keys.device}")
     return _C.group_by(keys.contiguous(), num_groups)
+
+
+def append_node_entries(rowptr: Tensor, source: Tensor, edge_id: Tensor,
+                        node_col: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(rowptr [n + 1], col [E + n], order [E + n]): the in-edge CSR with one entry per node
+    appended to each row (see the reference), rows written in parallel."""
+    check_in_edges(rowptr, source, edge_id, node_col)
+    if rowptr.device.type != "cpu":
+        raise ValueError(f"the in-edge CSR must be on the CPU for the cpu backend, got {rowptr.device}")
+    return _C.append_node_entries(rowptr.contiguous(), source.contiguous(), edge_id.contiguous(),
+                                  node_col.contiguous())
