@@ -132,6 +132,25 @@ def test_binary_rows_input_matches_dense(backend):
             torch.testing.assert_close(x.grad, want_grad[sub.free], rtol=1e-4, atol=1e-5, msg=what)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_swap_search_curvature_by_ones_matches_dense(backend):
+    """The swap search's Gauss-Newton diagonal (sum over output coordinates of squared
+    Jacobian entries) from the binary features' ones, through the rows that reach the targets,
+    equals the one from dense features and autograd, for every lowered model and layer."""
+    from fastmetamer.metamers.moves import FeatureMoves
+
+    graph = awkward_graph(num_nodes=30, num_features=7, seed=3)
+    graph.x = (graph.x > graph.x.median()).float()
+    for name, model, layer, sub, joint, target, fast in _engine_cases(graph, backend):
+        if joint:  # one loss over many targets: no per-target curvature
+            continue
+        state = sub.x[sub.free] > 0.5
+        curvature = [FeatureMoves(fast, sub, sub.edge_index, None, per_row=False, by_ones=by_ones,
+                                  shared_loss=False, copyable=False).curvature(state) for by_ones in (True, False)]
+        assert curvature[1].abs().sum() > 0, name
+        torch.testing.assert_close(curvature[0], curvature[1], rtol=1e-4, atol=1e-6, msg=f"{name} {layer}")
+
+
 def test_unsupported_models_are_named_and_fall_back(synthetic):
     gat = fm.models.GAT(synthetic.num_features, 5, hidden=8).eval()
     with pytest.raises(Unsupported, match="GAT"):

@@ -43,29 +43,27 @@ class Pattern:
                                    transpose)
 
     @classmethod
-    def from_in_edges(cls, in_edges: InEdges, row: Tensor, col: Tensor, num_cols: int,
-                      transpose: bool = True) -> "Pattern":
+    def from_in_edges(cls, in_edges: InEdges, node_col: Tensor, num_cols: int,
+                      coordinates: tuple[Tensor, Tensor] | None = None) -> "Pattern":
         """The pattern of an operator whose entries are a graph's edges followed by one entry per
-        node: ``row`` = [destination of every edge, 0 .. n-1], ``col`` = [source of every edge,
-        any column per node] ([E + n] each). Equal to :meth:`from_coo` of them, but the CSR
-        comes from the graph's cached in-edge CSR ``in_edges`` (each row: its in-edges in edge
-        order, then its node's entry) with O(E + n) sequential writes instead of a sort."""
+        node (node i's entry in column ``node_col[i]``, [n]). Equal to :meth:`from_coo` of its
+        coordinates, but the CSR comes from the graph's cached in-edge CSR ``in_edges`` (each
+        row: its in-edges in edge order, then its node's entry) with O(E + n) sequential writes
+        instead of a sort. ``coordinates``: (row, col) [E + n] each (row = [destination of every
+        edge, 0 .. n-1], col = [source of every edge, node_col]), given to build the transpose
+        too; None for a forward-only pattern."""
         n, num_edges = in_edges.num_nodes, in_edges.source.numel()
+        if node_col.shape != (n,):
+            raise ValueError(f"node_col must hold one column per node ({n}), got {tuple(node_col.shape)}")
+        rowptr, csr_col, order = dispatch.append_node_entries(in_edges.rowptr, in_edges.source, in_edges.edge_id,
+                                                              node_col.contiguous())
+        if coordinates is None:
+            return cls(n, num_cols, rowptr, csr_col, order, None, None, None)
+        row, col = coordinates
         if row.shape != (num_edges + n,) or col.shape != row.shape:
             raise ValueError(f"row and col must hold the {num_edges} edges and {n} node entries, "
                              f"got {tuple(row.shape)} and {tuple(col.shape)}")
-        nodes = torch.arange(n + 1, device=row.device)
-        counts = in_edges.rowptr.diff()
-        rowptr = in_edges.rowptr + nodes
-        edge_slot = torch.arange(num_edges, device=row.device) + torch.repeat_interleave(nodes[:-1], counts)
-        node_slot = rowptr[1:] - 1
-        order = torch.empty(num_edges + n, dtype=torch.long, device=row.device)
-        order[edge_slot] = in_edges.edge_id
-        order[node_slot] = nodes[:-1] + num_edges
-        csr_col = torch.empty_like(order)
-        csr_col[edge_slot] = in_edges.source
-        csr_col[node_slot] = col[num_edges:]
-        return cls._with_transpose(n, num_cols, rowptr, csr_col, order, row, col, transpose)
+        return cls._with_transpose(n, num_cols, rowptr, csr_col, order, row, col, True)
 
     @classmethod
     def _with_transpose(cls, num_rows: int, num_cols: int, rowptr: Tensor, csr_col: Tensor, order: Tensor,
@@ -118,20 +116,36 @@ class BinaryRows:
     exact when those rows lie outside the matched rows' receptive field (the frozen boundary
     ring), whose features never reach them.
 
-    Attributes: ones (pattern [m, d] of the ones, forward only), rows, grad, token; written
-    (False until a backward wrote ``grad``; later contributions add to it).
+    Attributes: num_rows (m), width (d); rowptr, col: the CSR of the ones, over all m rows, or
+    over ``rows`` alone when ``compact`` (every other row is zero: nothing of size m is built
+    until :attr:`ones` asks for it); rows, grad, token; written (False until a backward wrote
+    ``grad``; later contributions add to it).
     """
 
-    ones: Pattern
+    num_rows: int
+    width: int
+    rowptr: Tensor
+    col: Tensor
     rows: Tensor | None
     grad: Tensor
     token: Tensor
+    compact: bool = False
     written: bool = False
     parent: "BinaryRows | None" = None
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.ones.num_rows, self.ones.num_cols
+        return self.num_rows, self.width
+
+    @property
+    def ones(self) -> Pattern:
+        """The pattern [m, d] of the ones over all m rows (forward only)."""
+        rowptr = self.rowptr
+        if self.compact:
+            counts = torch.zeros(self.num_rows, dtype=torch.long).index_copy_(0, self.rows, rowptr.diff())
+            rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        empty = self.col.new_empty(0)
+        return Pattern(self.num_rows, self.width, rowptr, self.col, empty, empty, empty, empty)
 
     @classmethod
     def from_csr(cls, rowptr: Tensor, col: Tensor, rows: Tensor | None, num_rows: int, grad: Tensor,
@@ -140,35 +154,31 @@ class BinaryRows:
         local ``rows`` [F] of an m-row graph; ``frozen`` (row [n1], col [n1]) adds the ones of
         other rows, which get no gradient (needed when they can reach the matched rows, e.g.
         when the edges change too)."""
-        if frozen is not None:
-            local = torch.arange(rowptr.numel() - 1) if rows is None else rows
-            row = torch.repeat_interleave(local, rowptr.diff())
-            row, col = torch.cat([row, frozen[0]]), torch.cat([col, frozen[1]])
-            order = torch.argsort(row * grad.shape[1] + col)
-            rowptr, col = row_offsets(row, num_rows), col[order]
-        elif rows is not None:
-            counts = torch.zeros(num_rows, dtype=torch.long).index_copy_(0, rows, rowptr.diff())
-            rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        empty = col.new_empty(0)
-        ones = Pattern(num_rows, grad.shape[1], rowptr, col, empty, empty, empty, empty)
-        return cls(ones, rows, grad, token)
+        width = grad.shape[1]
+        if frozen is None:
+            return cls(num_rows, width, rowptr, col, rows, grad, token, compact=rows is not None)
+        local = torch.arange(rowptr.numel() - 1) if rows is None else rows
+        row = torch.repeat_interleave(local, rowptr.diff())
+        row, col = torch.cat([row, frozen[0]]), torch.cat([col, frozen[1]])
+        order = torch.argsort(row * width + col)
+        return cls(num_rows, width, row_offsets(row, num_rows), col[order], rows, grad, token)
 
     def restrict(self, keep: Tensor) -> "BinaryRows | None":
         """Rows ``keep`` [k] (ascending local ids) as a k-row BinaryRows that writes into this
-        one's gradient buffer; None unless every optimised row is kept."""
+        one's gradient buffer; None unless every optimised row is kept. O(k + F) when compact."""
         rows = torch.arange(self.shape[0], device=keep.device) if self.rows is None else self.rows
         position = torch.searchsorted(keep, rows)
         if rows.numel() and (int(position.max()) >= keep.numel() or not torch.equal(keep[position], rows)):
             return None
-        counts = self.ones.rowptr[keep + 1] - self.ones.rowptr[keep]
-        rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        if int(rowptr[-1]) == self.ones.col.numel():  # every one is in a kept row: same columns
-            col = self.ones.col
+        if self.compact:  # the ones all lie in the optimised rows, which are all kept
+            counts = torch.zeros(keep.numel(), dtype=torch.long).index_copy_(0, position, self.rowptr.diff())
+            col = self.col
         else:
-            col = self.ones.col[expand_ranges(self.ones.rowptr[keep], counts)[1]]
-        empty = col.new_empty(0)
-        ones = Pattern(keep.numel(), self.shape[1], rowptr, col, empty, empty, empty, empty)
-        return BinaryRows(ones, position, self.grad, self.token, parent=self)
+            counts = self.rowptr[keep + 1] - self.rowptr[keep]
+            col = self.col if int(counts.sum()) == self.col.numel() else \
+                self.col[expand_ranges(self.rowptr[keep], counts)[1]]
+        rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return BinaryRows(keep.numel(), self.width, rowptr, col, position, self.grad, self.token, parent=self)
 
     def add_grad(self, grad_rows: Tensor, weight: Tensor | None = None) -> None:
         """Add dL/dX'[rows] given either directly (``grad_rows`` [m, d]) or as the gradient
@@ -189,9 +199,9 @@ class BinaryRows:
 
     def dense(self) -> Tensor:
         """X' as a dense [m, d] 0/1 tensor (for layers that need it, e.g. a residual)."""
-        values = torch.ones(self.ones.col.numel())
-        row = torch.repeat_interleave(torch.arange(self.shape[0]), self.ones.rowptr.diff())
-        return torch.zeros(self.shape).index_put_((row, self.ones.col), values)
+        ones = self.ones
+        row = torch.repeat_interleave(torch.arange(self.shape[0]), ones.rowptr.diff())
+        return torch.zeros(self.shape).index_put_((row, ones.col), torch.ones(ones.col.numel()))
 
 
 def row_offsets(index: Tensor, size: int) -> Tensor:

@@ -162,9 +162,13 @@ class FeatureMoves:
         by many targets, where it would need one backward per target)."""
         if self.shared_loss:
             return torch.zeros(state.shape)
-        x = self.features(state).requires_grad_(True)
-        squares = _squared_jacobian(lambda: self.engine.target_outputs(x, self.edge_index, self.edge_weight), x)
-        return squares[self.free_rows] / self.engine.scale[self.row_component].unsqueeze(1)
+        if self.by_ones:  # the gradients of the free rows only, written into the BinaryRows buffer
+            squares = _squared_jacobian_by_ones(self._input(state), self.engine, self.edge_index, self.edge_weight)
+        else:
+            x = self.features(state).requires_grad_(True)
+            outputs = self.engine.target_outputs(x, self.edge_index, self.edge_weight)
+            squares = _squared_jacobian(outputs, x)[self.free_rows]
+        return squares / self.engine.scale[self.row_component].unsqueeze(1)
 
 
 class StructureMoves:
@@ -226,7 +230,8 @@ class StructureMoves:
         if self.shared_loss:
             return torch.zeros(state.shape)
         on = state[:, 0].float().requires_grad_(True)
-        squares = _squared_jacobian(lambda: self.engine.target_outputs(self.x, self.index, self._weights(on)), on)
+        outputs = self.engine.target_outputs(self.x, self.index, self._weights(on))
+        squares = _squared_jacobian(outputs, on)
         return (squares / self.engine.scale[self.row_block]).unsqueeze(1)
 
     def chosen(self, state: Tensor) -> Tensor:
@@ -273,16 +278,30 @@ def _insert_sorted(keys: Tensor, new: Tensor) -> Tensor:
     return out
 
 
-def _squared_jacobian(activations, inputs: Tensor) -> Tensor:
-    """sum_k (d sum_t h[t, k] / d inputs)^2 for ``h = activations()`` [T, d_l]: per input entry, the
+def _squared_jacobian(h: Tensor, inputs: Tensor) -> Tensor:
+    """sum_k (d sum_t h[t, k] / d inputs)^2 for target outputs ``h`` [T, d_l]: per input entry, the
     sum of its squared Jacobian entries when every entry reaches one target only."""
-    h = activations()
     total = torch.zeros_like(inputs)
     for k in range(h.shape[1]):
         (grad,) = torch.autograd.grad(h[:, k].sum(), inputs, retain_graph=k + 1 < h.shape[1], allow_unused=True)
         if grad is not None:
             total += grad.detach() ** 2
     return total.detach()
+
+
+def _squared_jacobian_by_ones(x: BinaryRows, engine: FastEngine, edge_index: Tensor,
+                              edge_weight: Tensor | None) -> Tensor:
+    """:func:`_squared_jacobian` for binary features given by their ones: the gradient of the
+    optimised rows [F, d] only, through the lowered program's rows that reach the targets (no
+    dense copy of the problem graph's features)."""
+    h = engine.target_outputs(x, edge_index, edge_weight)
+    total = torch.zeros_like(x.grad)
+    for k in range(h.shape[1]):
+        x.written = False
+        h[:, k].sum().backward(retain_graph=k + 1 < h.shape[1])
+        if x.written:
+            total.add_(x.grad ** 2)
+    return total
 
 
 def _candidates(candidates: Tensor, chosen: Tensor, num_nodes: int) -> Tensor:
