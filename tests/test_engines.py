@@ -151,6 +151,29 @@ def test_swap_search_curvature_by_ones_matches_dense(backend):
         torch.testing.assert_close(curvature[0], curvature[1], rtol=1e-4, atol=1e-6, msg=f"{name} {layer}")
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_swap_search_subset_of_problems_equals_their_part_of_the_batch(backend):
+    """The swap search narrowed to some problems (their own graph and engine) gives their losses
+    and gradients in the full batch, for every lowered model and layer."""
+    from fastmetamer.metamers.moves import FeatureMoves
+
+    graph = awkward_graph(num_nodes=30, num_features=7, seed=4)
+    graph.x = (graph.x > graph.x.median()).float()
+    ids = torch.tensor([0, 2])
+    for name, model, layer, sub, joint, target, fast in _engine_cases(graph, backend):
+        if joint:
+            continue
+        moves = FeatureMoves(fast, sub, sub.edge_index, None, per_row=False, by_ones=True, shared_loss=False,
+                             copyable=True)
+        part = moves.subset(ids)
+        state = sub.x[sub.free] > 0.5
+        rows = torch.isin(moves.row_component, ids)
+        what = f"{name} {layer}"
+        torch.testing.assert_close(part.losses(state[rows]), moves.losses(state)[ids], rtol=1e-5, atol=1e-7, msg=what)
+        torch.testing.assert_close(part.gradient(state[rows]), moves.gradient(state)[rows], rtol=1e-5, atol=1e-7,
+                                   msg=what)
+
+
 def test_unsupported_models_are_named_and_fall_back(synthetic):
     gat = fm.models.GAT(synthetic.num_features, 5, hidden=8).eval()
     with pytest.raises(Unsupported, match="GAT"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,7 +17,7 @@ class QuadraticMoves:
 
     def __init__(self, sizes, width, seed, linear=False, per_row=False):
         gen = torch.Generator().manual_seed(seed)
-        self.sizes, self.width, self.linear = sizes, width, linear
+        self.sizes, self.width, self.linear, self.per_row = sizes, width, linear, per_row
         self.num_components = len(sizes)
         owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
         self.ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(sizes).cumsum(0)])
@@ -129,6 +130,46 @@ def test_batched_problems_equal_single_ones():
                                   kicks=3, stop_below=stop)
         assert torch.equal(one, found[rows])
         assert float(one_loss[0]) == float(loss[c])
+
+
+class NarrowingMoves(QuadraticMoves):
+    """QuadraticMoves that offer ``subset``: the search may go on with the active problems alone."""
+
+    calls = 0
+
+    def subset(self, ids):
+        NarrowingMoves.calls += 1
+        part = QuadraticMoves.__new__(NarrowingMoves)
+        part.width, part.linear, part.per_row, part.num_components = self.width, self.linear, self.per_row, ids.numel()
+        part.sizes = [self.sizes[c] for c in ids.tolist()]
+        part.A, part.t, part.c = ([values[c] for c in ids.tolist()] for values in (self.A, self.t, self.c))
+        owner = torch.repeat_interleave(torch.arange(ids.numel()), torch.tensor(part.sizes))
+        part.ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(part.sizes).cumsum(0)])
+        if self.per_row:
+            part.row_block, part.block_component = torch.arange(owner.numel()), owner
+        else:
+            part.row_block, part.block_component = owner, torch.arange(ids.numel())
+        return part
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_search_narrowed_to_active_problems_equals_the_full_search(per_row):
+    """Once most problems have stopped, the search goes on with the active ones alone: states,
+    losses and history equal those of the search that keeps every problem."""
+    sizes = [3, 5, 2, 4, 4, 3, 5, 2]
+    full = QuadraticMoves(sizes, width=4, seed=11, per_row=per_row)
+    narrowing = NarrowingMoves(sizes, width=4, seed=11, per_row=per_row)
+    state = _start(sizes, 4, ones=4, seed=12)
+    start = full.losses(state)
+    stop = torch.where(torch.arange(len(sizes)) % 4 == 0, torch.full_like(start, -1.0), start * 0.9)
+    runs = []
+    for moves in (full, narrowing):
+        runs.append(refine(moves, state, _generators(len(sizes)), iterations=60, kicks=2, stop_below=stop))
+    NarrowingMoves.calls = 0
+    refine(narrowing, state, _generators(len(sizes)), iterations=60, kicks=2, stop_below=stop)
+    assert NarrowingMoves.calls >= 1
+    for got, want in zip(runs[1], runs[0]):
+        assert torch.equal(got, want)
 
 
 def _losses_of_moves(self, state, off, on, selections):

@@ -60,6 +60,25 @@ class Subgraph:
         return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
+    def select_components(self, ids: Tensor) -> "Subgraph":
+        """Problems ``ids`` [K] (ascending) alone, as components 0 .. K-1: their nodes and targets
+        in order, the edges among their nodes. For disjoint problems (each edge and target
+        inside one component) without pooling or extra forward arguments."""
+        if self.pool_batch is not None or self.forward_kwargs:
+            raise ValueError("select_components needs problems without pooling or extra forward arguments")
+        position = torch.full((self.num_components,), -1, dtype=torch.long)
+        position[ids] = torch.arange(ids.numel())
+        component = position[self.component]
+        keep = component >= 0
+        local = torch.cumsum(keep, 0) - 1
+        edges = keep[self.edge_index[0]] & keep[self.edge_index[1]]
+        centers = self.center[keep[self.center]]
+        return Subgraph(self.x[keep], local[self.edge_index[:, edges]],
+                        None if self.edge_weight is None else self.edge_weight[edges], self.node_ids[keep],
+                        self.free[keep], component[keep], local[centers], ids.numel(),
+                        edge_ids=None if self.edge_ids is None else self.edge_ids[edges])
+
+
 def whole_graph(x: Tensor, edge_index: Tensor, edge_weight: Tensor | None,
                 batch: Tensor | None = None, forward_kwargs: ForwardKwargs | None = None) -> Subgraph:
     """The whole graph as one problem: every node free and a target. With ``batch`` [n] (graph

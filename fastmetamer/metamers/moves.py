@@ -78,6 +78,7 @@ class FeatureMoves:
     def __init__(self, engine, sub: Subgraph, edge_index: Tensor, edge_weight: Tensor | None,
                  per_row: bool, by_ones: bool, shared_loss: bool, copyable: bool):
         self.engine, self.sub, self.edge_index, self.edge_weight = engine, sub, edge_index, edge_weight
+        self.options = dict(per_row=per_row, by_ones=by_ones, shared_loss=shared_loss, copyable=copyable)
         self.free_rows = sub.free.nonzero().flatten()
         component = sub.component[sub.free]
         self.num_components = sub.num_components
@@ -93,6 +94,20 @@ class FeatureMoves:
         own_edges = edge_index is sub.edge_index and edge_weight is sub.edge_weight
         self.copies = _Copies(engine, sub, edge_index, edge_weight, copyable and own_edges,
                               1 if self.by_ones else sub.x.shape[1])
+
+    def subset(self, ids: Tensor) -> "FeatureMoves | None":
+        """The problems ``ids`` [K] (ascending) alone, on their own smaller graph and engine (rows:
+        theirs, in order); None where that is not possible (a shared loss, edges other than the
+        problem graph's own, pooling or extra forward arguments)."""
+        sub = self.sub
+        own_edges = self.edge_index is sub.edge_index and self.edge_weight is sub.edge_weight
+        if self.shared_loss or not own_edges or sub.pool_batch is not None or sub.forward_kwargs:
+            return None
+        part = sub.select_components(ids)
+        targets = torch.isin(sub.component[sub.center], ids)
+        engine = make_engine(self.engine.name, self.engine.model, self.engine.layer, part,
+                             self.engine.target[targets], joint=False)
+        return FeatureMoves(engine, part, part.edge_index, part.edge_weight, **self.options)
 
     def features(self, state: Tensor) -> Tensor:
         """The problem graph's features [m, d] with the free rows set to ``state``."""

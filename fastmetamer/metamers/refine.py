@@ -63,8 +63,14 @@ def refine(moves: Moves, state: Tensor, generators: list[torch.Generator], *, it
     spent and its best loss is still above ``restart_above`` [C], the search starts once more from
     a random state of the same budget (where the straight-through phase led to a poor region),
     else the problem is left alone. ``stop_below`` [C]: a problem stops once its loss is below it.
-    ``generators``: one per problem, for the kicks and restarts."""
+    ``generators``: one per problem, for the kicks and restarts.
+
+    A problem that stops never starts again, so once at most half of the problems searched are
+    still active the search goes on with those alone (``moves.subset``, where the moves offer
+    it): the long tail of a few hard problems does not pay for the many finished ones."""
     loss = moves.losses(state)
+    out_state, out_loss, shown = state.clone(), loss.clone(), loss.clone()
+    ids, rows = torch.arange(loss.numel()), torch.arange(state.shape[0])  # the problems searched
     best_state, best_loss = state.clone(), loss.clone()
     kicks_left = torch.full_like(loss, kicks, dtype=torch.long)
     widened = torch.zeros_like(loss, dtype=torch.bool)
@@ -77,6 +83,18 @@ def refine(moves: Moves, state: Tensor, generators: list[torch.Generator], *, it
     for _ in range(iterations):
         if not bool(active.any()):
             break
+        if 2 * int(active.sum()) <= active.numel() and hasattr(moves, "subset"):
+            keep = active.nonzero().flatten()
+            narrower = moves.subset(keep)
+            if narrower is not None:
+                out_state[rows], out_loss[ids] = best_state, best_loss
+                row_keep = active[row_component]
+                moves, ids, rows, generators = narrower, ids[keep], rows[row_keep], [generators[int(c)] for c in keep]
+                state, best_state, curvature = state[row_keep], best_state[row_keep], curvature[row_keep]
+                loss, best_loss, kicks_left, widened, restarted, restart_above, stop_below, active = (
+                    t[keep] for t in (loss, best_loss, kicks_left, widened, restarted, restart_above, stop_below,
+                                      active))
+                row_component = moves.block_component[moves.row_block]
         count = wide if bool(widened.any()) else singles
         off, on, valid, variants = _candidate_moves(moves.gradient(state), curvature, state, moves, count, width)
         valid &= active.unsqueeze(1)
@@ -86,7 +104,8 @@ def refine(moves: Moves, state: Tensor, generators: list[torch.Generator], *, it
         improved = active & (new_loss < loss * (1 - MIN_GAIN))
         state = apply_moves(state, off, on, valid & variants[pick] & improved.unsqueeze(1))
         loss = torch.where(improved, new_loss, loss)
-        history.append(loss.clone())
+        shown[ids] = loss
+        history.append(shown.clone())
         better = loss < best_loss
         best_state = torch.where(better[row_component].unsqueeze(1), state, best_state)
         best_loss = torch.minimum(loss, best_loss)
@@ -108,8 +127,9 @@ def refine(moves: Moves, state: Tensor, generators: list[torch.Generator], *, it
             loss = torch.where(restart, moves.losses(state), loss)
             fresh = moves.curvature(state)
             curvature = torch.where(restart[row_component].unsqueeze(1), fresh, curvature)
-    empty = loss.new_empty(0, loss.numel())
-    return best_state, best_loss, torch.stack(history) if history else empty
+    out_state[rows], out_loss[ids] = best_state, best_loss
+    empty = loss.new_empty(0, out_loss.numel())
+    return out_state, out_loss, torch.stack(history) if history else empty
 
 
 def _candidate_moves(grad: Tensor, curvature: Tensor, state: Tensor, moves: Moves, singles: int,
