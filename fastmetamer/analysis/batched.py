@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..validation import is_binary
 from ._common import average_ranks, same_shape_pair
 from .activation import _relative_sq_rows, cosine_per_row
 
@@ -43,10 +44,11 @@ def feature_distances_segments(x, ref, segment: Tensor, num_segments: int,
     ``segment`` [m] = s belong to problem s (every problem has at least one row). Returns
     ``{"cosine", "relative_l2", "marginal_w1"}`` plus ``"jaccard"``, ``"hamming"`` for binary
     features (``binary=None``: when all of ``x`` and ``ref`` are 0/1), each [S]."""
+    if binary is not False and isinstance(x, Tensor) and isinstance(ref, Tensor) and x.shape == ref.shape \
+            and x.numel() and is_binary(x) and is_binary(ref):
+        return _binary_segments(x != 0, ref != 0, segment, num_segments)
     x, ref = same_shape_pair(x, ref, ("x", "ref"))
-    count = torch.bincount(segment, minlength=num_segments).to(x.dtype)
-    if bool((count == 0).any()):
-        raise ValueError("every problem needs at least one row of features")
+    count = _row_counts(segment, num_segments)
 
     def total(values: Tensor) -> Tensor:
         return torch.zeros(num_segments, *values.shape[1:], dtype=values.dtype).index_add_(0, segment, values)
@@ -67,6 +69,37 @@ def feature_distances_segments(x, ref, segment: Tensor, num_segments: int,
         out["jaccard"] = torch.where(union == 0, 1.0, inter / union.clamp_min(1))
         out["hamming"] = total((x != ref).sum(1).to(x.dtype)) / (count * x.shape[1])
     return {k: out[k] for k in ("cosine", "relative_l2", "marginal_w1", "jaccard", "hamming") if k in out}
+
+
+def _row_counts(segment: Tensor, num_segments: int) -> Tensor:
+    """[S] float64 number of rows of every problem (each must have one)."""
+    count = torch.bincount(segment, minlength=num_segments).double()
+    if bool((count == 0).any()):
+        raise ValueError("every problem needs at least one row of features")
+    return count
+
+
+def _binary_segments(x: Tensor, ref: Tensor, segment: Tensor, num_segments: int) -> dict[str, Tensor]:
+    """:func:`feature_distances_segments` of 0/1 features (``x``, ``ref`` [m, d] bool) from counts:
+    per row the ones of x, of ref and of both; per problem and column the ones (marginal W1 of
+    Bernoulli columns). Equal to the float computation, without any float copy of the features."""
+    count = _row_counts(segment, num_segments)
+
+    def total(values: Tensor) -> Tensor:
+        return torch.zeros(num_segments, *values.shape[1:], dtype=torch.float64).index_add_(0, segment, values.double())
+
+    ones_x, ones_ref, both = x.sum(1), ref.sum(1), (x & ref).sum(1)
+    differ = ones_x + ones_ref - 2 * both  # squared L2 distance = Hamming distance of the row
+    norms = (ones_x * ones_ref).double().sqrt()
+    cosine = torch.where(norms == 0, torch.where((ones_x == 0) & (ones_ref == 0), 1.0, 0.0),
+                         both.double() / norms.clamp_min(1e-300)).clamp(-1.0, 1.0)
+    diff, scale = total(differ).sqrt(), total(ones_ref).sqrt()
+    union = total(ones_x + ones_ref - both)
+    return {"cosine": total(cosine) / count,
+            "relative_l2": torch.where(diff == 0, 0.0, torch.where(scale == 0, math.inf, diff / scale.clamp_min(1e-300))),
+            "marginal_w1": (total(x.float() - ref.float()).abs() / count[:, None]).mean(1),
+            "jaccard": torch.where(union == 0, 1.0, total(both) / union.clamp_min(1)),
+            "hamming": total(differ) / (count * x.shape[1])}
 
 
 def _segment_w1(x: Tensor, ref: Tensor, segment: Tensor, count: Tensor) -> Tensor:

@@ -38,16 +38,21 @@ def feature_stats(sub: Subgraph, population: Tensor | None = None) -> FeatureSta
     says little about the feature distribution; its mean, std and range come from
     ``population`` [N, d] (the whole graph's features) instead, so the metamer does not start
     at the reference. The number of ones always comes from R."""
-    x, comp = sub.x[sub.free], sub.component[sub.free]
+    x, comp = (sub.x, sub.component) if bool(sub.free.all()) else (sub.x[sub.free], sub.component[sub.free])
     c, d = sub.num_components, x.shape[1]
     nodes = torch.bincount(comp, minlength=c)
-    count = nodes.clamp_min(1).unsqueeze(1).to(x.dtype)
-    mean = x.new_zeros(c, d).index_add_(0, comp, x) / count
-    sq = x.new_zeros(c, d).index_add_(0, comp, x * x) / count
-    index = comp.unsqueeze(1).expand_as(x)
-    low = x.new_full((c, d), float("inf")).scatter_reduce(0, index, x, "amin")
-    high = x.new_full((c, d), float("-inf")).scatter_reduce(0, index, x, "amax")
-    ones = torch.zeros(c, dtype=torch.long).index_add_(0, comp, (x > 0.5).sum(1))
+    if c == 1 and x.shape[0]:  # one problem (e.g. a whole graph): plain column reductions
+        mean, sq = x.mean(0, keepdim=True), x.square().mean(0, keepdim=True)
+        low, high = x.amin(0, keepdim=True), x.amax(0, keepdim=True)
+        ones = (x > 0.5).sum().view(1)
+    else:
+        count = nodes.clamp_min(1).unsqueeze(1).to(x.dtype)
+        mean = x.new_zeros(c, d).index_add_(0, comp, x) / count
+        sq = x.new_zeros(c, d).index_add_(0, comp, x * x) / count
+        index = comp.unsqueeze(1).expand_as(x)
+        low = x.new_full((c, d), float("inf")).scatter_reduce(0, index, x, "amin")
+        high = x.new_full((c, d), float("-inf")).scatter_reduce(0, index, x, "amax")
+        ones = torch.zeros(c, dtype=torch.long).index_add_(0, comp, (x > 0.5).sum(1))
     stats = FeatureStats(mean, (sq - mean * mean).clamp_min(0).sqrt(), low, high, ones)
     small = nodes < MIN_STAT_NODES
     if population is not None and small.any():
