@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import weakref
 from typing import Sequence
 
 import numpy as np
@@ -27,8 +28,20 @@ def all_finite(t: Tensor) -> bool:
 
 def is_binary(t: Tensor) -> bool:
     """Whether every entry of ``t`` is exactly 0 or 1. Checked in slices of 2^18 entries (small
-    temporaries that stay in cache; the first slice with another value ends the check)."""
-    return all(bool(((part == 0) | (part == 1)).all()) for part in t.reshape(-1).split(1 << 18))
+    temporaries that stay in cache; the first slice with another value ends the check); the
+    answer is remembered for as long as ``t`` lives unchanged (a graph's features are checked
+    once, not at every call on it)."""
+    key = id(t)
+    known = _BINARY.get(key)
+    if known is not None and known[0]() is t and known[1] == t._version:
+        return known[2]
+    answer = all(bool(((part == 0) | (part == 1)).all()) for part in t.reshape(-1).split(1 << 18))
+    _BINARY[key] = (weakref.ref(t, lambda _, key=key: _BINARY.pop(key, None)), t._version, answer)
+    return answer
+
+
+#: ``id(tensor)`` -> (weak reference, tensor version, is_binary); entries die with the tensor.
+_BINARY: dict[int, tuple] = {}
 
 
 def check_graph(graph: Data) -> None:

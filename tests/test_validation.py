@@ -118,3 +118,18 @@ def test_graph_not_modified(graph, gcn):
     fm.generate(gcn, _with(graph, edge_index=graph.edge_index.int()), 0, **STEPS)
     fm.generate(gcn, graph, 0, **STEPS)
     assert all(torch.equal(before[k], graph[k]) for k in before.keys())
+
+
+def test_is_binary_is_remembered_until_the_tensor_changes():
+    """The answer is cached per tensor, and an in-place edit (directly or through a view) is seen."""
+    from fastmetamer.validation import is_binary
+
+    x = torch.zeros(6, 4)
+    assert is_binary(x)
+    x[0, 0] = 0.5
+    assert not is_binary(x)
+    x.view(-1)[0] = 1.0
+    assert is_binary(x)
+    x[2:][0, 1] = 3.0
+    assert not is_binary(x)
+    assert is_binary(torch.ones(3)) and not is_binary(torch.full((3,), 2.0))

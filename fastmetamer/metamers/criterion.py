@@ -117,9 +117,15 @@ def _all_nearest(h: Tensor, twin_radius: Tensor, chunk_entries: int) -> tuple[Te
         dist = torch.cdist(h[start:start + rows], h, compute_mode="donot_use_mm_for_euclid_dist")
         mine = torch.arange(start, start + dist.shape[0], device=h.device)
         dist[torch.arange(dist.shape[0], device=h.device), mine] = float("inf")  # the node itself
-        is_twin = dist <= twin_radius[mine, None]
-        twins[mine] = is_twin.sum(1)
-        nearest[mine] = dist.masked_fill_(is_twin, float("inf")).min(1).values if n > 1 else float("inf")
+        closest = dist.min(1).values if n > 1 else torch.full_like(mine, float("inf"), dtype=h.dtype)
+        with_twins = (closest <= twin_radius[mine]).nonzero().flatten()  # the few rows that need a twin count
+        twins[mine] = 0
+        if with_twins.numel():
+            rows_twins = dist[with_twins]
+            is_twin = rows_twins <= twin_radius[mine[with_twins], None]
+            twins[mine[with_twins]] = is_twin.sum(1)
+            closest[with_twins] = rows_twins.masked_fill_(is_twin, float("inf")).min(1).values
+        nearest[mine] = closest
     return nearest, twins
 
 

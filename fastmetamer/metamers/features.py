@@ -41,18 +41,13 @@ def feature_stats(sub: Subgraph, population: Tensor | None = None) -> FeatureSta
     x, comp = (sub.x, sub.component) if bool(sub.free.all()) else (sub.x[sub.free], sub.component[sub.free])
     c, d = sub.num_components, x.shape[1]
     nodes = torch.bincount(comp, minlength=c)
-    if c == 1 and x.shape[0]:  # one problem (e.g. a whole graph): plain column reductions
-        mean, sq = x.mean(0, keepdim=True), x.square().mean(0, keepdim=True)
-        low, high = x.amin(0, keepdim=True), x.amax(0, keepdim=True)
-        ones = (x > 0.5).sum().view(1)
-    else:
-        count = nodes.clamp_min(1).unsqueeze(1).to(x.dtype)
-        mean = x.new_zeros(c, d).index_add_(0, comp, x) / count
-        sq = x.new_zeros(c, d).index_add_(0, comp, x * x) / count
-        index = comp.unsqueeze(1).expand_as(x)
-        low = x.new_full((c, d), float("inf")).scatter_reduce(0, index, x, "amin")
-        high = x.new_full((c, d), float("-inf")).scatter_reduce(0, index, x, "amax")
-        ones = torch.zeros(c, dtype=torch.long).index_add_(0, comp, (x > 0.5).sum(1))
+    count = nodes.clamp_min(1).unsqueeze(1).to(x.dtype)
+    mean = x.new_zeros(c, d).index_add_(0, comp, x) / count
+    sq = x.new_zeros(c, d).index_add_(0, comp, x * x) / count
+    index = comp.unsqueeze(1).expand_as(x)
+    low = x.new_full((c, d), float("inf")).scatter_reduce(0, index, x, "amin")
+    high = x.new_full((c, d), float("-inf")).scatter_reduce(0, index, x, "amax")
+    ones = torch.zeros(c, dtype=torch.long).index_add_(0, comp, (x > 0.5).sum(1))
     stats = FeatureStats(mean, (sq - mean * mean).clamp_min(0).sqrt(), low, high, ones)
     small = nodes < MIN_STAT_NODES
     if population is not None and small.any():
@@ -254,7 +249,7 @@ class FusedBinaryFeatures:
         ptr = sub.free_ptr()
         self.generators, self.stats, self.comp_ptr = generators, stats, ptr
         noise = draw_noise(ptr, sub.x.shape[1], generators)
-        self.theta = (stats.mean[self.row_component] + stats.std[self.row_component] * noise).contiguous()
+        self.theta = noise.mul_(stats.std[self.row_component]).add_(stats.mean[self.row_component])
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.theta), torch.zeros_like(self.theta)
         self.grad = torch.zeros_like(self.theta)  # dL/dX'[free], filled by the engine's backward
         self.token = torch.zeros((), requires_grad=True)

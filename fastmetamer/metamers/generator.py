@@ -373,7 +373,7 @@ def _parameterise(kind, model, layer, sub: Subgraph, graph, generators, opts, en
     feats = struct = None
     if kind in ("features", "joint"):
         binary = is_binary(graph.x) if opts.binary is None else opts.binary
-        if binary and not is_binary(sub.x[sub.free]):
+        if binary and opts.binary is not None and not is_binary(sub.x[sub.free]):
             raise ValueError("binary=True but the reference features are not all 0/1")
         settings = dict(per_row=opts.per_row, slope=opts.slope, margin=opts.margin,
                         margin_weight=opts.margin_weight, population=graph.x)

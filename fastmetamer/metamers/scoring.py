@@ -24,10 +24,12 @@ def _induced_edges(data: Data, nodes: Tensor) -> Tensor:
 
 def _component_metrics(metamer: Data, reference: Data, nodes: Tensor, acts: Tensor,
                        ref_acts: Tensor, kind: str, valid: bool) -> dict[str, dict[str, float]]:
+    every = nodes.numel() == metamer.num_nodes  # R is the whole problem graph: no copies of its features
+    x, ref = (metamer.x, reference.x) if every else (metamer.x[nodes], reference.x[nodes])
     scores = {
         "activation": activation_distances(acts, ref_acts),
         "features": {key: float(value[0]) for key, value in feature_distances_segments(
-            metamer.x[nodes], reference.x[nodes], torch.zeros(nodes.numel(), dtype=torch.long), 1).items()},
+            x, ref, torch.zeros(nodes.numel(), dtype=torch.long), 1).items()},
         "structure": dict(UNCHANGED_STRUCTURE) if kind == "features" else
         structure_distances(_induced_edges(metamer, nodes), _induced_edges(reference, nodes),
                             nodes.numel(), max_nodes=SPECTRAL_MAX_NODES),
