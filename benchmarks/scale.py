@@ -7,6 +7,7 @@ peak memory is its own:
 
 - ``one``: one node's feature metamer, 50 steps;
 - ``many``: 200 node metamers in one call (PyG: a loop over the nodes), 50 steps;
+- ``many1000``: the same with 1,000 nodes;
 - ``whole``: a whole-graph metamer, 10 steps.
 
 The PyG side is ``pyg_baseline.py`` (``k_hop_subgraph`` + straight-through Adam loop, the same
@@ -33,8 +34,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-STEPS = {"one": 50, "many": 50, "whole": 10, "whole30": 30}
-MANY = 200
+STEPS = {"one": 50, "many": 50, "many1000": 50, "whole": 10, "whole30": 30}
+TARGETS = {"one": 1, "many": 200, "many1000": 1000}  # node targets of a job (whole: every node)
 
 
 def load_graph(size: str):
@@ -78,7 +79,8 @@ def run_one(size: str, model_name: str, job: str, side: str) -> dict:
     graph = load_graph(size)
     n = graph.num_nodes
     model = pyg_model(model_name, graph.num_features)
-    nodes = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:MANY].tolist()
+    count = TARGETS.get(job, 0)
+    nodes = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:count].tolist()
     base = peak_gb()
     started = time.perf_counter()
     row = {"graph": size, "n": n, "edges": graph.num_edges, "model": model_name, "job": job, "side": side,
@@ -87,22 +89,23 @@ def run_one(size: str, model_name: str, job: str, side: str) -> dict:
         if job.startswith("whole"):
             feature_metamer(model, graph.x, graph.edge_index, None, STEPS[job])
         else:
-            count = 1 if job == "one" else int(os.environ.get("PYG_SAMPLE", MANY))
-            node_metamers(model, graph.x, graph.edge_index, nodes[:count], 2, STEPS[job])
-            if job == "many" and count < MANY:  # the loop's nodes cost alike: scale the loop's time
-                row["extrapolated_from"] = count
+            sample = min(count, int(os.environ.get("PYG_SAMPLE", count)))
+            node_metamers(model, graph.x, graph.edge_index, nodes[:sample], 2, STEPS[job])
+            if sample < count:  # the loop's nodes cost alike: scale the loop's time
+                row["extrapolated_from"] = sample
     else:
         target = None if job.startswith("whole") else nodes[0] if job == "one" else nodes
         res = fm.generate(model, graph, target, steps=STEPS[job], progress=False)
         row.update(loop_s=res.seconds, passed=float(torch.as_tensor(res.passed).float().mean()))
-    row.update(seconds=(time.perf_counter() - started) * MANY / row.get("extrapolated_from", MANY),
+    scale = count / row["extrapolated_from"] if "extrapolated_from" in row else 1.0
+    row.update(seconds=(time.perf_counter() - started) * scale,
                peak_gb_above_graph=peak_gb() - base, graph_gb=base)
     if "loop_s" in row:
         row["other_s"] = row["seconds"] - row["loop_s"]
     return row
 
 
-def measure(size: str, model_name: str, job: str, side: str, timeout: float, pyg_sample: int = MANY) -> dict:
+def measure(size: str, model_name: str, job: str, side: str, timeout: float, pyg_sample: int = 200) -> dict:
     """``run_one`` in a fresh process (its own peak memory); a timeout or crash is a result too."""
     about = {"graph": size, "model": model_name, "job": job, "side": side}
     try:
@@ -121,8 +124,9 @@ def markdown(rows: list[dict], info: dict) -> str:
     lines = ["# Scale: fastmetamer against the plain PyG loop", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
              "Random graphs, average in-degree 20 (products: 50.6), F = 100 binary (5% ones); PyG models, 2 layers, hidden 64. "
-             "one = one node, 50 steps; many = 200 nodes in one call (PyG: a loop), 50 steps; whole = whole "
-             "graph, 10 steps (whole30: 30 steps). PyG many-node times marked (from k nodes) ran the loop over k of the 200 nodes and scale its time by 200 / k. fastmetamer: default options, end to end; loop = its optimisation loop, other = "
+             "one = one node, 50 steps; many = 200 nodes in one call (PyG: a loop), 50 steps; many1000: 1,000 nodes; "
+             "whole = whole graph, 10 steps (whole30: 30 steps). PyG many-node times marked (from k nodes) ran the loop over k "
+             "of the nodes and scale its time by (nodes) / k. fastmetamer: default options, end to end; loop = its optimisation loop, other = "
              "setup + criterion + scoring. Memory: peak RSS above the loaded graph.", "",
              "| graph (nodes) | model | job | PyG s | fastmetamer s (loop / other) | speed-up | PyG GB | fastmetamer GB | passed |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -157,8 +161,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "scale"), help="output path without suffix")
     parser.add_argument("--append", action="store_true",
                         help="keep the rows already in the output JSON (a re-measured row replaces its old one)")
-    parser.add_argument("--pyg-sample", type=int, default=MANY,
-                        help="PyG's loop for 'many' runs this many nodes and its time is scaled to 200")
+    parser.add_argument("--pyg-sample", type=int, default=1000,
+                        help="PyG's loop for 'many' / 'many1000' runs this many nodes; its time is scaled up")
     parser.add_argument("--sides", nargs="+", default=["pyg", "fastmetamer"], choices=["pyg", "fastmetamer"])
     args = parser.parse_args()
     from run_benchmarks import machine

@@ -156,3 +156,36 @@ def test_whole_graph_pass_lowered_or_not_equals_the_model(graph, arch, backend, 
         lowered = passes._forward_engine(model, layer, dispatch.resolve(backend, graph.x.device)) is not None
         assert lowered == (backend == "auto")
     assert len(calls) == 2
+
+
+def brute_null(null_acts, null_ids, target_ids, target_acts, rtol=1e-6):
+    """Thresholds and twins of every target against the null set in float64, pair by pair."""
+    h, acts = null_acts.double(), target_acts.double()
+    dist = (acts[:, None, :] - h[None, :, :]).norm(dim=2)
+    dist[target_ids[:, None] == null_ids[None, :]] = float("inf")  # the target itself
+    twin = dist <= rtol * acts.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return dist.masked_fill(twin, float("inf")).min(1).values, twin.sum(1)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 80), d=st.integers(1, 6), twins=st.integers(0, 6),
+       offset=st.sampled_from([0.0, 1.0, 1e3]), spread=st.sampled_from([1e-5, 1e-2, 1.0]),
+       chunk=st.sampled_from([1, 13, 1 << 22]))
+def test_null_distances_equal_brute_force(seed, n, d, twins, offset, spread, chunk):
+    """The float32 prefilter never changes a threshold or a twin count: exact twins, ties, points
+    far from the origin and close together (where a float32 product cancels), targets in and
+    outside the null set, chunks of any size."""
+    from fastmetamer.metamers.criterion import null_distances
+
+    gen = torch.Generator().manual_seed(seed)
+    null_acts = offset + spread * torch.randn(n, d, generator=gen).round(decimals=1)
+    copies = torch.randint(0, n, (min(twins, n),), generator=gen)
+    null_acts[torch.randint(0, n, (copies.numel(),), generator=gen)] = null_acts[copies]
+    null_ids = torch.randperm(3 * n, generator=gen)[:n]
+    inside = torch.randint(0, n, (4,), generator=gen)
+    target_ids = torch.cat([null_ids[inside], torch.tensor([-1])])
+    target_acts = torch.cat([null_acts[inside], offset + spread * torch.randn(1, d, generator=gen)])
+    got = null_distances(null_acts, null_ids, target_ids, target_acts, chunk_entries=chunk)
+    threshold, twin_count = brute_null(null_acts, null_ids, target_ids, target_acts)
+    assert torch.equal(got.twins, twin_count)
+    assert torch.equal(got.threshold, threshold.float())

@@ -29,32 +29,77 @@ class NullDistances:
 
 
 def null_distances(null_acts: Tensor, null_ids: Tensor, target_ids: Tensor, target_acts: Tensor,
-                   rtol: float = 1e-6, chunk_entries: int = 1 << 24) -> NullDistances:
+                   rtol: float = 1e-6, chunk_entries: int = 1 << 22) -> NullDistances:
     """Null-distribution thresholds for targets ``target_ids`` [T] with activations [T, d],
     against real nodes ``null_ids`` [N] (distinct) with activations ``null_acts`` [N, d]. A
     target id of -1 marks a target that is not in the null set (e.g. a graph-level target).
 
-    Distances are computed in float64, ``chunk_entries`` target-null pairs at a time (memory
-    O(chunk_entries), time O(T N d)); a target's own entry in the null set is left out."""
-    null_acts = null_acts.double()
-    position = torch.full((int(max(null_ids.max(), target_ids.max())) + 1 if null_ids.numel() else 1,), -1,
-                          dtype=torch.long)
-    position[null_ids] = torch.arange(null_ids.numel())
-    own = torch.where(target_ids >= 0, position[target_ids.clamp_min(0)], -1) if null_ids.numel() \
+    Exact in float64 without a float64 copy of the null set: a float32 matrix product gives every
+    target-null distance within a rounding bound, and only the pairs that the bounds leave
+    undecided (a possible twin, or possibly the nearest non-twin) are computed exactly.
+    ``chunk_entries`` target-null pairs at a time (memory O(chunk_entries)); time O(T N d); a
+    target's own entry in the null set is left out."""
+    n = null_ids.numel()
+    position = torch.full((int(max(null_ids.max(), target_ids.max())) + 1 if n else 1,), -1, dtype=torch.long)
+    position[null_ids] = torch.arange(n)
+    own = torch.where(target_ids >= 0, position[target_ids.clamp_min(0)], -1) if n \
         else target_ids.new_full(target_ids.shape, -1)
-    rows = max(1, chunk_entries // max(1, null_ids.numel()))
+    rows = max(1, chunk_entries // max(1, n))
+    slack = _slack(null_acts.shape[1])
+    null32 = null_acts.float()
+    null_sq = null32.square().sum(1, dtype=torch.float64)
+    # [-2 b, (1 - slack) |b|^2, 1]: one product with [a, 1, (1 - slack) |a|^2] gives lower bounds
+    null_side = torch.cat([-2 * null32, ((1 - slack) * null_sq).float()[:, None], torch.ones(n, 1)], dim=1)
     thresholds, twins = [], []
     for start in range(0, target_ids.numel(), rows):
         acts = target_acts[start:start + rows].double()
-        dist = torch.cdist(acts, null_acts)
-        mine = own[start:start + rows]
-        has_own = (mine >= 0).nonzero().flatten()
-        dist[has_own, mine[has_own]] = float("inf")
-        is_twin = dist <= rtol * acts.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        twins.append(is_twin.sum(1))
-        dist.masked_fill_(is_twin, float("inf"))
-        thresholds.append(dist.min(1).values if dist.shape[1] else dist.new_full((acts.shape[0],), float("inf")))
+        threshold, count = _nearest_in_null(acts, null_side, null_sq, null_acts, own[start:start + rows], rtol)
+        thresholds.append(threshold)
+        twins.append(count)
     return NullDistances(torch.cat(thresholds).float(), torch.cat(twins))
+
+
+def _slack(d: int) -> float:
+    """Relative rounding bound of a float32 product of d-dimensional activations: the squared
+    distance it gives is within slack * (|a|^2 + |b|^2) of the exact one (GEMM rounding of d + 2
+    terms, float32 inputs and squared norms; a factor of 3 to spare)."""
+    return 8 * (d + 4) * 2.0 ** -24
+
+
+def _nearest_in_null(acts: Tensor, null_side: Tensor, null_sq: Tensor, null_acts: Tensor, own: Tensor,
+                     rtol: float) -> tuple[Tensor, Tensor]:
+    """(distance [R] of each target's nearest non-twin in the null set, inf if none; twins [R])
+    for target activations ``acts`` [R, d] float64; ``own`` [R]: the target's own null position
+    or -1. One float32 product gives a lower bound of every squared distance; the nearest by
+    that bound is measured exactly, and only the pairs whose bound does not exceed both that
+    distance and the twin radius are measured too (so that none can be a twin or nearer)."""
+    r, n = acts.shape[0], null_side.shape[0]
+    if n == 0:
+        return acts.new_full((r,), float("inf")), torch.zeros(r, dtype=torch.long)
+    slack = _slack(acts.shape[1])
+    acts_sq = acts.square().sum(1)
+    target_side = torch.cat([acts.float(), torch.ones(r, 1), ((1 - slack) * acts_sq).float()[:, None]], dim=1)
+    low = target_side @ null_side.T  # <= the exact squared distance
+    mine, has_own = torch.arange(r), own >= 0
+    low[mine[has_own], own[has_own]] = float("inf")  # the target itself is never its own neighbour
+    twin2 = (rtol * acts.norm(dim=1).clamp_min(1e-30)).square()
+    guess = low.argmin(1)
+    reach = (acts - null_acts[guess].double()).square().sum(1)  # a squared distance that exists
+    reach = torch.where((reach > twin2) & (low[mine, guess] < float("inf")), reach, torch.full_like(reach, float("inf")))
+    twinned = torch.isinf(reach).nonzero().flatten()  # rows whose guess is a twin (or themselves): bound the others
+    if twinned.numel():
+        part = low[twinned].double()
+        high = part + 3 * slack * (acts_sq[twinned, None] + null_sq[None, :]) + 1e-300
+        sure_other = part > twin2[twinned, None]
+        reach[twinned] = torch.where(sure_other, high, torch.full_like(high, float("inf"))).min(1).values
+    undecided = low <= torch.maximum(twin2, reach)[:, None].float() * (1 + 2.0 ** -20)
+    undecided[mine[has_own], own[has_own]] = False
+    row, col = undecided.nonzero(as_tuple=True)
+    exact = (acts[row] - null_acts[col].double()).norm(dim=1)
+    twin = exact <= twin2[row].sqrt()
+    count = torch.zeros(r, dtype=torch.long).index_add_(0, row[twin], torch.ones_like(row[twin]))
+    nearest = acts.new_full((r,), float("inf")).scatter_reduce(0, row[~twin], exact[~twin], "amin")
+    return nearest, count
 
 
 def passes(metamer_acts: Tensor, target_acts: Tensor, null: NullDistances) -> tuple[Tensor, Tensor]:
