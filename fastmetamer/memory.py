@@ -5,13 +5,14 @@ import os
 
 import torch
 
-#: The automatic budget: this share of the memory available when the call starts, at most 4 GiB.
-AUTO_SHARE, AUTO_CAP = 0.25, 4 << 30
+#: The automatic budget: this share of the memory available when the call starts, at most 2 GiB
+#: (what a batch holds at once; the cached whole-graph pass and the graph come on top).
+AUTO_SHARE, AUTO_CAP = 0.25, 2 << 30
 
 
 def default_budget(device: torch.device) -> int:
     """Bytes a batch of targets (``generate``, ``metamer_dimension``) may use when the caller
-    gives no ``memory_budget``: a quarter of the memory available now, at most 4 GiB."""
+    gives no ``memory_budget``: a quarter of the memory available now, at most 2 GiB."""
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_host_bytes()
     return int(min(AUTO_CAP, AUTO_SHARE * free))
 

@@ -105,7 +105,7 @@ def metamer_dimension(model: nn.Module, graph: Data, node: int | list[int] | Ten
         tol: absolute singular-value threshold; None: sigma_max * max(d_l, input_dim) * eps.
         batch_size: targets whose receptive fields are extracted together; each group is split
             further into chunks of at most ``memory_budget`` bytes of estimated float64 work
-            memory (None: a quarter of the memory available, at most 4 GiB), with the same
+            memory (None: a quarter of the memory available, at most 2 GiB), with the same
             result as one chunk.
 
     Returns:

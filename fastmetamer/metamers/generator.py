@@ -63,7 +63,7 @@ class Options:
     memory_budget: bytes that a list of node targets may use at once; the targets are solved
         in consecutive chunks whose estimated memory fits it (see :mod:`.chunks`) and the
         result is the one a single call over all of them gives. None (default): a quarter of
-        the memory available at the call, at most 4 GiB.
+        the memory available at the call, at most 2 GiB.
     null_graphs: for a graph-level (pooled) layer, other real graphs whose embeddings form the
         null distribution of the success criterion (without them nothing passes).
     scores: compute ``res.metrics`` (distances and consistency; False leaves it empty).
@@ -215,13 +215,19 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
     graph_ids = getattr(graph, "batch", None) if targets is None else None
     if graph_ids is not None:
         check_graph_ids(graph_ids, graph.num_nodes)
+    whole = None  # the layer's activations of every node of the graph, where the criterion needs them
     if targets is None and graph_ids is None:  # the whole graph: the pass the criterion reuses
-        reference_out = full_graph_activations(model, layer, graph, extra, backend)
+        reference_out = whole = full_graph_activations(model, layer, graph, extra, backend)
+    elif targets is not None and opts.null_sample is None:  # node targets: their rows of that pass
+        whole = full_graph_activations(model, layer, graph, extra, backend)
+        if whole.shape[0] != graph.num_nodes:
+            raise ValueError(f"layer {layer!r} is graph-level (pooled); use node=None")
+        reference_out = None
     else:
         with torch.no_grad():
             reference_out = layer_output(model, layer, sub.x, sub.edge_index, sub.edge_weight, batch=graph_ids,
                                          forward_kwargs=sub.forward_kwargs)
-    if reference_out.shape[0] != sub.num_nodes:  # a pooled, graph-level layer
+    if reference_out is not None and reference_out.shape[0] != sub.num_nodes:  # a pooled, graph-level layer
         if targets is not None:
             raise ValueError(f"layer {layer!r} is graph-level (pooled); use node=None")
         if graph_ids is not None:
@@ -234,11 +240,15 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
         target_ids = torch.zeros(sub.num_components, dtype=torch.long)  # each graph draws as if alone
     else:
         target_ids = sub.node_ids[sub.center]
-        null = None if targets is None else \
-            _null(model, layer, graph, target_ids, reference_out[sub.center], hops, opts, seed, extra, backend)
-    reference_acts = reference_out[sub.center]
+        null = None
+    reference_acts = reference_out[sub.center] if reference_out is not None else whole[target_ids]
     joint = targets is None and sub.num_components == 1
     engine = make_engine(backend, model, layer, sub, reference_acts, joint=joint)
+    if targets is not None and whole is not None:  # the receptive fields must reproduce the pass
+        _check_exact(reference_acts, _target_activations(engine, model, layer, sub), layer, hops)
+        null = null_distances(whole, torch.arange(graph.num_nodes), target_ids, reference_acts)
+    elif targets is not None:
+        null = _sampled_null(model, layer, graph, target_ids, reference_acts, hops, opts, seed, extra)
     generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(v)) for v in
                   (target_ids[:1] if joint else target_ids)]
     feats, struct = _parameterise(kind, model, layer, sub, graph, generators, opts, engine, schedule)
@@ -254,7 +264,8 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
         after_step=None if struct is None else struct.maybe_resample,
         restarts=_restarts(kind, targets, pass_loss, opts), stop_below=stop_below, best=best)
     shared_loss = joint and reference_acts.shape[0] > 1  # one loss over many targets
-    copyable = not shared_loss and (sub.pool_batch is not None or reference_out.shape[0] == sub.num_nodes)
+    copyable = not shared_loss and (sub.pool_batch is not None or reference_out is None
+                                    or reference_out.shape[0] == sub.num_nodes)
     restart_above = None if opts.restart_patience is None else torch.full_like(stop_below, opts.restart_above) \
         if pass_loss is None else torch.clamp(pass_loss, max=opts.restart_above)
     states, refined = _refine(engine, sub, feats, struct, best, generators, stop_below, restart_above, opts,
@@ -307,23 +318,27 @@ def _count(graphs) -> int | None:
     return None if graphs is None else len(graphs)
 
 
-def _null(model, layer, graph, target_ids, reference_acts, hops, opts, seed, extra, backend):
-    """Null distances of the targets from every real node (the layer's activations of the whole
-    graph, one pass cached per model, layer and graph), or from ``opts.null_sample`` random real
-    nodes. Also checks that the extracted receptive fields reproduce the full-graph activations."""
+def _sampled_null(model, layer, graph, target_ids, reference_acts, hops, opts, seed, extra):
+    """Null distances of the targets from ``opts.null_sample`` random real nodes (their
+    activations from their own receptive fields), as asked for instead of every node."""
     weight = getattr(graph, "edge_weight", None)
-    if opts.null_sample is None:
-        null_ids = torch.arange(graph.num_nodes)
-        null_acts = full_graph_activations(model, layer, graph, extra, backend)
-        _check_exact(null_acts[target_ids], reference_acts, layer, hops)
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        null_ids = torch.randperm(graph.num_nodes, generator=gen)[: opts.null_sample]
-        part = receptive_field(graph.x, graph.edge_index, weight, null_ids, hops, extra)
-        with torch.no_grad():
-            null_acts = layer_output(model, layer, part.x, part.edge_index, part.edge_weight,
-                                     forward_kwargs=part.forward_kwargs)[part.center]
+    gen = torch.Generator().manual_seed(seed)
+    null_ids = torch.randperm(graph.num_nodes, generator=gen)[: opts.null_sample]
+    part = receptive_field(graph.x, graph.edge_index, weight, null_ids, hops, extra)
+    with torch.no_grad():
+        null_acts = layer_output(model, layer, part.x, part.edge_index, part.edge_weight,
+                                 forward_kwargs=part.forward_kwargs)[part.center]
     return null_distances(null_acts, null_ids, target_ids, reference_acts)
+
+
+def _target_activations(engine, model, layer, sub: Subgraph) -> Tensor:
+    """The layer's activations [T, d_l] at the targets computed on the problem graph ``sub``: by the
+    fast engine's rows that reach them, else by the model's forward."""
+    if isinstance(engine, FastEngine):
+        return engine.activations(sub.x, sub.edge_index, sub.edge_weight)
+    with torch.no_grad():
+        return layer_output(model, layer, sub.x, sub.edge_index, sub.edge_weight,
+                            forward_kwargs=sub.forward_kwargs)[sub.center]
 
 
 def _pass_loss(null: NullDistances, reference_acts: Tensor) -> Tensor:
