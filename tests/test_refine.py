@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -225,4 +226,35 @@ def test_copies_built_from_moves_equal_the_edited_dense_states(rows, width, copi
     base = state.reshape(-1).nonzero().flatten()
     got = _ones_of_copies(base, state.shape, off, on, selections)
     want = mask_to_csr(torch.cat([apply_moves(state, off, on, chosen) for chosen in selections]))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def _segment_top_by_rounds(values, segment, num_segments, count):
+    """The contract spelt out: ``count`` rounds, each taking every segment's largest remaining
+    finite value (ties: the first position)."""
+    m = values.numel()
+    remaining = values.clone()
+    top = torch.full((num_segments, count), m, dtype=torch.long)
+    for i in range(count):
+        for s in range(num_segments):
+            mine = ((segment == s) & (remaining > -math.inf)).nonzero().flatten()
+            if mine.numel():
+                best = mine[remaining[mine].argmax()]  # argmax: the first of equal maxima
+                top[s, i] = best
+                remaining[best] = -math.inf
+    return top, torch.cat([values, values.new_full((1,), -math.inf)])[top]
+
+
+@settings(deadline=None, max_examples=60, derandomize=True)
+@given(m=st.integers(0, 40), segments=st.integers(1, 6), count=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_segment_top_equals_rounds_of_maxima(m, segments, count, seed):
+    """Ties, -inf entries, +inf entries, empty segments and segments with fewer values than asked."""
+    from fastmetamer.metamers.refine import _segment_top
+
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randint(-3, 4, (m,), generator=gen).float()
+    values[torch.rand(m, generator=gen) < 0.2] = -math.inf
+    values[torch.rand(m, generator=gen) < 0.05] = math.inf
+    segment = torch.randint(0, segments, (m,), generator=gen)
+    got, want = _segment_top(values, segment, segments, count), _segment_top_by_rounds(values, segment, segments, count)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

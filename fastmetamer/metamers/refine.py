@@ -176,19 +176,17 @@ def _variants(singles: int, width: int, device) -> Tensor:
 
 def _segment_top(values: Tensor, segment: Tensor, num_segments: int, count: int) -> tuple[Tensor, Tensor]:
     """Positions [S, count] of the ``count`` largest finite ``values`` [M] of every segment (ties:
-    the first position), best first, and their values; missing ones get position M and -inf."""
+    the first position), best first, and their values; missing ones get position M and -inf.
+    One stable sort by value, then one by segment: O(M log M), whatever ``count``."""
     m = values.numel()
-    remaining = values.clone()
-    position = torch.arange(m, device=values.device)
+    order = torch.argsort(-values, stable=True)  # largest first; equal values by position
+    order = order[torch.argsort(segment[order], stable=True)]
+    owner = segment[order]
+    sizes = torch.bincount(segment, minlength=num_segments)
+    rank = torch.arange(m, device=values.device) - (torch.cumsum(sizes, 0) - sizes)[owner]
+    keep = (rank < count) & (values[order] > -math.inf)
     top = torch.full((num_segments, count), m, dtype=torch.long, device=values.device)
-    for i in range(count):
-        best = remaining.new_full((num_segments,), -math.inf).scatter_reduce(0, segment, remaining, "amax")
-        hit = (remaining == best[segment]) & (remaining > -math.inf)
-        first = torch.full((num_segments,), m, device=values.device).scatter_reduce(
-            0, segment[hit], position[hit], "amin")
-        top[:, i] = first
-        found = first[first < m]
-        remaining[found] = -math.inf
+    top[owner[keep], rank[keep]] = order[keep]
     padded = torch.cat([values, values.new_full((1,), -math.inf)])
     return top, padded[top]
 
