@@ -35,7 +35,9 @@ MIN_GAIN = 1e-5  # relative decrease a move must bring: float rounding never dec
 class Moves(Protocol):
     """A discrete problem: a bool state [R, W] whose rows form blocks owned by problems.
 
-    Rows of one problem are contiguous and in problem order; moves stay within a block."""
+    Rows of one problem are contiguous and in problem order; moves stay within a block. A Moves
+    may also offer ``subset(ids) -> Moves | None``: the problems ``ids`` alone (rows theirs, in
+    order), which lets the search drop the problems that have stopped."""
 
     row_block: Tensor        # [R] block of every row
     block_component: Tensor  # [B] problem owning every block
