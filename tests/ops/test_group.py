@@ -22,15 +22,21 @@ def _stable_argsort(keys: torch.Tensor, num_groups: int):
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]), torch.sort(keys, stable=True).indices
 
 
+def _keys(num_groups: int, size: int, hub: bool, gen: torch.Generator) -> torch.Tensor:
+    """``size`` random keys in [0, num_groups) (none without groups), 70% of them the last group
+    (a hub) when ``hub``."""
+    size = size if num_groups else 0
+    keys = torch.randint(0, max(num_groups, 1), (size,), generator=gen)
+    if hub and size:
+        keys[torch.rand(size, generator=gen) < 0.7] = num_groups - 1
+    return keys
+
+
 @settings(deadline=None, max_examples=40, derandomize=True)
 @given(num_groups=st.integers(0, 40), size=st.integers(0, 300), hub=st.booleans(), seed=st.integers(0, 2**16))
 def test_group_by_is_a_stable_argsort(num_groups, size, hub, seed):
     """Empty key lists, empty groups, one group holding most entries (a hub) and no groups."""
-    size = size if num_groups else 0
-    gen = torch.Generator().manual_seed(seed)
-    keys = torch.randint(0, max(num_groups, 1), (size,), generator=gen)
-    if hub and size:
-        keys[torch.rand(size, generator=gen) < 0.7] = num_groups - 1
+    keys = _keys(num_groups, size, hub, torch.Generator().manual_seed(seed))
     want = _stable_argsort(keys, num_groups)
     for module in (cpu, reference):
         got = module.group_by(keys, num_groups)
@@ -78,13 +84,10 @@ def _appended_by_sort(rowptr: torch.Tensor, source: torch.Tensor, edge_id: torch
 @given(n=st.integers(0, 40), size=st.integers(0, 300), hub=st.booleans(), seed=st.integers(0, 2**16))
 def test_append_node_entries_equals_the_sorted_coordinates(n, size, hub, seed):
     """Isolated nodes, a hub, no edges and no nodes."""
-    size = size if n else 0
     gen = torch.Generator().manual_seed(seed)
-    dst = torch.randint(0, max(n, 1), (size,), generator=gen)
-    if hub and size:
-        dst[torch.rand(size, generator=gen) < 0.7] = n - 1
+    dst = _keys(n, size, hub, gen)
     rowptr, edge_id = _stable_argsort(dst, n)
-    source = torch.randint(0, max(n, 1), (size,), generator=gen)[edge_id]
+    source = torch.randint(0, max(n, 1), (dst.numel(),), generator=gen)[edge_id]
     node_col = torch.randint(0, 2 * max(n, 1), (n,), generator=gen)
     want = _appended_by_sort(rowptr, source, edge_id, node_col)
     for module in (cpu, reference):
