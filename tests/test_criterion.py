@@ -158,6 +158,29 @@ def test_whole_graph_pass_lowered_or_not_equals_the_model(graph, arch, backend, 
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("name", ["GCN", "GraphSAGE", "GIN"])
+def test_whole_graph_pass_of_pyg_models_equals_their_forward(graph, name, weighted):
+    """PyG's own models through the lowered pass, on a graph with a self loop, a duplicate edge,
+    isolated nodes and a hub: without edge weights the pass propagates over the in-edge CSR with
+    unit weights and per-node scales (PyG's ``gcn_norm`` replaces a self loop by one of weight 1;
+    GIN's 1 + eps); with edge weights, GCN's weighted operator (GraphSAGE and GIN ignore them)."""
+    from torch_geometric.nn import models
+
+    torch.manual_seed(2)
+    model = getattr(models, name)(12, 8, num_layers=2, out_channels=3, **({"train_eps": True} if name == "GIN" else {}))
+    if name == "GIN":
+        for conv in model.convs:
+            conv.eps.data.fill_(0.3)
+    model.eval()
+    g = graph.clone()
+    g.edge_weight = torch.rand(g.num_edges, generator=torch.Generator().manual_seed(4)) + 0.5 if weighted else None
+    assert passes._forward_engine(model, "convs.1", "cpu") is not None
+    for layer in ("convs.0", "convs.1"):
+        expected = layer_output(model, layer, g.x, g.edge_index, g.edge_weight)
+        assert torch.allclose(full_graph_activations(model, layer, g), expected, rtol=1e-5, atol=1e-5)
+
+
 def brute_null(null_acts, null_ids, target_ids, target_acts, rtol=1e-6):
     """Thresholds and twins of every target against the null set in float64, pair by pair."""
     h, acts = null_acts.double(), target_acts.double()

@@ -197,6 +197,50 @@ FM_SIMD_CLONES void edge_rows(i64 r0, i64 r1, float* __restrict buf, const i64* 
   }
 }
 
+// acc[0:f) = sum of x[col[e], 0:f) over e in [e0, e1) in edge order, skipping the entries whose
+// column is `skip` (a row's own self loop; -1 skips nothing); prefetched as spmm_row.
+inline void sum_row(float* __restrict acc, i64 e0, i64 e1, i64 ahead_end, const i64* __restrict col,
+                    const float* __restrict x, i64 f, i64 skip) {
+#pragma omp simd
+  for (i64 c = 0; c < f; ++c) acc[c] = 0.f;
+  for (i64 e = e0; e < e1; ++e) {
+    if (e + PREFETCH_EDGES < ahead_end) prefetch_row(x + col[e + PREFETCH_EDGES] * f, f);
+    const i64 j = col[e];
+    if (j == skip) continue;
+    const float* __restrict xr = x + j * f;
+#pragma omp simd
+    for (i64 c = 0; c < f; ++c) acc[c] += xr[c];
+  }
+}
+
+// Propagation rows [r0, r1): out[i] = act(s_i * sum_e x[col[e]] + t_i * self_x[i] + bias), with
+// s = row_scale, t = self_scale (1 where absent) and the self term only where self_x is given.
+template <int A>
+FM_SIMD_CLONES void propagate_rows(i64 r0, i64 r1, float* __restrict acc, const i64* rowptr, const i64* col,
+                                   const float* x, i64 f, const float* row_scale, const float* self_x,
+                                   const float* self_scale, const float* bias, bool skip_loops, float* out) {
+  for (i64 i = r0; i < r1; ++i) {
+    sum_row(acc, rowptr[i], rowptr[i + 1], rowptr[r1], col, x, f, skip_loops ? i : -1);
+    const float s = row_scale ? row_scale[i] : 1.f;
+    if (self_x) {
+      const float t = self_scale ? self_scale[i] : 1.f;
+      const float* __restrict sx = self_x + i * f;
+#pragma omp simd
+      for (i64 c = 0; c < f; ++c) acc[c] = s * acc[c] + t * sx[c];
+    } else {
+#pragma omp simd
+      for (i64 c = 0; c < f; ++c) acc[c] *= s;
+    }
+    if (bias) {
+#pragma omp simd
+      for (i64 c = 0; c < f; ++c) acc[c] += bias[c];
+    }
+    float* __restrict o = out + i * f;
+#pragma omp simd
+    for (i64 c = 0; c < f; ++c) o[c] = act_apply<A>(acc[c]);
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> aggregate_forward(const at::Tensor& rowptr, const at::Tensor& col,
@@ -313,6 +357,45 @@ at::Tensor edge_grad(const at::Tensor& rowptr, const at::Tensor& col, const at::
   FM_DISPATCH_ACT(act, parallel_csr_rows(rp, n, 2 * f, cheap_deriv<A>() ? f : 8 * f, f,
                                          [&](i64 r0, i64 r1, float* buf) {
                                            edge_rows<A>(r0, r1, buf, rp, cp, gp, pre, bits, xp, f, op);
+                                         }));
+  return out;
+}
+
+// Optional float32 tensor argument: its data, after checking it is [rows] (cols < 0) or [rows, cols].
+namespace {
+const float* optional_rows(const c10::optional<at::Tensor>& t, const char* name, i64 rows, i64 cols) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  check_tensor(*t, name, at::kFloat, cols < 0 ? 1 : 2);
+  const bool ok = t->size(0) == rows && (cols < 0 || t->size(1) == cols);
+  TORCH_CHECK_VALUE(ok, name, " must have shape [", rows, cols < 0 ? "" : ", ", cols < 0 ? "" : std::to_string(cols),
+                    "], got ", t->sizes());
+  return t->data_ptr<float>();
+}
+}  // namespace
+
+at::Tensor propagate_forward(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& x,
+                             const c10::optional<at::Tensor>& row_scale, const c10::optional<at::Tensor>& self_x,
+                             const c10::optional<at::Tensor>& self_scale, const c10::optional<at::Tensor>& bias,
+                             int64_t act, bool skip_loops) {
+  check_tensor(x, "x", at::kFloat, 2);
+  const i64 m = x.size(0), f = x.size(1);
+  const i64 n = check_csr(rowptr, col, nullptr, m, "propagate_forward");
+  TORCH_CHECK_VALUE(act >= 0 && act < NUM_ACTS, "unknown activation code ", act);
+  const float* scale_p = optional_rows(row_scale, "row_scale", n, -1);
+  const float* self_p = optional_rows(self_x, "self_x", n, f);
+  const float* self_scale_p = optional_rows(self_scale, "self_scale", n, -1);
+  TORCH_CHECK_VALUE(self_p || !self_scale_p, "self_scale needs self_x");
+  const float* bias_p = optional_rows(bias, "bias", f, -1);
+  at::Tensor out = at::empty({n, f}, x.options());
+  if (n == 0 || f == 0) return out;
+  const i64* rp = rowptr.data_ptr<i64>();
+  const i64* cp = col.data_ptr<i64>();
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  FM_DISPATCH_ACT(act, parallel_csr_rows(rp, n, f, cheap_deriv<A>() ? 3 * f : 9 * f, f,
+                                         [&](i64 r0, i64 r1, float* acc) {
+                                           propagate_rows<A>(r0, r1, acc, rp, cp, xp, f, scale_p, self_p,
+                                                             self_scale_p, bias_p, skip_loops, op);
                                          }));
   return out;
 }

@@ -14,6 +14,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("act"));
   m.def("edge_grad", &fm::edge_grad, "SDDMM edge-weight gradient", py::arg("rowptr"), py::arg("col"),
         py::arg("grad_out"), py::arg("saved"), py::arg("act"), py::arg("x"));
+  m.def("propagate_forward", &fm::propagate_forward,
+        "unit-weight CSR propagation with per-row scale, self term, bias and activation", py::arg("rowptr"),
+        py::arg("col"), py::arg("x"), py::arg("row_scale"), py::arg("self_x"), py::arg("self_scale"),
+        py::arg("bias"), py::arg("act"), py::arg("skip_loops"));
   m.def("matched_loss", &fm::matched_loss, "matched layer fused with the activation-matching loss",
         py::arg("rowptr"), py::arg("col"), py::arg("weight"), py::arg("x"), py::arg("target"),
         py::arg("component"), py::arg("scale"), py::arg("bias"), py::arg("act"));
@@ -23,6 +27,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("theta"), py::arg("ptr"), py::arg("k"), py::arg("slope"));
   m.def("group_by", &fm::group_by, "stable counting sort: (rowptr, order) of the entries grouped by key",
         py::arg("keys"), py::arg("num_groups"));
+  m.def("in_edge_csr", &fm::in_edge_csr, "in-edge CSR (rowptr, grouped source, edge_id) of an edge list",
+        py::arg("source"), py::arg("destination"), py::arg("num_nodes"));
   m.def("append_node_entries", &fm::append_node_entries,
         "CSR (rowptr, col, order) of a graph's in-edges with one entry per node appended to each row",
         py::arg("rowptr"), py::arg("source"), py::arg("edge_id"), py::arg("node_col"));

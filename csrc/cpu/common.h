@@ -114,6 +114,10 @@ at::Tensor aggregate_backward(const at::Tensor& t_rowptr, const at::Tensor& t_co
                               const at::Tensor& grad_out, const at::Tensor& saved, int64_t act);
 at::Tensor edge_grad(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& grad_out,
                      const at::Tensor& saved, int64_t act, const at::Tensor& x);
+at::Tensor propagate_forward(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& x,
+                             const c10::optional<at::Tensor>& row_scale, const c10::optional<at::Tensor>& self_x,
+                             const c10::optional<at::Tensor>& self_scale, const c10::optional<at::Tensor>& bias,
+                             int64_t act, bool skip_loops);
 // loss.cpp
 std::tuple<at::Tensor, at::Tensor> matched_loss(const at::Tensor& rowptr, const at::Tensor& col,
                                                 const at::Tensor& weight, const at::Tensor& x,
@@ -126,6 +130,8 @@ std::tuple<at::Tensor, at::Tensor> top_mask(const at::Tensor& theta, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> top_mask_csr(const at::Tensor& theta, const at::Tensor& ptr,
                                                             const at::Tensor& k, double slope);
 std::tuple<at::Tensor, at::Tensor> group_by(const at::Tensor& keys, int64_t num_groups);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> in_edge_csr(const at::Tensor& source, const at::Tensor& destination,
+                                                           int64_t num_nodes);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> append_node_entries(const at::Tensor& rowptr, const at::Tensor& source,
                                                                    const at::Tensor& edge_id,
                                                                    const at::Tensor& node_col);

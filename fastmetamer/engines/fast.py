@@ -77,6 +77,38 @@ def _gcn_values(src: Tensor, dst: Tensor, weight: Tensor | None, n: int, remaini
     return torch.cat([edge if weight is None else edge * weight, inv_sqrt * loop_weight * inv_sqrt])
 
 
+@dataclass
+class _UnitScales:
+    """A stage's operator as unit weights over the in-edge CSR ``csr`` and per-node scales:
+    row i of A (x W) + self is ``row_scale[i] * sum_{in-edges} x W + self_scale[i] * self[i]``
+    (None: 1), with the rows' self-loop entries left out when ``skip_loops``."""
+
+    csr: object
+    row_scale: Tensor | None
+    self_scale: Tensor | None
+    skip_loops: bool
+
+
+def _unit_scales(stage: Stage, edge_index: Tensor, n: int) -> _UnitScales:
+    """The per-node scales of an unweighted stage's operator (the values of :func:`_values` with
+    unit edge weights, factored): GCN's D^-1/2 on both sides (PyG's ``gcn_norm`` counts a node's
+    existing self loops as absent and adds one of weight 1: ``skip_loops``), a mean's 1 / degree
+    (1 for a node without in-edges), GIN's 1 + eps on the node's own term. O(n + E)."""
+    csr = in_edges(edge_index, n)
+    degree = csr.rowptr.diff()
+    if stage.operator == "mean":
+        return _UnitScales(csr, 1.0 / degree.clamp_min(1).float(), None, False)
+    if stage.operator == "sum_self":
+        self_scale = None if stage.eps == 0 else torch.full((n,), 1.0 + stage.eps, device=degree.device)
+        return _UnitScales(csr, None, self_scale, False)
+    remaining_loops = stage.operator == "gcn_pyg"
+    if remaining_loops:
+        src, dst = edge_index
+        degree = degree - torch.bincount(dst[src == dst], minlength=n)
+    inv_sqrt = (degree + 1).float().pow(-0.5)
+    return _UnitScales(csr, inv_sqrt, inv_sqrt, remaining_loops)
+
+
 class FastEngine:
     """Fused-kernel engine for a lowered program (see ReferenceEngine for the arguments)."""
 
@@ -104,14 +136,34 @@ class FastEngine:
     @torch.no_grad()
     def all_activations(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
         """The matched layer's activations of every node [n, d_l] through the lowered program:
-        memory O(n d + E) (CSR aggregations; no per-edge message tensor)."""
-        h, operators = x, {}
+        memory O(n d + E) (CSR aggregations; no per-edge message tensor). Stages that see no
+        edge weights propagate over the graph's cached in-edge CSR with unit weights and
+        per-node scales (:func:`_unit_scales`): no per-edge values, no operator CSR."""
+        h, operators, n = x, {}, x.shape[0]
         for stage in self.program.stages:
-            kind = (stage.operator, stage.weighted and edge_weight is not None, stage.eps)
-            if kind not in operators:  # stages of one kind share their operator
-                operators[kind] = self._operator(stage, edge_index, edge_weight, x.shape[0])
-            h = self._propagate(stage, h, self._transform(stage, h, None), operators[kind])
+            if stage.weighted and edge_weight is not None:
+                kind = (stage.operator, stage.eps)
+                if kind not in operators:  # stages of one kind share their operator
+                    operators[kind] = self._operator(stage, edge_index, edge_weight, n)
+                h = self._propagate(stage, h, self._transform(stage, h, None), operators[kind])
+            else:
+                kind = (stage.operator, stage.eps, "unit")
+                if kind not in operators:
+                    operators[kind] = _unit_scales(stage, edge_index, n)
+                h = self._propagate_unit(stage, h, operators[kind])
         return h
+
+    def _propagate_unit(self, stage: Stage, h: Tensor, scales: "_UnitScales") -> Tensor:
+        """One stage over the in-edge CSR with unit weights: act(s * A (h W) + t * self + bias)."""
+        inputs = h @ stage.weight
+        if stage.operator in ("gcn", "gcn_pyg"):  # D^-1/2 (A + I) D^-1/2: scale the sources first
+            inputs.mul_(scales.row_scale.unsqueeze(1))
+        own = inputs if stage.root_weight is None else h @ stage.root_weight
+        csr = scales.csr
+        out = self.kernels["aggregate"].propagate_forward(
+            csr.rowptr, csr.source, inputs, scales.row_scale, own, scales.self_scale, stage.bias, stage.act,
+            scales.skip_loops)
+        return self._post(stage, out, h)
 
     @torch.no_grad()
     def activations(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:

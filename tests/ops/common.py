@@ -202,3 +202,28 @@ def _spmm64(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor) -> Tensor:
     rows = torch.repeat_interleave(torch.arange(rowptr.numel() - 1), rowptr.diff())
     out = torch.zeros(rowptr.numel() - 1, x.shape[1], dtype=torch.float64)
     return out.index_add_(0, rows, weight.double().unsqueeze(1) * x.double()[col])
+
+
+def propagate_problem(n: int, f: int, num_edges: int, seed: int, extras: bool):
+    """Arguments of ``propagate_forward`` on a random square CSR with hubs, duplicates, self loops
+    and an isolated node: (rowptr, col, x [n, f], row_scale, self_x, self_scale, bias), the last
+    four None unless ``extras``."""
+    rowptr, col, _ = random_csr(n, n, num_edges, seed)
+    gen = torch.Generator().manual_seed(seed + 7)
+    x = torch.randn(n, f, generator=gen)
+    if not extras:
+        return rowptr, col, x, None, None, None, None
+    scale = torch.rand(n, generator=gen) + 0.1
+    return rowptr, col, x, scale, torch.randn(n, f, generator=gen), scale.flip(0), torch.randn(f, generator=gen)
+
+
+def propagate_magnitudes(reference, args: tuple, act: str, skip_loops: bool) -> Tensor:
+    """Magnitude [n, f] of ``propagate_forward``'s output: the reference run on absolute values
+    in float64 (|s| sum |x| + |t| |self| + |bias|) through the activation's slope."""
+    rowptr, col, *floats = args
+    absolute = [None if t is None else t.double().abs() for t in floats]
+    pre_mag = reference.propagate_forward(rowptr, col, *absolute, act="none", skip_loops=skip_loops)
+    pre64 = reference.propagate_forward(rowptr, col, *[None if t is None else t.double() for t in floats],
+                                        act="none", skip_loops=skip_loops)
+    slope, value, _ = activation_magnitudes(pre64, act)
+    return slope * pre_mag + value

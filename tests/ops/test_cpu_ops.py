@@ -27,10 +27,12 @@ from fastmetamer.ops.update import reference as upd_ref  # noqa: E402
 
 try:
     from .common import (AdamMagnitudes, aggregate_magnitudes, assert_close_to_float64, backward_magnitudes,
-                         csr_cases, loss_magnitudes, random_csr, transpose_csr)
+                         csr_cases, loss_magnitudes, propagate_magnitudes, propagate_problem, random_csr,
+                         transpose_csr)
 except ImportError:  # tests/ops is not a package: pytest puts it on sys.path
     from common import (AdamMagnitudes, aggregate_magnitudes, assert_close_to_float64, backward_magnitudes,
-                        csr_cases, loss_magnitudes, random_csr, transpose_csr)
+                        csr_cases, loss_magnitudes, propagate_magnitudes, propagate_problem, random_csr,
+                        transpose_csr)
 
 ACTS = activations.ACTIVATIONS
 FAST = settings(deadline=None, max_examples=12, derandomize=True)
@@ -83,6 +85,50 @@ def test_aggregate_forward(act, case, with_bias, with_residual):
     else:
         assert saved.dtype == torch.float32 and saved.shape == (n, f)
         assert_close_to_float64(saved, saved32, saved64, 2, pre_mag, name=f"saved pre [{act}]")
+
+
+@pytest.mark.parametrize("act", ACTS)
+@FAST
+@given(case=csr_cases(), extras=st.booleans(), skip_loops=st.booleans())
+@example(case=HUBS, extras=True, skip_loops=True)
+@example(case=SINGLE_LOOP, extras=True, skip_loops=True)
+@example(case=SINGLE_LOOP, extras=False, skip_loops=False)
+@example(case=NO_EDGES, extras=True, skip_loops=False)
+@example(case=SINGLE_NODE, extras=False, skip_loops=True)
+def test_propagate_forward(act, case, extras, skip_loops):
+    """Unit-weight propagation with row scales, a self term and bias, self loops kept or left out."""
+    n, _, f, num_edges, seed = case
+    args = propagate_problem(n, f, num_edges, seed, extras)
+    out = agg_cpu.propagate_forward(*args, act=act, skip_loops=skip_loops)
+    out32 = agg_ref.propagate_forward(*args, act=act, skip_loops=skip_loops)
+    out64 = agg_ref.propagate_forward(*[a if a is None or not a.is_floating_point() else a.double() for a in args],
+                                      act=act, skip_loops=skip_loops)
+    assert out.dtype == torch.float32 and out.shape == (n, f)
+    assert_close_to_float64(out, out32, out64, 2, propagate_magnitudes(agg_ref, args, act, skip_loops),
+                            name=f"propagate_forward[{act}]")
+
+
+def test_propagate_forward_skips_only_self_loops():
+    """Row 0 reads itself twice and node 1 once: skip_loops drops the first two entries alone."""
+    rowptr, col = torch.tensor([0, 3, 3]), torch.tensor([0, 0, 1])
+    x = torch.tensor([[1.0], [10.0]])
+    for module in (agg_cpu, agg_ref):
+        assert module.propagate_forward(rowptr, col, x, skip_loops=True)[:, 0].tolist() == [10.0, 0.0]
+        assert module.propagate_forward(rowptr, col, x)[:, 0].tolist() == [12.0, 0.0]
+
+
+def test_propagate_forward_thread_count_independent():
+    """The parallel path (rows split between threads) gives bit-identical results."""
+    args = propagate_problem(3000, 21, 40_000, 5, True)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(agg_cpu.propagate_forward(*args, act="relu", skip_loops=True))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(results[0], r) for r in results[1:])
 
 
 def _saved_from(pre64, act):
@@ -432,6 +478,11 @@ def test_bad_inputs_raise_value_error():
         lambda: upd_cpu.top_mask(x, torch.tensor([0, 5]), torch.tensor([1, 2]), 1.0),      # k length
         lambda: upd_cpu.top_mask(x, torch.tensor([0, 6]), torch.tensor([1]), 1.0),         # ptr beyond F
         lambda: upd_cpu.top_mask(x.double(), torch.tensor([0, 5]), torch.tensor([1]), 1.0),
+        lambda: agg_cpu.propagate_forward(rowptr, col, x, row_scale=torch.ones(4)),         # scale length
+        lambda: agg_cpu.propagate_forward(rowptr, col, x, self_x=torch.ones(5, 2)),         # self width
+        lambda: agg_cpu.propagate_forward(rowptr, col, x, self_scale=torch.ones(5)),        # scale, no self
+        lambda: agg_cpu.propagate_forward(rowptr, col, x[:2]),                              # col out of range
+        lambda: agg_cpu.propagate_forward(rowptr, col, x, bias=torch.ones(3).double()),     # dtype
     ]
     F, d = 4, 3
     good = dict(step=1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, slope=1.0, threshold=torch.zeros(F),

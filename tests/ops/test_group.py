@@ -123,3 +123,51 @@ def test_append_node_entries_rejects_bad_csr(module):
         module.append_node_entries(rowptr, ids, ids, torch.tensor([0]))
     with pytest.raises(ValueError, match="int64"):
         module.append_node_entries(rowptr, ids.float(), ids, ids)
+
+
+def _in_edges_by_sort(source: torch.Tensor, destination: torch.Tensor, n: int):
+    """The contract of in_edge_csr spelt out: a stable argsort of the destinations."""
+    rowptr, edge_id = _stable_argsort(destination, n)
+    return rowptr, source[edge_id], edge_id
+
+
+@settings(deadline=None, max_examples=40, derandomize=True)
+@given(n=st.integers(0, 40), size=st.integers(0, 300), hub=st.booleans(), seed=st.integers(0, 2**16))
+def test_in_edge_csr_is_the_stable_grouping_by_destination(n, size, hub, seed):
+    """Isolated nodes, a hub, self loops and duplicate edges (random ids repeat), no edges, no nodes."""
+    gen = torch.Generator().manual_seed(seed)
+    dst = _keys(n, size, hub, gen)
+    src = torch.randint(0, max(n, 1), (dst.numel(),), generator=gen)
+    want = _in_edges_by_sort(src, dst, n)
+    for module in (cpu, reference):
+        got = module.in_edge_csr(src, dst, n)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_in_edge_csr_parallel_path_does_not_depend_on_threads(threads):
+    gen = torch.Generator().manual_seed(threads)
+    dst, src = torch.randint(0, 5000, (2, 300_000), generator=gen)
+    dst[::7] = 17  # a hub
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu.in_edge_csr(src, dst, 5000)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(got, _in_edges_by_sort(src, dst, 5000)))
+
+
+@pytest.mark.parametrize("module", [cpu, reference])
+def test_in_edge_csr_rejects_bad_edge_lists(module):
+    ids = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="source ids must lie in"):
+        module.in_edge_csr(torch.tensor([0, 2]), ids, 2)
+    with pytest.raises(ValueError, match="destination ids must lie in"):
+        module.in_edge_csr(ids, torch.tensor([-1, 0]), 2)
+    with pytest.raises(ValueError, match="one entry per edge"):
+        module.in_edge_csr(ids, torch.tensor([0]), 2)
+    with pytest.raises(ValueError, match="int64"):
+        module.in_edge_csr(ids.int(), ids, 2)
+    with pytest.raises(ValueError, match="num_nodes"):
+        module.in_edge_csr(ids, ids, -1)

@@ -19,7 +19,8 @@ pytest.importorskip("triton")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from ops.common import (AdamMagnitudes, aggregate_magnitudes, assert_close_to_float64,  # noqa: E402
-                        backward_magnitudes, csr_cases, loss_magnitudes, random_csr, transpose_csr)
+                        backward_magnitudes, csr_cases, loss_magnitudes, propagate_magnitudes, propagate_problem,
+                        random_csr, transpose_csr)
 
 from fastmetamer.ops import activations, dispatch  # noqa: E402
 from fastmetamer.ops.aggregate import reference as agg_ref  # noqa: E402
@@ -129,6 +130,21 @@ def test_aggregate_fixed_cases(case, act):
 @given(csr_cases(max_nodes=24, max_features=12), st.sampled_from(ACTS), st.booleans())
 def test_aggregate_random(case, act, extras):
     check_aggregate(*case, extras, act)
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "n{}-m{}-f{}-e{}".format(*c[:4]))
+def test_propagate_forward(case, act):
+    """Unit-weight propagation (row scales, self term, bias, self loops left out or not)."""
+    n, _, f, num_edges, seed, extras = case
+    args = propagate_problem(n, f, num_edges, seed, extras)
+    for skip_loops in (False, True):
+        out = agg_tri.propagate_forward(*[dev(a) for a in args], act=act, skip_loops=skip_loops)
+        out32 = agg_ref.propagate_forward(*args, act=act, skip_loops=skip_loops)
+        out64 = agg_ref.propagate_forward(*[a if a is None or not a.is_floating_point() else a.double()
+                                            for a in args], act=act, skip_loops=skip_loops)
+        assert_close_to_float64(host(out), out32, out64, 2, propagate_magnitudes(agg_ref, args, act, skip_loops),
+                                name=f"propagate_forward[{act}]")
 
 
 def check_matched_loss(n, m, f, num_edges, seed, extras, act, num_comp=3):

@@ -91,3 +91,20 @@ def edge_grad(rowptr: Tensor, col: Tensor, grad_out: Tensor, saved: Tensor, act:
     _check(grad_out, "grad_out", torch.float32, 2, (n, x.shape[1]))
     _check_saved(saved, act, n, x.shape[1])
     return _C.edge_grad(rowptr, col, grad_out, saved, code, x)
+
+
+def propagate_forward(rowptr: Tensor, col: Tensor, x: Tensor, row_scale: Tensor | None = None,
+                      self_x: Tensor | None = None, self_scale: Tensor | None = None,
+                      bias: Tensor | None = None, act: str = "none", skip_loops: bool = False) -> Tensor:
+    """out = act(s * (A_unit @ x) + t * self_x + bias); see the reference."""
+    code = activations.check_activation(act)
+    n = _check_csr(rowptr, col, None)
+    _check(x, "x", torch.float32, 2)
+    f = x.shape[1]
+    for name, t, shape in (("row_scale", row_scale, (n,)), ("self_x", self_x, (n, f)),
+                           ("self_scale", self_scale, (n,)), ("bias", bias, (f,))):
+        if t is not None:
+            _check(t, name, torch.float32, len(shape), shape)
+    if self_scale is not None and self_x is None:
+        raise ValueError("self_scale needs self_x")
+    return _C.propagate_forward(rowptr, col, x, row_scale, self_x, self_scale, bias, code, bool(skip_loops))

@@ -18,6 +18,8 @@ Algorithms
 - ``edge_grad``: one program per block of ``BLOCK_E`` edges. The destination row of each edge is
   found by a vectorised binary search on ``rowptr`` (``ceil(log2 n)`` steps), then the program
   loops over feature blocks accumulating ``<grad_out[i] * act'(pre[i]), x[col[e]]>``.
+- ``propagate_forward``: ``aggregate_forward``'s row kernel with unit weights (self loops
+  masked out when asked), then the per-row scale, the self term and the bias in registers.
 """
 import os
 
@@ -212,6 +214,37 @@ if triton is not None:
             acc += tl.sum(g * xv, axis=1)
         tl.store(out_ptr + offs_e, acc, mask=emask)
 
+    @triton.jit
+    def _propagate_kernel(rowptr_ptr, col_ptr, x_ptr, scale_ptr, self_ptr, self_scale_ptr, bias_ptr, out_ptr, f,
+                          HAS_SCALE: tl.constexpr, HAS_SELF: tl.constexpr, HAS_SELF_SCALE: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, SKIP_LOOPS: tl.constexpr, ACT: tl.constexpr,
+                          BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr, ACC: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        fmask = offs_f < f
+        start = tl.load(rowptr_ptr + row)
+        end = tl.load(rowptr_ptr + row + 1)
+        acc = tl.zeros([BLOCK_E, BLOCK_F], dtype=ACC)
+        for e0 in range(start, end, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)
+            emask = offs_e < end
+            c = tl.load(col_ptr + offs_e, mask=emask, other=0).to(tl.int64)
+            if SKIP_LOOPS:
+                emask = emask & (c != row)
+            acc += tl.load(x_ptr + c[:, None] * f + offs_f[None, :],
+                           mask=emask[:, None] & fmask[None, :], other=0.0).to(ACC)
+        pre = tl.sum(acc, axis=0)
+        if HAS_SCALE:
+            pre = pre * tl.load(scale_ptr + row).to(ACC)
+        if HAS_SELF:
+            own = tl.load(self_ptr + row * f + offs_f, mask=fmask, other=0.0).to(ACC)
+            if HAS_SELF_SCALE:
+                own = own * tl.load(self_scale_ptr + row).to(ACC)
+            pre += own
+        if HAS_BIAS:
+            pre += tl.load(bias_ptr + offs_f, mask=fmask, other=0.0).to(ACC)
+        tl.store(out_ptr + row * f + offs_f, act_fn(pre, ACT), mask=fmask)
+
 
 def _dtype(*tensors: Tensor | None) -> torch.dtype:
     dtype = tensors[0].dtype
@@ -297,4 +330,30 @@ def edge_grad(rowptr: Tensor, col: Tensor, grad_out: Tensor, saved: Tensor, act:
                             _saved_arg(saved, act, grad_out), x.contiguous(), out,
                             n, num_edges, f, -(-f // 8), max(n - 1, 0).bit_length(),
                             ACT=code, BLOCK_E=block_e, BLOCK_F=min(64, _block_f(f)), ACC=_acc_dtype(dtype))
+    return out
+
+
+def propagate_forward(rowptr: Tensor, col: Tensor, x: Tensor, row_scale: Tensor | None = None,
+                      self_x: Tensor | None = None, self_scale: Tensor | None = None,
+                      bias: Tensor | None = None, act: str = "none", skip_loops: bool = False) -> Tensor:
+    """out = act(s * (A_unit @ x) + t * self_x + bias); see :func:`.reference.propagate_forward`."""
+    _check_available()
+    code = activations.check_activation(act)
+    if self_scale is not None and self_x is None:
+        raise ValueError("self_scale needs self_x")
+    dtype = _dtype(x, row_scale, self_x, self_scale, bias)
+    n, f = rowptr.numel() - 1, x.shape[1]
+    out = torch.empty(n, f, dtype=dtype, device=x.device)
+    if n == 0 or f == 0:
+        return out
+    block_f = _block_f(f)
+
+    def arg(t):
+        return out if t is None else t.contiguous()
+
+    _propagate_kernel[(n, triton.cdiv(f, block_f))](
+        rowptr.contiguous(), col.contiguous(), x.contiguous(), arg(row_scale), arg(self_x), arg(self_scale),
+        arg(bias), out, f, HAS_SCALE=row_scale is not None, HAS_SELF=self_x is not None,
+        HAS_SELF_SCALE=self_scale is not None, HAS_BIAS=bias is not None, SKIP_LOOPS=bool(skip_loops), ACT=code,
+        BLOCK_E=BLOCK_E, BLOCK_F=block_f, ACC=_acc_dtype(dtype))
     return out
