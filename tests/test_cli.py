@@ -73,6 +73,7 @@ def test_train_then_generate(checkpoint, tmp_path, capsys):
     (["train", "--model", "resnet", "--out", "x.pt"], "invalid choice"),
     (["train", "--dataset", "nosuchdata", "--out", "x.pt"], "unknown dataset"),
     (["generate", "--node", "1"], "--checkpoint"),
+    (["generate", "--checkpoint", "{ckpt}"], "give the target node(s)"),
     (["generate", "--checkpoint", "missing.pt", "--node", "1"], "checkpoint not found"),
     (["generate", "--checkpoint", "{ckpt}", "--node", "99999"], "out of range"),
     (["generate", "--checkpoint", "{ckpt}", "--node", "1", "--layer", "nope"], "unknown layer"),

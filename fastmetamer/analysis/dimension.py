@@ -37,6 +37,8 @@ from torch import Tensor, nn
 from torch_geometric.data import Data
 
 from ..graph.layers import count_hops, layer_output, resolve_layer
+from .. import distributed
+from ..graph.neighbourhood import in_edges, rings
 from ..memory import check_budget, default_budget
 from ..validation import check_devices, check_feature_width, check_graph, check_nodes
 
@@ -123,8 +125,7 @@ def metamer_dimension(model: nn.Module, graph: Data, node: int | list[int] | Ten
         parts = [_solve(problem, torch.arange(problem.reference.shape[0]), _whole_graphs(problem))]
     else:
         targets = torch.arange(graph.num_nodes) if targets is None else targets
-        parts = [_solve(problem, chunk, _union(problem.graph, problem.fields, chunk, keys))
-                 for group in targets.split(batch_size) for chunk, keys in _chunks(problem, group, budget)]
+        parts = _solve_node_targets(problem, targets, batch_size, budget)
     sigma, rank, input_dim = (torch.cat([p[i] for p in parts]) for i in range(3))
     d_out = problem.d_out
     return DimensionResult(
@@ -132,6 +133,21 @@ def metamer_dimension(model: nn.Module, graph: Data, node: int | list[int] | Ten
         log_volume=_log_volume(sigma, rank),
         singular_values=[s[: min(d_out, int(k))] for s, k in zip(sigma, input_dim)],
         nodes=targets, layer=problem.layer, wrt=wrt)
+
+
+def _solve_node_targets(problem: "_Problem", targets: Tensor, batch_size: int, budget: int) -> list[tuple]:
+    """(sigma, rank, input_dim) of the targets [T] in order, by groups of ``batch_size`` split
+    into chunks within ``budget``. Inside a process group of several ranks each rank solves a
+    run of the targets balanced by receptive-field size, and every rank gets all of them."""
+    if distributed.is_sharing():
+        ring = rings(in_edges(problem.graph.edge_index, problem.graph.num_nodes), targets,
+                     torch.arange(targets.numel()), problem.hops)
+        targets = targets[distributed.my_share(torch.bincount(ring.group, minlength=targets.numel()))]
+    parts = [_solve(problem, chunk, _union(problem.graph, problem.fields, chunk, keys))
+             for group in targets.split(batch_size) for chunk, keys in _chunks(problem, group, budget)]
+    if not distributed.is_sharing():
+        return parts
+    return [part for rank_parts in distributed.all_gather(parts) for part in rank_parts]
 
 
 def _check_graph_level(problem: "_Problem", targets: Tensor | None) -> None:

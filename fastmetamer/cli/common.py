@@ -42,6 +42,16 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=None, help="data folder for PyG datasets")
 
 
+def add_node_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--node ID`` (repeatable) and ``--nodes ID [ID ...]`` (the spelling that ``torchrun``, whose
+    own options ``--node-rank`` / ``--node_rank`` make ``--node`` ambiguous, passes on), both into
+    ``args.nodes`` (None when neither is given)."""
+    parser.add_argument("--node", dest="nodes", type=int, action="append", default=None,
+                        help=f"target node id (repeat for several; {what})")
+    parser.add_argument("--nodes", dest="nodes", type=int, nargs="+", action="extend",
+                        help="target node ids, several at once (same as repeating --node)")
+
+
 def load_node_graph(name: str, root: str | None) -> Data:
     """Load a node-classification dataset (one graph); ValueError for graph datasets."""
     graph = datasets.load(name, root=root)

@@ -6,10 +6,11 @@ import json
 import time
 from pathlib import Path
 
+from .. import distributed
 from ..analysis.dimension import WRT, metamer_dimension
 from ..report import markdown_table
 from ..study import figures
-from .common import add_dataset_args, load_node_graph, positive_int, status
+from .common import add_dataset_args, add_node_args, load_node_graph, positive_int, status
 from .generate import load_model, parse_layer
 
 DIMENSION_HELP = "local metamer dimension and volume change of nodes for a saved model"
@@ -22,8 +23,7 @@ def add_parser(subparsers) -> None:
         description=DIMENSION_HELP + "; writes dimension.json, dimension.md and dimension.png.")
     parser.add_argument("--checkpoint", required=True, help="model checkpoint written by `fastmetamer train`")
     add_dataset_args(parser)
-    parser.add_argument("--node", dest="nodes", type=int, action="append", default=None,
-                        help="target node id (repeat for several; default: every node)")
+    add_node_args(parser, "default: every node")
     parser.add_argument("--layer", default=None,
                         help="layer: module name (e.g. layers.0) or index (default: the last)")
     parser.add_argument("--wrt", default="features", choices=WRT,
@@ -43,6 +43,8 @@ def run_dimension_command(args: argparse.Namespace) -> int:
     result = metamer_dimension(model, graph, args.nodes, layer=parse_layer(args.layer), wrt=args.wrt,
                                batch_size=args.batch_size)
     seconds = time.perf_counter() - started
+    if not distributed.is_main_rank():  # under torchrun: rank 0 writes
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dimension.json").write_text(json.dumps({**result.to_dict(), "seconds": seconds}))

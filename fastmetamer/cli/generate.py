@@ -8,9 +8,9 @@ from pathlib import Path
 from torch import nn
 from torch_geometric.data import Data
 
-from .. import models
+from .. import distributed, models
 from ..metamers.generator import KINDS, generate
-from .common import add_dataset_args, load_node_graph, positive_float, positive_int, status, write_results
+from .common import add_dataset_args, add_node_args, load_node_graph, positive_float, positive_int, status, write_results
 
 HELP = "generate metamers of nodes for a saved model"
 
@@ -22,8 +22,7 @@ def add_parser(subparsers) -> None:
         description=HELP + "; writes results.json, report.md, PNG figures and the metamer graphs (.pt).")
     parser.add_argument("--checkpoint", required=True, help="model checkpoint written by `fastmetamer train`")
     add_dataset_args(parser)
-    parser.add_argument("--node", dest="nodes", type=int, action="append", required=True,
-                        help="target node id (repeat for several targets, solved as one batch)")
+    add_node_args(parser, "required; several targets are solved as one batch")
     parser.add_argument("--kind", default="features", choices=KINDS,
                         help="what to optimise (default: features)")
     parser.add_argument("--layer", default=None,
@@ -59,6 +58,8 @@ def parse_layer(layer: str | None) -> str | int | None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate the metamers and write the report folder."""
+    if not args.nodes:
+        raise ValueError("give the target node(s): --node ID (repeatable) or --nodes ID [ID ...]")
     graph = load_node_graph(args.dataset, args.root)
     model = load_model(args.checkpoint, graph)
     nodes = args.nodes[0] if len(args.nodes) == 1 else args.nodes
@@ -66,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     result = generate(model, graph, nodes, layer=parse_layer(args.layer), kind=args.kind,
                       steps=args.steps, lr=args.lr, seed=args.seed)
     out = Path(args.out)
+    if not distributed.is_main_rank():  # under torchrun: rank 0 writes
+        return 0
     result.save(out / f"metamer_{args.kind}.pt")
     meta = {"checkpoint": args.checkpoint, "model": model.config["name"], "dataset": args.dataset,
             "layer": result.layer, "nodes": args.nodes, "steps": result.settings["steps"],

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from .. import __version__
+from .. import __version__, distributed
 from . import demo, dimension, generate, study, train
 from .common import positive_int
 
@@ -36,13 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code:
     0 on success, 2 for bad input (argparse errors, or a ValueError / TypeError /
-    FileNotFoundError from the library, printed as ``error: ...`` without a traceback)."""
+    FileNotFoundError from the library, printed as ``error: ...`` without a traceback).
+
+    Started by ``torchrun`` with several processes, it joins their process group (gloo on CPU,
+    NCCL on GPU): ``generate`` and ``dimension`` share their targets out across the ranks and
+    rank 0 writes the outputs."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
     threads = torch.get_num_threads()
+    joined = distributed.init_from_environment()
     try:
         torch.set_num_threads(args.threads or getattr(args, "default_threads", None) or threads)
         return args.run(args)
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         torch.set_num_threads(threads)
+        if joined:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

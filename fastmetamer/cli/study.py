@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from .. import distributed
 from ..study.config import ARCHITECTURES, MITIGATIONS
 from ..study.runner import run_study
 from .common import positive_int
@@ -57,6 +58,9 @@ def add_parser(subparsers) -> None:
 
 def run_study_command(args: argparse.Namespace) -> int:
     """Run the study and print where the report is."""
+    if distributed.is_sharing():
+        raise ValueError("the study does not share its cells across ranks yet (every rank would write the same "
+                         "files): run it in one process, not under torchrun")
     started = time.perf_counter()
     report = run_study(args.out, quick=args.quick, datasets=args.datasets, architectures=args.architectures,
                        mitigations=args.mitigations, depths=args.depths, widths=args.widths,

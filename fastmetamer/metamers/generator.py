@@ -21,6 +21,7 @@ from .moves import FeatureMoves, StructureMoves
 from .optimize import BestStates, Restarts, Schedule, run_schedule
 from .refine import refine
 from . import chunks
+from .. import distributed
 from ..memory import check_budget, default_budget
 from ..graph.subgraph import (Subgraph, check_graph_ids, disjoint_receptive_fields, receptive_field,
                               whole_graph)
@@ -185,15 +186,30 @@ def _frozen(model: nn.Module):
 
 def _generate_in_chunks(model, graph, targets, layer, kind, schedule, seed, backend, opts, extra) -> MetamerResult:
     """:func:`_generate` over consecutive chunks of a list of node targets that fit the memory
-    budget, merged (one call when they all fit, or for one target or a whole graph)."""
+    budget, merged (one call when they all fit, or for one target or a whole graph). Inside a
+    process group of several ranks, each rank solves its share of the targets and every rank
+    returns the merged result (:mod:`fastmetamer.distributed`)."""
     hops = count_hops(model, layer, graph.x, extra) if opts.hops is None else opts.hops
     if targets is None or targets.numel() == 1:
         return _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts, extra, hops)
     budget = default_budget(graph.x.device) if opts.memory_budget is None else opts.memory_budget
     costs = chunks.problem_bytes(graph, targets, hops + _context(kind, hops))
+    if distributed.is_sharing():
+        mine = distributed.my_share(costs)
+        part = None if mine.start == mine.stop else \
+            _solve_chunks(model, graph, targets[mine], costs[mine], budget, layer, kind, schedule, seed, backend,
+                          opts, extra, hops, single=False)
+        return chunks.merge_results([r for r in distributed.all_gather(part) if r is not None])
+    return _solve_chunks(model, graph, targets, costs, budget, layer, kind, schedule, seed, backend, opts, extra,
+                         hops, single=None)
+
+
+def _solve_chunks(model, graph, targets, costs, budget, layer, kind, schedule, seed, backend, opts, extra, hops,
+                  single) -> MetamerResult:
+    """The targets [T] (estimated bytes ``costs`` [T]) in chunks within ``budget``, merged."""
     parts = chunks.split_targets(costs, targets, budget)
     if len(parts) == 1:
-        return _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts, extra, hops)
+        return _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts, extra, hops, single)
     return chunks.merge_results([_generate(model, graph, part, layer, kind, schedule, seed, backend, opts, extra,
                                            hops, single=False) for part in parts])
 
