@@ -142,20 +142,21 @@ def test_whole_graph_metamer_uses_the_range_query(graph, zoo_gcn):
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
-@pytest.mark.parametrize("arch", ["gcn", "graphsage", "gin"])
+@pytest.mark.parametrize("arch", ["gcn", "graphsage", "gin", "sgc"])
 def test_whole_graph_pass_lowered_or_not_equals_the_model(graph, arch, backend, monkeypatch):
     """Every layer's whole-graph pass, through the lowered program or the model's own forward
     (``backend="reference"``, or a model that does not lower), equals ``layer_output``."""
     calls = counting(monkeypatch, graph)
     torch.manual_seed(1)
-    model = fm.models.build_model(arch, 12, 3, hidden=8, depth=2).eval()
-    for layer in ("layers.0", "layers.1"):
+    model = fm.models.build_model(arch, 12, 3, hidden=8, **({"K": 3} if arch == "sgc" else {"depth": 2})).eval()
+    layers = [f"layers.{i}" for i in range(len(model.layers))]
+    for layer in layers:
         expected = layer_output(model, layer, graph.x, graph.edge_index)
         assert torch.allclose(full_graph_activations(model, layer, graph, backend=backend), expected,
                               rtol=1e-5, atol=1e-5)
         lowered = passes._forward_engine(model, layer, dispatch.resolve(backend, graph.x.device)) is not None
         assert lowered == (backend == "auto")
-    assert len(calls) == 2
+    assert len(calls) == len(layers)
 
 
 @pytest.mark.parametrize("weighted", [False, True])

@@ -155,9 +155,9 @@ class FastEngine:
 
     def _propagate_unit(self, stage: Stage, h: Tensor, scales: "_UnitScales") -> Tensor:
         """One stage over the in-edge CSR with unit weights: act(s * A (h W) + t * self + bias)."""
-        inputs = h @ stage.weight
+        inputs = self._transform(stage, h, None) if stage.root_weight is None else h @ stage.weight
         if stage.operator in ("gcn", "gcn_pyg"):  # D^-1/2 (A + I) D^-1/2: scale the sources first
-            inputs.mul_(scales.row_scale.unsqueeze(1))
+            inputs = inputs * scales.row_scale.unsqueeze(1)
         own = inputs if stage.root_weight is None else h @ stage.root_weight
         csr = scales.csr
         out = self.kernels["aggregate"].propagate_forward(
@@ -258,7 +258,10 @@ class FastEngine:
         return Operator.build(self._pattern(stage, edge_index, n), value.float())
 
     def _transform(self, stage: Stage, h: Tensor | None, sparse: BinaryRows | None) -> Tensor:
-        """The aggregation's input: h @ weight (stacked with h @ root_weight when present)."""
+        """The aggregation's input: h @ weight (h itself where the weight is None, the identity;
+        stacked with h @ root_weight when present)."""
+        if stage.weight is None:
+            return F.binary_dense(sparse) if h is None else h
         if stage.root_weight is None:
             return h @ stage.weight if sparse is None else F.binary_linear(sparse, stage.weight, self.kernels)
         if sparse is None:

@@ -4,12 +4,14 @@ A program is a list of :class:`Stage` s, one per message-passing layer up to the
 
     y = post( act( A (x @ weight) [+ x @ root_weight] + bias ) ) + residual(x)
 
-where A is a sparse operator built from the graph (``operator`` names how; ``weighted=False``
+where A is a sparse operator built from the graph (``operator`` names how; ``weight`` None is the
+identity, for the later hops of a K-step propagation such as SGC's S^K X W; ``weighted=False``
 for layers that ignore edge weights, like PyG's SAGEConv and GINConv), ``post`` is a chain
 of dense layers (GIN's MLP tail) and ``residual`` is None, the identity or x @ matrix. Linear maps
 commute with aggregation, so every dense product happens before the sparse one, on the narrower
-side. Supported: fastmetamer's zoo GCN, GraphSAGE and GIN, and PyG's BasicGNN GCN, GraphSAGE and
-GIN without normalisation layers or jumping knowledge. Anything else raises :class:`Unsupported`.
+side. Supported: fastmetamer's zoo GCN, GraphSAGE, GIN and SGC (without a residual: K stages of the
+GCN operator), and PyG's BasicGNN GCN, GraphSAGE and GIN without normalisation layers or jumping
+knowledge. Anything else raises :class:`Unsupported`.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ class Dense:
 class Stage:
     """One message-passing layer in lowered form (see the module docstring)."""
 
-    weight: Tensor
+    weight: Tensor | None
     operator: str
     bias: Tensor | None
     act: str
@@ -82,10 +84,10 @@ def activation_name(module: nn.Module | None) -> str:
 
 def lower(model: nn.Module, layer: str) -> Program:
     """Lower ``model`` up to the module named ``layer``; raises :class:`Unsupported`."""
-    from ..models import GCN as ZooGCN, GIN as ZooGIN, GraphSAGE as ZooSAGE
+    from ..models import GCN as ZooGCN, GIN as ZooGIN, SGC as ZooSGC, GraphSAGE as ZooSAGE
     from torch_geometric.nn.models import GCN as PygGCN, GIN as PygGIN, GraphSAGE as PygSAGE
 
-    if isinstance(model, (ZooGCN, ZooSAGE, ZooGIN)):
+    if isinstance(model, (ZooGCN, ZooSAGE, ZooGIN, ZooSGC)):
         return _lower_zoo(model, layer)
     if type(model) in (PygGCN, PygSAGE, PygGIN):
         return _lower_pyg(model, layer)
@@ -102,7 +104,23 @@ def _lower_zoo(model: nn.Module, layer: str) -> Program:
     if model.readout is not None:
         raise Unsupported("pooling readouts are not lowered")
     last = _matched_index([f"layers.{i}" for i in range(len(model.layers))], layer)
-    return Program([_zoo_stage(model.layers[i]) for i in range(last + 1)], layer)
+    return Program([stage for i in range(last + 1) for stage in _zoo_stages(model.layers[i])], layer)
+
+
+def _zoo_stages(block: nn.Module) -> list[Stage]:
+    """The stages of one zoo block: one, or K for SGC's K hops."""
+    from ..models.convs import WeightedSGConv
+
+    conv = block.conv
+    if not isinstance(conv, WeightedSGConv):
+        return [_zoo_stage(block)]
+    if block.res is not None:
+        raise Unsupported("SGC with a residual is not lowered")
+    # S^K (X W) + b: the product first (the narrower side), then K propagations, the bias and
+    # the block's activation after the last
+    hops = [Stage(conv.lin.weight.t() if k == 0 else None, "gcn", None, "none") for k in range(conv.K)]
+    hops[-1].bias, hops[-1].act = conv.bias, activation_name(block.act)
+    return hops
 
 
 def _zoo_stage(block: nn.Module) -> Stage:
