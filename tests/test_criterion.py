@@ -142,13 +142,14 @@ def test_whole_graph_metamer_uses_the_range_query(graph, zoo_gcn):
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
-@pytest.mark.parametrize("arch", ["gcn", "graphsage", "gin", "sgc"])
+@pytest.mark.parametrize("arch", ["gcn", "graphsage", "gin", "sgc", "appnp"])
 def test_whole_graph_pass_lowered_or_not_equals_the_model(graph, arch, backend, monkeypatch):
     """Every layer's whole-graph pass, through the lowered program or the model's own forward
     (``backend="reference"``, or a model that does not lower), equals ``layer_output``."""
     calls = counting(monkeypatch, graph)
     torch.manual_seed(1)
-    model = fm.models.build_model(arch, 12, 3, hidden=8, **({"K": 3} if arch == "sgc" else {"depth": 2})).eval()
+    options = {"sgc": {"K": 3}, "appnp": {"K": 3, "residual": True}}.get(arch, {"depth": 2})
+    model = fm.models.build_model(arch, 12, 3, hidden=8, **options).eval()
     layers = [f"layers.{i}" for i in range(len(model.layers))]
     for layer in layers:
         expected = layer_output(model, layer, graph.x, graph.edge_index)

@@ -30,6 +30,8 @@ def _models(d: int) -> dict:
         "pyg-gin-leaky": GIN(d, 8, 2, 3, act="leaky_relu"),
         "zoo-sgc-k3": fm.models.SGC(d, 3, K=3),
         "zoo-sgc-k1": fm.models.SGC(d, 3, K=1),
+        "zoo-appnp-res": fm.models.APPNP(d, 3, hidden=8, K=3, alpha=0.2, act="elu", residual=True),
+        "zoo-appnp-1": fm.models.APPNP(d, 3, hidden=8, depth=1, K=2),
     }
 
 
@@ -235,15 +237,18 @@ def test_structure_steps_reuse_one_sparsity_pattern(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["features", "structure"])
-def test_sgc_metamers_run_on_the_fast_engine(synthetic, kind):
-    """A zoo SGC (K = 3 hops of the GCN operator) lowers: no fallback warning, the fast engine's
-    trajectory follows the reference engine's, and the metamer's loss falls."""
+@pytest.mark.parametrize("arch", ["sgc", "appnp"])
+def test_propagation_models_run_on_the_fast_engine(synthetic, arch, kind):
+    """A zoo SGC (K = 3 hops of the GCN operator) and APPNP (its MLP, then K = 4 teleporting
+    propagation steps) lower: no fallback warning, the fast engine's trajectory follows the
+    reference engine's, and the metamer's loss falls."""
     import warnings
 
     if not dispatch.is_available("cpu"):
         pytest.skip("cpu backend not built")
     torch.manual_seed(0)
-    model = fm.models.SGC(synthetic.num_features, int(synthetic.y.max()) + 1, K=3)
+    model = fm.models.build_model(arch, synthetic.num_features, int(synthetic.y.max()) + 1, hidden=16,
+                                  **({"K": 3} if arch == "sgc" else {"K": 4}))
     fm.models.train(model, synthetic, epochs=30, seed=0)
     nodes = synthetic.test_mask.nonzero().flatten()[:3].tolist()
     options = dict(kind=kind, steps=40, refine_steps=0, progress=False)

@@ -66,6 +66,16 @@ class Pattern:
         return cls._with_transpose(n, num_cols, rowptr, csr_col, order, row, col, True)
 
     @classmethod
+    def identity(cls, n: int, transpose: bool = True, device=None) -> "Pattern":
+        """The pattern of the identity [n, n]: one entry per node, coordinate i = node i (a
+        dense layer between message-passing ones, as an operator)."""
+        nodes = torch.arange(n, device=device)
+        ptr = torch.arange(n + 1, device=device)
+        if not transpose:
+            return cls(n, n, ptr, nodes, nodes, None, None, None)
+        return cls(n, n, ptr, nodes, nodes, ptr, nodes, nodes)
+
+    @classmethod
     def _with_transpose(cls, num_rows: int, num_cols: int, rowptr: Tensor, csr_col: Tensor, order: Tensor,
                         row: Tensor, col: Tensor, transpose: bool) -> "Pattern":
         """The pattern from its CSR, plus the transpose's CSR of the coordinates when asked."""

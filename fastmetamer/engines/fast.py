@@ -37,10 +37,18 @@ def _coordinates(edge_index: Tensor, node_col: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _values(stage: Stage, edge_index: Tensor, edge_weight: Tensor | None, n: int) -> Tensor:
-    """The operator's values [E + n] in the order of :func:`_coordinates`, differentiable w.r.t.
-    ``edge_weight`` [E] (ignored by an unweighted stage; None: every edge weighs 1)."""
+    """The operator's values [E + n] in the order of :func:`_coordinates` ([n] for the identity),
+    times the stage's ``operator_scale``, differentiable w.r.t. ``edge_weight`` [E] (ignored by
+    an unweighted stage; None: every edge weighs 1)."""
+    value = _unscaled_values(stage, edge_index, edge_weight if stage.weighted else None, n)
+    return value if stage.operator_scale == 1.0 else value * stage.operator_scale
+
+
+def _unscaled_values(stage: Stage, edge_index: Tensor, weight: Tensor | None, n: int) -> Tensor:
+    """:func:`_values` before the stage's ``operator_scale`` (the identity: n ones, no edges)."""
     src, dst = edge_index
-    weight = edge_weight if stage.weighted else None
+    if stage.operator == "identity":
+        return torch.ones(n, device=src.device)
     if stage.operator in ("gcn", "gcn_pyg"):
         return _gcn_values(src, dst, weight, n, remaining_loops=stage.operator == "gcn_pyg")
     if weight is None:
@@ -79,11 +87,14 @@ def _gcn_values(src: Tensor, dst: Tensor, weight: Tensor | None, n: int, remaini
 
 @dataclass
 class _UnitScales:
-    """A stage's operator as unit weights over the in-edge CSR ``csr`` and per-node scales:
-    row i of A (x W) + self is ``row_scale[i] * sum_{in-edges} x W + self_scale[i] * self[i]``
-    (None: 1), with the rows' self-loop entries left out when ``skip_loops``."""
+    """A stage's operator s A as unit weights over a CSR (``rowptr`` [n + 1], ``col`` [E]) and
+    per-node scales (None: 1): row i of s A (x W) + self is ``row_scale[i] * sum_{entries}
+    source_scale[j] x_j W + self_scale[i] * self[i]``, with the rows' self-loop entries left out
+    when ``skip_loops``."""
 
-    csr: object
+    rowptr: Tensor
+    col: Tensor
+    source_scale: Tensor | None
     row_scale: Tensor | None
     self_scale: Tensor | None
     skip_loops: bool
@@ -93,20 +104,32 @@ def _unit_scales(stage: Stage, edge_index: Tensor, n: int) -> _UnitScales:
     """The per-node scales of an unweighted stage's operator (the values of :func:`_values` with
     unit edge weights, factored): GCN's D^-1/2 on both sides (PyG's ``gcn_norm`` counts a node's
     existing self loops as absent and adds one of weight 1: ``skip_loops``), a mean's 1 / degree
-    (1 for a node without in-edges), GIN's 1 + eps on the node's own term. O(n + E)."""
+    (1 for a node without in-edges), GIN's 1 + eps on the node's own term, the identity's self
+    term alone (an empty CSR); all times ``operator_scale``. O(n + E)."""
+    scale, device = stage.operator_scale, edge_index.device
+    if stage.operator == "identity":
+        empty = edge_index.new_zeros(0)
+        return _UnitScales(edge_index.new_zeros(n + 1), empty, None, None, _full(n, scale, device), False)
     csr = in_edges(edge_index, n)
     degree = csr.rowptr.diff()
     if stage.operator == "mean":
-        return _UnitScales(csr, 1.0 / degree.clamp_min(1).float(), None, False)
+        mean = scale / degree.clamp_min(1).float()
+        return _UnitScales(csr.rowptr, csr.source, None, mean, _full(n, scale, device), False)
     if stage.operator == "sum_self":
-        self_scale = None if stage.eps == 0 else torch.full((n,), 1.0 + stage.eps, device=degree.device)
-        return _UnitScales(csr, None, self_scale, False)
+        own = _full(n, scale * (1.0 + stage.eps), device)
+        return _UnitScales(csr.rowptr, csr.source, None, _full(n, scale, device), own, False)
     remaining_loops = stage.operator == "gcn_pyg"
     if remaining_loops:
         src, dst = edge_index
         degree = degree - torch.bincount(dst[src == dst], minlength=n)
     inv_sqrt = (degree + 1).float().pow(-0.5)
-    return _UnitScales(csr, inv_sqrt, inv_sqrt, remaining_loops)
+    row_scale = inv_sqrt if scale == 1.0 else inv_sqrt * scale
+    return _UnitScales(csr.rowptr, csr.source, inv_sqrt, row_scale, row_scale, remaining_loops)
+
+
+def _full(n: int, value: float, device) -> Tensor | None:
+    """[n] of ``value`` on ``device``, or None for 1 (the kernels' default scale)."""
+    return None if value == 1.0 else torch.full((n,), value, device=device)
 
 
 class FastEngine:
@@ -139,31 +162,33 @@ class FastEngine:
         memory O(n d + E) (CSR aggregations; no per-edge message tensor). Stages that see no
         edge weights propagate over the graph's cached in-edge CSR with unit weights and
         per-node scales (:func:`_unit_scales`): no per-edge values, no operator CSR."""
-        h, operators, n = x, {}, x.shape[0]
+        h, operators, n, outputs = x, {}, x.shape[0], []
         for stage in self.program.stages:
+            teleport = None if stage.teleport is None else outputs[stage.teleport[0]]
             if stage.weighted and edge_weight is not None:
-                kind = (stage.operator, stage.eps)
+                kind = (stage.operator, stage.eps, stage.operator_scale)
                 if kind not in operators:  # stages of one kind share their operator
                     operators[kind] = self._operator(stage, edge_index, edge_weight, n)
-                h = self._propagate(stage, h, self._transform(stage, h, None), operators[kind])
+                h = self._propagate(stage, h, self._transform(stage, h, None), operators[kind], teleport)
             else:
-                kind = (stage.operator, stage.eps, "unit")
+                kind = (stage.operator, stage.eps, stage.operator_scale, "unit")
                 if kind not in operators:
                     operators[kind] = _unit_scales(stage, edge_index, n)
-                h = self._propagate_unit(stage, h, operators[kind])
+                h = self._propagate_unit(stage, h, operators[kind], teleport)
+            outputs.append(h)
         return h
 
-    def _propagate_unit(self, stage: Stage, h: Tensor, scales: "_UnitScales") -> Tensor:
-        """One stage over the in-edge CSR with unit weights: act(s * A (h W) + t * self + bias)."""
+    def _propagate_unit(self, stage: Stage, h: Tensor, scales: "_UnitScales", teleport: Tensor | None) -> Tensor:
+        """One stage over a CSR with unit weights: act(s * A (h W) + t * self + bias) (then the
+        post layers, residual and teleport term)."""
         inputs = self._transform(stage, h, None) if stage.root_weight is None else h @ stage.weight
-        if stage.operator in ("gcn", "gcn_pyg"):  # D^-1/2 (A + I) D^-1/2: scale the sources first
-            inputs = inputs * scales.row_scale.unsqueeze(1)
+        if scales.source_scale is not None:  # D^-1/2 (A + I) D^-1/2: scale the sources first
+            inputs = inputs * scales.source_scale.unsqueeze(1)
         own = inputs if stage.root_weight is None else h @ stage.root_weight
-        csr = scales.csr
         out = self.kernels["aggregate"].propagate_forward(
-            csr.rowptr, csr.source, inputs, scales.row_scale, own, scales.self_scale, stage.bias, stage.act,
+            scales.rowptr, scales.col, inputs, scales.row_scale, own, scales.self_scale, stage.bias, stage.act,
             scales.skip_loops)
-        return self._post(stage, out, h)
+        return self._with_teleport(stage, self._post(stage, out, h), teleport)
 
     @torch.no_grad()
     def activations(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
@@ -192,16 +217,21 @@ class FastEngine:
         stages = self.program.stages
         plan = self._plan(edge_index, x.shape[0])
         h, sparse = self._first_input(x, plan.inputs, stages[0].residual is not None)
+        outputs = []
         for i, stage in enumerate(stages):
             operator = self._restricted_operator(i, stage, plan, edge_index, edge_weight, x.shape[0])
             inputs = self._transform(stage, h, sparse if i == 0 else None)
             positions = plan.self_positions[i]
             h_rows = h if h is None or positions is None else h.index_select(0, positions)
+            teleport = None if stage.teleport is None else _rows_of(outputs[stage.teleport[0]],
+                                                                     plan.teleport_positions[i])
             if i == len(stages) - 1:
                 if loss:
-                    return self._matched(stage, h_rows, inputs, operator)
-                return self._post(stage, F.aggregate(inputs, operator, self.kernels, stage.bias, stage.act), h_rows)
-            h = self._propagate(stage, h_rows, inputs, operator)
+                    return self._matched(stage, h_rows, inputs, operator, teleport)
+                out = F.aggregate(inputs, operator, self.kernels, stage.bias, stage.act)
+                return self._with_teleport(stage, self._post(stage, out, h_rows), teleport)
+            h = self._propagate(stage, h_rows, inputs, operator, teleport)
+            outputs.append(h)
         raise AssertionError("a program has at least one stage")
 
     def _first_input(self, x: Tensor | BinaryRows, rows: Tensor, dense_needed: bool):
@@ -221,8 +251,10 @@ class FastEngine:
         known = self._patterns.get("plan")
         if known is not None and known[0] is edge_index:
             return known[1]
-        plan = _RowPlan.build([self._pattern(stage, edge_index, n) for stage in self.program.stages],
-                              [stage.root_weight is not None for stage in self.program.stages], self.sub.center)
+        stages = self.program.stages
+        plan = _RowPlan.build([self._pattern(stage, edge_index, n) for stage in stages],
+                              [stage.root_weight is not None for stage in stages], self.sub.center,
+                              [None if stage.teleport is None else stage.teleport[0] for stage in stages])
         self._patterns["plan"] = (edge_index, plan)
         return plan
 
@@ -230,6 +262,10 @@ class FastEngine:
         """The stage's full pattern for these edges, one cached per kind of stage."""
         known = self._patterns.get(stage.operator)
         if known is None or known[0] is not edge_index:
+            if stage.operator == "identity":
+                known = (edge_index, Pattern.identity(n, self._transposes, edge_index.device))
+                self._patterns[stage.operator] = known
+                return known[1]
             node_col, num_cols = _node_columns(stage, n, edge_index.device)
             coordinates = _coordinates(edge_index, node_col) if self._transposes else None
             pattern = Pattern.from_in_edges(in_edges(edge_index, n), node_col, num_cols, coordinates)
@@ -285,11 +321,17 @@ class FastEngine:
             return None
         return h if isinstance(stage.residual, str) else h @ stage.residual
 
-    def _propagate(self, stage: Stage, h: Tensor, inputs: Tensor, operator: Operator) -> Tensor:
-        if stage.fused_epilogue:
+    def _propagate(self, stage: Stage, h: Tensor, inputs: Tensor, operator: Operator,
+                   teleport: Tensor | None = None) -> Tensor:
+        if stage.fused_epilogue and teleport is None:
             return F.aggregate(inputs, operator, self.kernels, stage.bias, stage.act, self._residual(stage, h))
         out = F.aggregate(inputs, operator, self.kernels, stage.bias, stage.act)
-        return self._post(stage, out, h)
+        return self._with_teleport(stage, self._post(stage, out, h), teleport)
+
+    @staticmethod
+    def _with_teleport(stage: Stage, out: Tensor, teleport: Tensor | None) -> Tensor:
+        """``out`` plus the stage's teleport term alpha * h_src (``teleport``: h_src at its rows)."""
+        return out if teleport is None else out + stage.teleport[1] * teleport
 
     def _post(self, stage: Stage, out: Tensor, h: Tensor) -> Tensor:
         from ..ops.activations import apply
@@ -299,14 +341,16 @@ class FastEngine:
         residual = self._residual(stage, h)
         return out if residual is None else out + residual
 
-    def _matched(self, stage: Stage, h: Tensor | None, inputs: Tensor, rows: Operator) -> Tensor:
+    def _matched(self, stage: Stage, h: Tensor | None, inputs: Tensor, rows: Operator,
+                 teleport: Tensor | None) -> Tensor:
         """The matched stage at the targets (``rows``: its operator restricted to them; ``h``: the
-        stage input at the targets) fused with the loss where the epilogue allows."""
-        if stage.fused_epilogue and stage.residual is None:
+        stage input at the targets; ``teleport``: the teleport source there) fused with the loss
+        where the epilogue allows."""
+        if stage.fused_epilogue and stage.residual is None and teleport is None:
             return F.matched_loss(inputs, rows, self.kernels, self.target, self.component,
                                   self.scale, stage.bias, stage.act)
         out = F.aggregate(inputs, rows, self.kernels, stage.bias, stage.act)
-        diff = (self._post(stage, out, h) - self.target).pow(2).sum(1)
+        diff = (self._with_teleport(stage, self._post(stage, out, h), teleport) - self.target).pow(2).sum(1)
         return torch.zeros_like(self.scale).index_add(0, self.component, diff) / self.scale
 
 
@@ -318,17 +362,23 @@ class _RowPlan:
     input is read at the nodes stage 0 reads. ``patterns[i]``: stage i's pattern on its rows,
     columns renumbered to positions among the rows stage i-1 computed (``inputs`` for i = 0);
     ``self_positions[i]`` [r_i]: the position of each of stage i's rows among its input rows
-    (for a residual or root term; None where they are the same rows, e.g. a whole graph)."""
+    (for a residual or root term; None where they are the same rows, e.g. a whole graph);
+    ``teleport_positions[i]``: for a stage with a teleport term from stage src, the position
+    of each of its rows among stage src's rows (every operator with a node entry per row keeps
+    a stage's rows among the rows of the stages before it), else None."""
 
     inputs: Tensor
     patterns: list
     self_positions: list
+    teleport_positions: list
 
     @classmethod
-    def build(cls, full: list[Pattern], stacked: list[bool], targets: Tensor) -> "_RowPlan":
+    def build(cls, full: list[Pattern], stacked: list[bool], targets: Tensor,
+              teleports: list[int | None]) -> "_RowPlan":
         n = full[-1].num_rows
         if targets.numel() == n and bool((targets == torch.arange(n, device=targets.device)).all()):
-            return cls(targets, list(full), [None] * len(full))  # every node is a target: all rows
+            none = [None] * len(full)  # every node is a target: all rows
+            return cls(targets, list(full), none, none)
         rows = [None] * len(full)
         rows[-1] = targets
         for i in range(len(full) - 1, 0, -1):
@@ -337,7 +387,13 @@ class _RowPlan:
         reads = [inputs, *rows[:-1]]
         return cls(inputs, [p if _is_everything(p, r, c, s) else p.submatrix(r, c, s)
                             for p, r, c, s in zip(full, rows, reads, stacked)],
-                   [torch.searchsorted(c, r) for r, c in zip(rows, reads)])
+                   [torch.searchsorted(c, r) for r, c in zip(rows, reads)],
+                   [None if src is None else torch.searchsorted(rows[src], r) for src, r in zip(teleports, rows)])
+
+
+def _rows_of(h: Tensor, positions: Tensor | None) -> Tensor:
+    """``h`` at ``positions`` (all of it for None)."""
+    return h if positions is None else h.index_select(0, positions)
 
 
 def _is_everything(pattern: Pattern, rows: Tensor, cols: Tensor, stacked: bool) -> bool:

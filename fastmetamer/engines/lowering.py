@@ -1,17 +1,21 @@
 """Lowering supported models to a short program of known operations (SPEC §7).
 
-A program is a list of :class:`Stage` s, one per message-passing layer up to the matched layer:
+A program is a list of :class:`Stage` s, one per message-passing step up to the matched layer:
 
-    y = post( act( A (x @ weight) [+ x @ root_weight] + bias ) ) + residual(x)
+    y = post( act( s A (x @ weight) [+ x @ root_weight] + bias ) ) + residual(x) + alpha h_src
 
-where A is a sparse operator built from the graph (``operator`` names how; ``weight`` None is the
-identity, for the later hops of a K-step propagation such as SGC's S^K X W; ``weighted=False``
-for layers that ignore edge weights, like PyG's SAGEConv and GINConv), ``post`` is a chain
-of dense layers (GIN's MLP tail) and ``residual`` is None, the identity or x @ matrix. Linear maps
-commute with aggregation, so every dense product happens before the sparse one, on the narrower
-side. Supported: fastmetamer's zoo GCN, GraphSAGE, GIN and SGC (without a residual: K stages of the
-GCN operator), and PyG's BasicGNN GCN, GraphSAGE and GIN without normalisation layers or jumping
-knowledge. Anything else raises :class:`Unsupported`.
+where A is a sparse operator built from the graph (``operator`` names how: ``"identity"`` for a
+dense layer between message-passing ones, e.g. APPNP's MLP) scaled by ``s``
+(``operator_scale``); ``weight`` None is the identity (the later hops of a K-step propagation);
+``weighted=False`` for layers that ignore edge weights, like PyG's SAGEConv and GINConv; ``post``
+is a chain of dense layers (GIN's MLP tail); ``residual`` is None, the identity or x @ matrix;
+``teleport`` = (src, alpha) adds alpha times the output of the earlier stage src (APPNP's
+personalised-PageRank step (1 - alpha) S h + alpha h_0, as K stages). Linear maps commute with
+aggregation, so every dense product happens before the sparse one, on the narrower side.
+Supported: fastmetamer's zoo GCN, GraphSAGE, GIN, SGC (without a residual: K stages of the GCN
+operator) and APPNP (its MLP and K propagation stages; not pooled), and PyG's BasicGNN GCN,
+GraphSAGE and GIN without normalisation layers or jumping knowledge. Anything else raises
+:class:`Unsupported`.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from torch import Tensor, nn
 
 from ..ops.activations import LEAKY_SLOPE
 
-OPERATORS = ("gcn", "gcn_pyg", "mean", "sum_self")
+OPERATORS = ("gcn", "gcn_pyg", "mean", "sum_self", "identity")
 
 
 class Unsupported(Exception):
@@ -50,6 +54,8 @@ class Stage:
     weighted: bool = True
     post: list[Dense] = field(default_factory=list)
     residual: str | Tensor | None = None
+    operator_scale: float = 1.0
+    teleport: tuple[int, float] | None = None
 
     @property
     def fused_epilogue(self) -> bool:
@@ -84,10 +90,10 @@ def activation_name(module: nn.Module | None) -> str:
 
 def lower(model: nn.Module, layer: str) -> Program:
     """Lower ``model`` up to the module named ``layer``; raises :class:`Unsupported`."""
-    from ..models import GCN as ZooGCN, GIN as ZooGIN, SGC as ZooSGC, GraphSAGE as ZooSAGE
+    from ..models import APPNP as ZooAPPNP, GCN as ZooGCN, GIN as ZooGIN, SGC as ZooSGC, GraphSAGE as ZooSAGE
     from torch_geometric.nn.models import GCN as PygGCN, GIN as PygGIN, GraphSAGE as PygSAGE
 
-    if isinstance(model, (ZooGCN, ZooSAGE, ZooGIN, ZooSGC)):
+    if isinstance(model, (ZooGCN, ZooSAGE, ZooGIN, ZooSGC, ZooAPPNP)):
         return _lower_zoo(model, layer)
     if type(model) in (PygGCN, PygSAGE, PygGIN):
         return _lower_pyg(model, layer)
@@ -104,14 +110,23 @@ def _lower_zoo(model: nn.Module, layer: str) -> Program:
     if model.readout is not None:
         raise Unsupported("pooling readouts are not lowered")
     last = _matched_index([f"layers.{i}" for i in range(len(model.layers))], layer)
-    return Program([stage for i in range(last + 1) for stage in _zoo_stages(model.layers[i])], layer)
+    stages: list[Stage] = []
+    for i in range(last + 1):
+        stages += _zoo_stages(model.layers[i], len(stages))
+    return Program(stages, layer)
 
 
-def _zoo_stages(block: nn.Module) -> list[Stage]:
-    """The stages of one zoo block: one, or K for SGC's K hops."""
-    from ..models.convs import WeightedSGConv
+def _zoo_stages(block: nn.Module, start: int) -> list[Stage]:
+    """The stages of one zoo block whose first stage is the program's ``start``-th: one, or K
+    for the K hops of SGC and APPNP."""
+    from ..models.convs import APPNPPropagation, WeightedSGConv
 
     conv = block.conv
+    if isinstance(conv, nn.Linear):  # a dense block (APPNP's MLP): the identity operator
+        return [Stage(conv.weight.t(), "identity", conv.bias, activation_name(block.act), weighted=False,
+                      residual=_residual(block.res))]
+    if isinstance(conv, APPNPPropagation):
+        return _appnp_stages(block, conv, start)
     if not isinstance(conv, WeightedSGConv):
         return [_zoo_stage(block)]
     if block.res is not None:
@@ -121,6 +136,18 @@ def _zoo_stages(block: nn.Module) -> list[Stage]:
     hops = [Stage(conv.lin.weight.t() if k == 0 else None, "gcn", None, "none") for k in range(conv.K)]
     hops[-1].bias, hops[-1].act = conv.bias, activation_name(block.act)
     return hops
+
+
+def _appnp_stages(block: nn.Module, conv: nn.Module, start: int) -> list[Stage]:
+    """h <- (1 - alpha) S h + alpha h_0, K times: K GCN stages scaled by 1 - alpha, each with the
+    teleport term from the stage before the first (whose output is h_0)."""
+    if block.act is not None or block.res is not None:
+        raise Unsupported("APPNP propagation followed by an activation or residual (a pooled APPNP) is not lowered")
+    if start == 0:
+        raise Unsupported("APPNP propagation of the raw features (no dense block before it) is not lowered")
+    alpha = float(conv.alpha)
+    return [Stage(None, "gcn", None, "none", operator_scale=1.0 - alpha, teleport=(start - 1, alpha))
+            for _ in range(conv.K)]
 
 
 def _zoo_stage(block: nn.Module) -> Stage:
