@@ -407,6 +407,21 @@ def test_chunked_targets_equal_one_unchunked_call(synthetic, pyg_gcn, kind):
         assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12, nan_ok=True), key
 
 
+def test_merged_history_pads_a_chunk_whose_search_did_not_run():
+    """A chunk that stopped before the swap search (no search rows) shows its final losses
+    through the other chunks' search; gradient phases pad with their last row."""
+    from types import SimpleNamespace
+
+    from fastmetamer.metamers.chunks import _merged_history
+
+    searched = SimpleNamespace(history=torch.arange(16.0).view(8, 2), gradient_steps=5, loss=torch.tensor([9.0, 9.0]))
+    stopped = SimpleNamespace(history=torch.full((4, 1), 3.0), gradient_steps=4, loss=torch.tensor([2.5]))
+    merged, gradient = _merged_history([searched, stopped])
+    assert gradient == 5 and merged.shape == (8, 3)
+    assert torch.equal(merged[:, :2], searched.history)
+    assert merged[:5, 2].tolist() == [3.0] * 5 and merged[5:, 2].tolist() == [2.5] * 3
+
+
 def test_memory_budget_is_validated(synthetic, pyg_gcn):
     for bad in (0, -5, 1.5, True, "1GB"):
         with pytest.raises(ValueError, match="memory_budget"):

@@ -71,25 +71,29 @@ def _concat_graphs(graphs: list[Data], problems: list[int]) -> Data:
     return merged
 
 
-def _padded(history: Tensor, steps: int, rows: int) -> Tensor:
-    """``history`` [h, T] of one phase continued to ``rows`` rows by its last row: a problem that
-    has stopped keeps its loss while the other chunks' problems run on."""
-    part = history[:steps] if steps else history[:0]
-    if part.shape[0] == rows:
-        return part
-    return torch.cat([part, part[-1:].expand(rows - part.shape[0], -1)])
+def _padded(history: Tensor, rows: int, last: Tensor) -> Tensor:
+    """``history`` [h, T] of one phase continued to ``rows`` rows by its last row (``last`` [T]
+    where the phase is empty): a problem that has stopped keeps its loss while the other
+    chunks' problems run on."""
+    if history.shape[0] == rows:
+        return history
+    fill = history[-1:] if history.shape[0] else last.reshape(1, -1).to(history.dtype)
+    return torch.cat([history, fill.expand(rows - history.shape[0], -1)])
 
 
 def _merged_history(results: list[MetamerResult]) -> tuple[Tensor, int]:
     """The chunks' loss histories side by side, each phase (gradient steps, swap search)
-    padded to the longest chunk's length; returns (history [steps, T], gradient steps)."""
+    padded to the longest chunk's length; returns (history [steps, T], gradient steps). A chunk
+    whose swap search ran no iteration (every problem already below its stop) shows its final
+    losses through the other chunks' search, as the search shows a problem it never moves."""
     gradient = max(r.gradient_steps for r in results)
     search = max(r.history.shape[0] - r.gradient_steps for r in results)
     columns = []
     for r in results:
-        columns.append(torch.cat([_padded(r.history, r.gradient_steps, gradient),
-                                  _padded(r.history[r.gradient_steps:], r.history.shape[0] - r.gradient_steps,
-                                          search) if search else r.history[:0]]))
+        final = torch.as_tensor(r.loss, dtype=r.history.dtype)
+        steps = r.history[:r.gradient_steps]
+        columns.append(torch.cat([_padded(steps, gradient, final),
+                                  _padded(r.history[r.gradient_steps:], search, final)]))
     return torch.cat(columns, dim=1), gradient
 
 

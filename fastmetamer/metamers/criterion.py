@@ -237,8 +237,10 @@ def _witness_search(h, coords, position, order, projected, radius, twin_radius, 
     Windows are scanned in rounds of growing width around each node's rank (nearest projections
     first), so a node that fails mostly stops at its first witness and a node that passes scans
     its (small) window; a pair's distance is computed exactly only where its lower bound from
-    the k principal coordinates does not already put it out of reach. Nodes whose window stays wider than ``DENSE_WIDTH`` ranks (a large
-    metamer distance) are finished by :func:`_dense_scan` against all nodes."""
+    the k principal coordinates does not already put it out of reach. Nodes whose window stays
+    wider than ``DENSE_WIDTH`` ranks (a large metamer distance) go on in the k principal
+    coordinates' nearest-neighbour order (:func:`_tree_search`); the few it leaves open are
+    finished by :func:`_dense_scan` against all nodes."""
     n = h.shape[0]
     reach = torch.maximum(radius, twin_radius)
     lo, hi = _window(projected, position, reach)
@@ -260,6 +262,11 @@ def _witness_search(h, coords, position, order, projected, radius, twin_radius, 
             best.scatter_reduce_(0, owner[real], gap[real], reduce="amin")
         done = (best[open_nodes] <= radius[open_nodes]) | ((lo_round == lo[open_nodes]) & (hi_round == hi[open_nodes]))
         open_nodes, width = open_nodes[~done], 4 * width
+    floor = torch.full_like(best, float("inf"))  # a lower bound on every unexamined node's distance
+    if open_nodes.numel():
+        found, beyond, unresolved = _tree_search(h, coords, open_nodes, radius, twin_radius, reach)
+        best[open_nodes], floor[open_nodes] = found, beyond
+        open_nodes = open_nodes[unresolved]
     if open_nodes.numel():
         best[open_nodes] = _dense_scan(h, open_nodes, radius, twin_radius, chunk_entries)
     # nodes without a witness: every unexamined node lies beyond the window, at least its edge gap away
@@ -267,7 +274,48 @@ def _witness_search(h, coords, position, order, projected, radius, twin_radius, 
     left = torch.where(lo > 0, mine - projected[(lo - 1).clamp_min(0)], torch.full_like(mine, float("inf")))
     right = torch.where(hi < n, projected[hi.clamp_max(n - 1)] - mine, torch.full_like(mine, float("inf")))
     witnessed = best <= radius
-    return torch.where(witnessed, best, torch.minimum(best, torch.minimum(left, right)))
+    return torch.where(witnessed, best, torch.minimum(torch.minimum(best, floor), torch.minimum(left, right)))
+
+
+#: Neighbours asked of the k-d tree per node and round (then 8x more for the nodes left open).
+TREE_NEIGHBOURS = (32, 256, 2048)
+
+
+def _tree_search(h, coords, nodes, radius, twin_radius, reach) -> tuple[Tensor, Tensor, Tensor]:
+    """For ``nodes`` [V]: candidates in order of their distance in the k principal coordinates
+    (a lower bound on the true distance), from a k-d tree (SciPy's, on the CPU: O(n log n) to
+    build, O(log n) a neighbour), in rounds of ``TREE_NEIGHBOURS``. Every candidate within
+    ``reach`` in those coordinates is measured exactly in float64. Returns (best [V]: nearest
+    examined non-twin, a witness where <= radius; beyond [V]: the coordinate distance of the
+    first candidate past ``reach``, a lower bound on every unexamined node, inf where not
+    reached; unresolved [V] bool: no witness yet and every neighbour asked still within reach)."""
+    from scipy.spatial import cKDTree
+
+    n = h.shape[0]
+    tree = cKDTree(coords.detach().cpu().numpy())
+    best = torch.full((nodes.numel(),), float("inf"), dtype=h.dtype, device=h.device)
+    beyond = torch.full_like(best, float("inf"))
+    todo = torch.arange(nodes.numel(), device=h.device)
+    for count in TREE_NEIGHBOURS:
+        if todo.numel() == 0:
+            break
+        k = min(count, n)
+        gap, other = tree.query(coords[nodes[todo]].detach().cpu().numpy(), k=k)
+        gap = torch.as_tensor(gap, dtype=h.dtype, device=h.device).reshape(todo.numel(), k)
+        other = torch.as_tensor(other, dtype=torch.long, device=h.device).reshape(todo.numel(), k)
+        owner = nodes[todo]
+        within = gap <= reach[owner, None]
+        row, col = within.nonzero(as_tuple=True)
+        exact = (h[other[row, col]] - h[owner[row]]).norm(dim=1)
+        real = (other[row, col] != owner[row]) & (exact > twin_radius[owner[row]])
+        best.scatter_reduce_(0, todo[row[real]], exact[real], reduce="amin")
+        past = torch.where(within, torch.full_like(gap, float("inf")), gap).min(1).values
+        beyond[todo] = past
+        done = (best[todo] <= radius[owner]) | torch.isfinite(past) | (k == n)
+        todo = todo[~done]
+    unresolved = torch.zeros(nodes.numel(), dtype=torch.bool, device=h.device)
+    unresolved[todo] = True
+    return best, beyond, unresolved
 
 
 #: Rank half-width beyond which a node's window is scanned densely (matrix products).
