@@ -221,15 +221,15 @@ class _Problem:
 
 
 class _InEdges:
-    """Incoming-edge lists (CSR by destination) for batched receptive-field extraction. Nodes of
-    target copy c are addressed by keys c * n + node."""
+    """Incoming-edge lists (CSR by destination) for batched receptive-field extraction, from the
+    graph's cached in-edge CSR (:func:`~fastmetamer.graph.neighbourhood.in_edges`, a counting
+    sort). Nodes of target copy c are addressed by keys c * n + node."""
 
     def __init__(self, edge_index: Tensor, num_nodes: int):
+        csr = in_edges(edge_index, num_nodes)
         self.n = num_nodes
         self.src = edge_index[0]
-        self.order = torch.argsort(edge_index[1], stable=True)
-        counts = torch.bincount(edge_index[1], minlength=num_nodes)
-        self.ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        self.order, self.ptr = csr.edge_id, csr.rowptr
 
     def of(self, keys: Tensor) -> tuple[Tensor, Tensor]:
         """Incoming edges of ``keys`` [K]: (edge ids [M], position in ``keys`` of each edge's
