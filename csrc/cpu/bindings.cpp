@@ -27,8 +27,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("theta"), py::arg("ptr"), py::arg("k"), py::arg("slope"));
   m.def("group_by", &fm::group_by, "stable counting sort: (rowptr, order) of the entries grouped by key",
         py::arg("keys"), py::arg("num_groups"));
-  m.def("in_edge_csr", &fm::in_edge_csr, "in-edge CSR (rowptr, grouped source, edge_id) of an edge list",
-        py::arg("source"), py::arg("destination"), py::arg("num_nodes"));
   m.def("append_node_entries", &fm::append_node_entries,
         "CSR (rowptr, col, order) of a graph's in-edges with one entry per node appended to each row",
         py::arg("rowptr"), py::arg("source"), py::arg("edge_id"), py::arg("node_col"));

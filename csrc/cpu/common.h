@@ -130,8 +130,6 @@ std::tuple<at::Tensor, at::Tensor> top_mask(const at::Tensor& theta, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> top_mask_csr(const at::Tensor& theta, const at::Tensor& ptr,
                                                             const at::Tensor& k, double slope);
 std::tuple<at::Tensor, at::Tensor> group_by(const at::Tensor& keys, int64_t num_groups);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> in_edge_csr(const at::Tensor& source, const at::Tensor& destination,
-                                                           int64_t num_nodes);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> append_node_entries(const at::Tensor& rowptr, const at::Tensor& source,
                                                                    const at::Tensor& edge_id,
                                                                    const at::Tensor& node_col);

@@ -18,19 +18,24 @@ void for_my_slices(int nt, Body&& body) {
   for (int t = me; t < nt; t += team) body(t);
 }
 
-// Stable counting sort of the entries by key: fills rowptr [G + 1] and order [E] (order[rowptr[g]
-// : rowptr[g + 1]] lists the entries with key g in ascending entry order, as a stable argsort) and,
-// when `payload` is given, grouped[p] = payload[order[p]] in the same scatter (no second, random
-// gather). Each thread counts, then scatters, a contiguous slice of the entries; its per-group
-// write offsets come after the earlier slices', so the result does not depend on the thread count.
-void stable_group(const i64* k, i64 E, i64 G, i64* rp, i64* op, const i64* payload, i64* grouped,
-                  const char* what) {
+}  // namespace
+
+// keys [E] int64 in [0, num_groups). Returns (rowptr [num_groups + 1], order [E]) such that
+// order[rowptr[g] : rowptr[g + 1]] lists the entries with key g in ascending entry order
+// (identical to a stable argsort of keys). Each thread counts, then scatters, a contiguous slice
+// of the entries; its per-group write offsets come after the earlier slices', so the result
+// does not depend on the thread count.
+std::tuple<at::Tensor, at::Tensor> group_by(const at::Tensor& keys, int64_t num_groups) {
+  check_tensor(keys, "keys", at::kLong, 1);
+  TORCH_CHECK_VALUE(num_groups >= 0, "num_groups must be >= 0, got ", num_groups);
+  const i64 E = keys.numel(), G = num_groups;
+  const i64* k = keys.data_ptr<i64>();
   // One histogram per thread: only worth it when the entries outnumber the groups.
   const int nt = (E >= (1 << 18) && E >= G) ? max_threads() : 1;
   int in_range = 1;
 #pragma omp parallel for num_threads(nt) reduction(& : in_range) schedule(static) if (nt > 1)
   for (i64 e = 0; e < E; ++e) in_range &= (k[e] >= 0) & (k[e] < G);
-  TORCH_CHECK_VALUE(in_range, what, " must lie in [0, ", G, ")");
+  TORCH_CHECK_VALUE(in_range, "keys must lie in [0, num_groups = ", G, ")");
 
   std::vector<i64> offset(static_cast<size_t>(nt) * G, 0);
   auto slice = [&](int t) { return std::pair<i64, i64>{E * t / nt, E * (t + 1) / nt}; };
@@ -42,6 +47,8 @@ void stable_group(const i64* k, i64 E, i64 G, i64* rp, i64* op, const i64* paylo
       for (i64 e = lo; e < hi; ++e) ++count[k[e]];
     });
   }
+  at::Tensor rowptr = at::empty({G + 1}, keys.options());
+  i64* rp = rowptr.data_ptr<i64>();
   i64 running = 0;
   for (i64 g = 0; g < G; ++g) {
     rp[g] = running;
@@ -53,60 +60,17 @@ void stable_group(const i64* k, i64 E, i64 G, i64* rp, i64* op, const i64* paylo
     }
   }
   rp[G] = running;
+  at::Tensor order = at::empty({E}, keys.options());
+  i64* op = order.data_ptr<i64>();
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     for_my_slices(nt, [&](int t) {
       i64* next = offset.data() + static_cast<size_t>(t) * G;
       const auto [lo, hi] = slice(t);
-      if (payload) {
-        for (i64 e = lo; e < hi; ++e) {
-          const i64 p = next[k[e]]++;
-          op[p] = e;
-          grouped[p] = payload[e];
-        }
-      } else {
-        for (i64 e = lo; e < hi; ++e) op[next[k[e]]++] = e;
-      }
+      for (i64 e = lo; e < hi; ++e) op[next[k[e]]++] = e;
     });
   }
-}
-
-}  // namespace
-
-// keys [E] int64 in [0, num_groups). Returns (rowptr [num_groups + 1], order [E]): see stable_group.
-std::tuple<at::Tensor, at::Tensor> group_by(const at::Tensor& keys, int64_t num_groups) {
-  check_tensor(keys, "keys", at::kLong, 1);
-  TORCH_CHECK_VALUE(num_groups >= 0, "num_groups must be >= 0, got ", num_groups);
-  at::Tensor rowptr = at::empty({num_groups + 1}, keys.options());
-  at::Tensor order = at::empty({keys.numel()}, keys.options());
-  stable_group(keys.data_ptr<i64>(), keys.numel(), num_groups, rowptr.data_ptr<i64>(), order.data_ptr<i64>(),
-               nullptr, nullptr, "keys");
   return {rowptr, order};
-}
-
-// The in-edge CSR of a graph from its edge list (source [E], destination [E], ids in [0, n)):
-// (rowptr [n + 1], source grouped by destination [E], edge_id [E]), entries of a row in edge order.
-// The sources are written in the counting sort's scatter, not gathered afterwards.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> in_edge_csr(const at::Tensor& source, const at::Tensor& destination,
-                                                           int64_t num_nodes) {
-  check_tensor(source, "source", at::kLong, 1);
-  check_tensor(destination, "destination", at::kLong, 1);
-  TORCH_CHECK_VALUE(num_nodes >= 0, "num_nodes must be >= 0, got ", num_nodes);
-  const i64 E = destination.numel();
-  TORCH_CHECK_VALUE(source.numel() == E, "source and destination must have one entry per edge, got ",
-                    source.numel(), " and ", E);
-  const i64* sp = source.data_ptr<i64>();
-  int in_range = 1;
-  const int nt = E >= (1 << 18) ? max_threads() : 1;
-#pragma omp parallel for num_threads(nt) reduction(& : in_range) schedule(static) if (nt > 1)
-  for (i64 e = 0; e < E; ++e) in_range &= (sp[e] >= 0) & (sp[e] < num_nodes);
-  TORCH_CHECK_VALUE(in_range, "source ids must lie in [0, num_nodes = ", num_nodes, ")");
-  at::Tensor rowptr = at::empty({num_nodes + 1}, source.options());
-  at::Tensor grouped = at::empty({E}, source.options());
-  at::Tensor edge_id = at::empty({E}, source.options());
-  stable_group(destination.data_ptr<i64>(), E, num_nodes, rowptr.data_ptr<i64>(), edge_id.data_ptr<i64>(), sp,
-               grouped.data_ptr<i64>(), "destination ids");
-  return {rowptr, grouped, edge_id};
 }
 
 // The CSR of an operator whose entries are a graph's edges followed by one entry per node, from

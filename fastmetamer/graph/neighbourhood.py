@@ -37,9 +37,8 @@ class InEdges:
     @classmethod
     def build(cls, edge_index: Tensor, num_nodes: int) -> "InEdges":
         """O(E + n) construction (a counting sort) from ``edge_index`` [2, E] (source, destination)."""
-        rowptr, source, edge_id = dispatch.in_edge_csr(edge_index[0].contiguous(), edge_index[1].contiguous(),
-                                                       num_nodes)
-        return cls(num_nodes, rowptr, source, edge_id)
+        rowptr, edge_id = dispatch.group_by(edge_index[1].contiguous(), num_nodes)
+        return cls(num_nodes, rowptr, edge_index[0].index_select(0, edge_id), edge_id)
 
     def entries(self, nodes: Tensor) -> tuple[Tensor, Tensor]:
         """The in-edge entries of ``nodes`` [P]: (owner [M], entry [M]); ``owner`` indexes

@@ -73,14 +73,6 @@ def group_by(keys: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.T
     return get("group", resolve("auto", keys.device)).group_by(keys, num_groups)
 
 
-def in_edge_csr(source: torch.Tensor, destination: torch.Tensor,
-                num_nodes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The in-edge CSR of an edge list (``source``, ``destination`` [E] int64) with the fastest
-    backend for its device: (rowptr [num_nodes + 1], source grouped by destination [E], edge_id
-    [E]: each entry's position in the edge list; ascending within a group)."""
-    return get("group", resolve("auto", source.device)).in_edge_csr(source, destination, num_nodes)
-
-
 def append_node_entries(rowptr: torch.Tensor, source: torch.Tensor, edge_id: torch.Tensor,
                         node_col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The CSR (rowptr [n + 1], col [E + n], order [E + n]) of an operator whose coordinate entries

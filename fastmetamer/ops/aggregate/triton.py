@@ -18,8 +18,9 @@ Algorithms
 - ``edge_grad``: one program per block of ``BLOCK_E`` edges. The destination row of each edge is
   found by a vectorised binary search on ``rowptr`` (``ceil(log2 n)`` steps), then the program
   loops over feature blocks accumulating ``<grad_out[i] * act'(pre[i]), x[col[e]]>``.
-- ``propagate_forward``: ``aggregate_forward``'s row kernel with unit weights (self loops
-  masked out when asked), then the per-row scale, the self term and the bias in registers.
+- ``propagate_forward``: ``aggregate_forward``'s row sum (``row_aggregate``) with unit weights
+  (self loops masked out when asked), then the per-row scale, the self term and the bias in
+  registers.
 """
 import os
 
@@ -128,8 +129,10 @@ if triton is not None:
 
     @triton.jit
     def row_aggregate(rowptr_ptr, col_ptr, w_ptr, x_ptr, row, offs_f, fmask, f,
-                      BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr, ACC: tl.constexpr):
-        """sum_{e in row} w[e] x[col[e], offs_f], accumulated in ACC: [BLOCK_F]."""
+                      BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr, ACC: tl.constexpr,
+                      UNIT: tl.constexpr = False, SKIP_LOOPS: tl.constexpr = False):
+        """sum_{e in row} w[e] x[col[e], offs_f], accumulated in ACC: [BLOCK_F]; ``UNIT``: every
+        w[e] = 1 (``w_ptr`` unread); ``SKIP_LOOPS``: the entries with col[e] == row left out."""
         start = tl.load(rowptr_ptr + row)
         end = tl.load(rowptr_ptr + row + 1)
         acc = tl.zeros([BLOCK_E, BLOCK_F], dtype=ACC)
@@ -137,10 +140,14 @@ if triton is not None:
             offs_e = e0 + tl.arange(0, BLOCK_E)
             emask = offs_e < end
             c = tl.load(col_ptr + offs_e, mask=emask, other=0).to(tl.int64)
-            w = tl.load(w_ptr + offs_e, mask=emask, other=0.0).to(ACC)
+            if SKIP_LOOPS:
+                emask = emask & (c != row)
             xv = tl.load(x_ptr + c[:, None] * f + offs_f[None, :],
                          mask=emask[:, None] & fmask[None, :], other=0.0).to(ACC)
-            acc += w[:, None] * xv
+            if UNIT:
+                acc += xv
+            else:
+                acc += tl.load(w_ptr + offs_e, mask=emask, other=0.0).to(ACC)[:, None] * xv
         return tl.sum(acc, axis=0)
 
     @triton.jit
@@ -222,18 +229,8 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         fmask = offs_f < f
-        start = tl.load(rowptr_ptr + row)
-        end = tl.load(rowptr_ptr + row + 1)
-        acc = tl.zeros([BLOCK_E, BLOCK_F], dtype=ACC)
-        for e0 in range(start, end, BLOCK_E):
-            offs_e = e0 + tl.arange(0, BLOCK_E)
-            emask = offs_e < end
-            c = tl.load(col_ptr + offs_e, mask=emask, other=0).to(tl.int64)
-            if SKIP_LOOPS:
-                emask = emask & (c != row)
-            acc += tl.load(x_ptr + c[:, None] * f + offs_f[None, :],
-                           mask=emask[:, None] & fmask[None, :], other=0.0).to(ACC)
-        pre = tl.sum(acc, axis=0)
+        pre = row_aggregate(rowptr_ptr, col_ptr, x_ptr, x_ptr, row, offs_f, fmask, f, BLOCK_E, BLOCK_F, ACC,
+                            UNIT=True, SKIP_LOOPS=SKIP_LOOPS)
         if HAS_SCALE:
             pre = pre * tl.load(scale_ptr + row).to(ACC)
         if HAS_SELF:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .reference import check_edge_list, check_in_edges, check_keys
+from .reference import check_in_edges, check_keys
 
 try:
     from fastmetamer import _C
 except ImportError:  # extension not built: the backend reports itself unavailable
     _C = None
-AVAILABLE = _C is not None and hasattr(_C, "in_edge_csr")
+AVAILABLE = _C is not None and hasattr(_C, "append_node_entries")
 
 
 def group_by(keys: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
@@ -21,15 +21,6 @@ def group_by(keys: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     if keys.device.type != "cpu":
         raise ValueError(f"keys must be on the CPU for the cpu backend, got {keys.device}")
     return _C.group_by(keys.contiguous(), num_groups)
-
-
-def in_edge_csr(source: Tensor, destination: Tensor, num_nodes: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(rowptr [n + 1], source grouped by destination [E], edge_id [E]) (see the reference): one
-    counting sort that writes the sources in its scatter."""
-    check_edge_list(source, destination, num_nodes)
-    if source.device.type != "cpu" or destination.device.type != "cpu":
-        raise ValueError(f"the edge list must be on the CPU for the cpu backend, got {source.device}")
-    return _C.in_edge_csr(source.contiguous(), destination.contiguous(), num_nodes)
 
 
 def append_node_entries(rowptr: Tensor, source: Tensor, edge_id: Tensor,

@@ -5,10 +5,6 @@
 ``order[rowptr[g]:rowptr[g + 1]]`` are the entries with key g in ascending order (a stable
 argsort). O(E log E) here; the backends do it in O(E + num_groups).
 
-``in_edge_csr(source, destination, num_nodes) -> (rowptr, source, edge_id)``: the in-edge CSR of
-an edge list (``source``, ``destination`` [E] int64 ids in [0, num_nodes)): ``rowptr`` as
-``group_by(destination)``'s, ``edge_id`` its order and ``source`` the sources in that order.
-
 ``append_node_entries(rowptr, source, edge_id, node_col) -> (rowptr, col, order)``: the CSR of an
 operator whose coordinate entries are a graph's E edges followed by one entry per node, from the
 graph's in-edge CSR (``rowptr`` [n + 1], ``source`` [E], ``edge_id`` [E]): row i holds node i's
@@ -39,31 +35,6 @@ def group_by(keys: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     rowptr = torch.zeros(num_groups + 1, dtype=torch.long, device=keys.device)
     torch.cumsum(torch.bincount(keys, minlength=num_groups), 0, out=rowptr[1:])
     return rowptr, torch.argsort(keys, stable=True)
-
-
-def check_edge_list(source: Tensor, destination: Tensor, num_nodes: int) -> None:
-    """Raise ValueError unless ``source`` and ``destination`` are 1-D int64 tensors of one size
-    and ``num_nodes`` a count >= 0 (the backends check the ids' range themselves)."""
-    for name, t in (("source", source), ("destination", destination)):
-        if not isinstance(t, Tensor) or t.dtype != torch.long or t.dim() != 1:
-            raise ValueError(f"{name} must be a 1-D int64 tensor, got {getattr(t, 'dtype', type(t))} "
-                             f"of shape {tuple(getattr(t, 'shape', ()))}")
-    if source.numel() != destination.numel():
-        raise ValueError(f"source and destination must have one entry per edge, got {source.numel()} "
-                         f"and {destination.numel()}")
-    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 0:
-        raise ValueError(f"num_nodes must be an int >= 0, got {num_nodes!r}")
-
-
-def in_edge_csr(source: Tensor, destination: Tensor, num_nodes: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(rowptr [n + 1], source grouped by destination [E], edge_id [E]) (see the module)."""
-    check_edge_list(source, destination, num_nodes)
-    if source.numel() and (int(source.min()) < 0 or int(source.max()) >= num_nodes):
-        raise ValueError(f"source ids must lie in [0, {num_nodes})")
-    if destination.numel() and (int(destination.min()) < 0 or int(destination.max()) >= num_nodes):
-        raise ValueError(f"destination ids must lie in [0, {num_nodes})")
-    rowptr, edge_id = group_by(destination, num_nodes)
-    return rowptr, source.index_select(0, edge_id), edge_id
 
 
 def check_in_edges(rowptr: Tensor, source: Tensor, edge_id: Tensor, node_col: Tensor) -> None:
