@@ -21,14 +21,15 @@ def feature_metamer(model: nn.Module, x: Tensor, edge_index: Tensor, targets: Te
     with torch.no_grad():
         target = model(x, edge_index)[rows]
     gen = torch.Generator().manual_seed(seed)
-    theta = (x.mean(0) + x.std(0, unbiased=False) * torch.randn(x.shape, generator=gen)).requires_grad_()
+    noise = torch.randn(x.shape, generator=gen).to(x.device)
+    theta = (x.mean(0) + x.std(0, unbiased=False) * noise).requires_grad_()
     k = int(x.sum())
     opt = torch.optim.Adam([theta], lr=lr)
     history = []
     for _ in range(steps):
         prob = torch.sigmoid(slope * theta)
         top = torch.topk(prob.detach().flatten(), min(k + 1, prob.numel()))
-        hard = torch.zeros(prob.numel()).index_fill_(0, top.indices[:k], 1.0).view_as(prob)
+        hard = torch.zeros(prob.numel(), device=x.device).index_fill_(0, top.indices[:k], 1.0).view_as(prob)
         threshold = 0.5 * (top.values[k - 1] + top.values[-1])
         x_metamer = prob + (hard - prob).detach()
         out = model(x_metamer, edge_index)[rows]
@@ -37,8 +38,8 @@ def feature_metamer(model: nn.Module, x: Tensor, edge_index: Tensor, targets: Te
         opt.zero_grad()
         (loss + penalty).backward()
         opt.step()
-        history.append(loss.item())
-    return history
+        history.append(loss.detach())  # no host read per step (on a GPU it would wait for the step)
+    return torch.stack(history).tolist()
 
 
 def node_metamers(model: nn.Module, x: Tensor, edge_index: Tensor, nodes: list[int], hops: int,

@@ -64,6 +64,11 @@ def check_graph(graph: Data) -> None:
         bad = (~torch.isfinite(x)).any(dim=1).nonzero().flatten()[:5].tolist()
         raise ValueError(f"graph.x contains NaN or Inf values (first affected nodes: {bad})")
     check_edge_index(getattr(graph, "edge_index", None), x.shape[0])
+    for name in ("edge_index", "edge_weight", "batch"):
+        value = getattr(graph, name, None)
+        if isinstance(value, Tensor) and value.device != x.device:
+            raise ValueError(f"graph.{name} is on {value.device} but graph.x is on {x.device}; "
+                             "move the whole graph with graph.to(device)")
     weight = getattr(graph, "edge_weight", None)
     if weight is not None:
         if weight.shape != (graph.edge_index.shape[1],):
@@ -92,8 +97,9 @@ def check_edge_index(edge_index, num_nodes: int) -> None:
             f"min {int(edge_index.min())}, max {int(edge_index.max())}")
 
 
-def check_nodes(node, num_nodes: int) -> Tensor | None:
-    """Normalise a target specification to a 1-D long tensor of distinct node ids (or ``None``).
+def check_nodes(node, num_nodes: int, device: torch.device | str = "cpu") -> Tensor | None:
+    """Normalise a target specification to a 1-D long tensor of distinct node ids on ``device`` (the
+    graph's), or ``None``.
 
     ``node`` may be ``None`` (all nodes jointly), an int (Python or numpy), or a sequence, 1-D
     tensor or numpy array of ints.
@@ -108,7 +114,7 @@ def check_nodes(node, num_nodes: int) -> Tensor | None:
         raise ValueError(f"node ids out of range [0, {num_nodes}): {bad}")
     if ids.unique().numel() != ids.numel():
         raise ValueError("node list contains duplicate ids; each target must appear once")
-    return ids
+    return ids.to(device)
 
 
 def _is_int(value) -> bool:

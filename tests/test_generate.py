@@ -426,3 +426,24 @@ def test_memory_budget_is_validated(synthetic, pyg_gcn):
     for bad in (0, -5, 1.5, True, "1GB"):
         with pytest.raises(ValueError, match="memory_budget"):
             fm.generate(pyg_gcn, synthetic, [0, 1], steps=2, progress=False, memory_budget=bad)
+
+
+@pytest.mark.parametrize("kind, node, tol", [("features", [3, 40, 77], 1e-5), ("structure", [3, 40], 1e-5),
+                                             ("features", None, 0.05)])
+def test_reading_the_device_flags_every_k_steps_changes_nothing(synthetic, pyg_gcn, kind, node, tol):
+    """The step loop reads its early-stop flags every ``sync_every`` steps (a GPU's default is 16):
+    without restarts the steps run past the last freeze change nothing and are cut, so the result
+    equals the one read every step (the whole graph with a loose ``tol`` freezes early)."""
+    runs = [fm.generate(pyg_gcn, synthetic, node, kind=kind, steps=40, restart_patience=None, tol=tol,
+                        refine_steps=5, sync_every=every, scores=False) for every in (1, 7)]
+    assert torch.equal(runs[0].history, runs[1].history)
+    assert torch.equal(runs[0].graph.x, runs[1].graph.x)
+    assert torch.equal(runs[0].graph.edge_index, runs[1].graph.edge_index)
+    if node is None:
+        assert runs[0].gradient_steps < 40 and runs[0].gradient_steps % 7, "the run does not exercise the cut"
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, True])
+def test_bad_sync_every(synthetic, pyg_gcn, every):
+    with pytest.raises(ValueError, match="sync_every"):
+        fm.generate(pyg_gcn, synthetic, [3], steps=5, sync_every=every)

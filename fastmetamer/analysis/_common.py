@@ -1,6 +1,6 @@
 """Private helpers shared by the analysis metrics: input checks and the 1-D Wasserstein distance.
 
-All metrics compute in float64 on the CPU, whatever the device and dtype of their inputs.
+All metrics compute in float64 on their inputs' device, whatever the inputs' dtype.
 """
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from ..validation import all_finite
 
 
 def to_float64(x, name: str) -> Tensor:
-    """Return ``x`` as a detached float64 CPU tensor; ValueError if it holds NaN or Inf."""
-    t = torch.as_tensor(x, dtype=torch.float64, device="cpu").detach()
+    """Return ``x`` as a detached float64 tensor on its device (a list: on the CPU); ValueError if
+    it holds NaN or Inf."""
+    t = torch.as_tensor(x, dtype=torch.float64).detach()
     if not all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf values; metrics need finite input")
     return t
@@ -75,7 +76,8 @@ def wasserstein1_columns(x: Tensor, ref: Tensor) -> Tensor:
     """
     n, m = x.shape[0], ref.shape[0]
     xs, rs = x.sort(dim=0).values, ref.sort(dim=0).values
-    ends = torch.unique(torch.cat([torch.arange(1, n + 1) * m, torch.arange(1, m + 1) * n]))
+    ends = torch.unique(torch.cat([torch.arange(1, n + 1, device=x.device) * m,
+                                   torch.arange(1, m + 1, device=x.device) * n]))
     widths = torch.diff(ends, prepend=ends.new_zeros(1)).to(torch.float64) / (n * m)
     ix, ir = (ends + m - 1) // m - 1, (ends + n - 1) // n - 1
     return (widths[:, None] * (xs[ix] - rs[ir]).abs()).sum(dim=0)
@@ -88,9 +90,9 @@ def average_ranks(a: Tensor) -> Tensor:
     rows, d = a.shape
     new_group = torch.ones_like(values, dtype=torch.bool)
     new_group[:, 1:] = values[:, 1:] != values[:, :-1]
-    group = new_group.long().cumsum(1) - 1 + torch.arange(rows).unsqueeze(1) * d  # unique per row
-    position = torch.arange(1, d + 1, dtype=a.dtype).expand(rows, d).reshape(-1)
-    first = torch.full((rows * d,), math.inf, dtype=a.dtype).scatter_reduce(0, group.reshape(-1), position, "amin")
-    last = torch.zeros(rows * d, dtype=a.dtype).scatter_reduce(0, group.reshape(-1), position, "amax")
+    group = new_group.long().cumsum(1) - 1 + torch.arange(rows, device=a.device).unsqueeze(1) * d  # unique per row
+    position = torch.arange(1, d + 1, dtype=a.dtype, device=a.device).expand(rows, d).reshape(-1)
+    first = a.new_full((rows * d,), math.inf).scatter_reduce(0, group.reshape(-1), position, "amin")
+    last = a.new_zeros(rows * d).scatter_reduce(0, group.reshape(-1), position, "amax")
     sorted_ranks = ((first + last) / 2)[group.reshape(-1)].view(rows, d)
     return torch.empty_like(sorted_ranks).scatter_(1, order, sorted_ranks)

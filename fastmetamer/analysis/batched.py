@@ -51,7 +51,7 @@ def feature_distances_segments(x, ref, segment: Tensor, num_segments: int,
     count = _row_counts(segment, num_segments)
 
     def total(values: Tensor) -> Tensor:
-        return torch.zeros(num_segments, *values.shape[1:], dtype=values.dtype).index_add_(0, segment, values)
+        return values.new_zeros(num_segments, *values.shape[1:]).index_add_(0, segment, values)
 
     diff, scale = total((x - ref).square().sum(1)).sqrt(), total(ref.square().sum(1)).sqrt()
     relative = torch.where(diff == 0, 0.0, torch.where(scale == 0, math.inf, diff / scale.clamp_min(1e-300)))
@@ -86,7 +86,8 @@ def _binary_segments(x: Tensor, ref: Tensor, segment: Tensor, num_segments: int)
     count = _row_counts(segment, num_segments)
 
     def total(values: Tensor) -> Tensor:
-        return torch.zeros(num_segments, *values.shape[1:], dtype=torch.float64).index_add_(0, segment, values.double())
+        return torch.zeros(num_segments, *values.shape[1:], dtype=torch.float64, device=values.device).index_add_(
+            0, segment, values.double())
 
     ones_x, ones_ref, both = x.sum(1), ref.sum(1), (x & ref).sum(1)
     differ = ones_x + ones_ref - 2 * both  # squared L2 distance = Hamming distance of the row
@@ -111,7 +112,7 @@ def _segment_w1(x: Tensor, ref: Tensor, segment: Tensor, count: Tensor) -> Tenso
 
     gaps = (by_segment_then_value(x) - by_segment_then_value(ref)).abs()
     rows_segment = segment.sort().values  # the problem of every row of the re-ordered columns
-    return (torch.zeros(count.numel(), x.shape[1], dtype=x.dtype).index_add_(0, rows_segment, gaps)
+    return (x.new_zeros(count.numel(), x.shape[1]).index_add_(0, rows_segment, gaps)
             / count[:, None]).mean(1)
 
 

@@ -115,16 +115,17 @@ def metamer_dimension(model: nn.Module, graph: Data, node: int | list[int] | Ten
     """
     check_graph(graph)
     check_devices(model, graph)
-    targets = check_nodes(node, graph.num_nodes)
+    targets = check_nodes(node, graph.num_nodes, graph.x.device)
     _check_args(graph, wrt, tol, batch_size)
     check_budget(memory_budget)
     budget = default_budget(graph.x.device) if memory_budget is None else memory_budget
     problem = _Problem.build(model, graph, resolve_layer(model, layer), wrt, tol)
     if problem.graph_level:
         _check_graph_level(problem, targets)
-        parts = [_solve(problem, torch.arange(problem.reference.shape[0]), _whole_graphs(problem))]
+        parts = [_solve(problem, torch.arange(problem.reference.shape[0], device=graph.x.device),
+                        _whole_graphs(problem))]
     else:
-        targets = torch.arange(graph.num_nodes) if targets is None else targets
+        targets = torch.arange(graph.num_nodes, device=graph.x.device) if targets is None else targets
         parts = _solve_node_targets(problem, targets, batch_size, budget)
     sigma, rank, input_dim = (torch.cat([p[i] for p in parts]) for i in range(3))
     d_out = problem.d_out
@@ -141,7 +142,7 @@ def _solve_node_targets(problem: "_Problem", targets: Tensor, batch_size: int, b
     run of the targets balanced by receptive-field size, and every rank gets all of them."""
     if distributed.is_sharing():
         ring = rings(in_edges(problem.graph.edge_index, problem.graph.num_nodes), targets,
-                     torch.arange(targets.numel()), problem.hops)
+                     torch.arange(targets.numel(), device=targets.device), problem.hops)
         targets = targets[distributed.my_share(torch.bincount(ring.group, minlength=targets.numel()))]
     parts = [_solve(problem, chunk, _union(problem.graph, problem.fields, chunk, keys))
              for group in targets.split(batch_size) for chunk, keys in _chunks(problem, group, budget)]
@@ -197,18 +198,17 @@ class _Problem:
 
     @classmethod
     def build(cls, model: nn.Module, graph: Data, layer: str, wrt: str, tol: float | None) -> "_Problem":
-        """Copy ``model`` and ``graph`` to float64 on the CPU (model in eval mode, frozen; edge
-        weights [E] become ones for ``wrt="edges"`` when the graph has none)."""
-        model64 = copy.deepcopy(model).cpu().double().eval()
+        """Copy ``model`` and ``graph`` to float64 on the graph's device (model in eval mode,
+        frozen; edge weights [E] become ones for ``wrt="edges"`` when the graph has none)."""
+        model64 = copy.deepcopy(model).to(graph.x.device).double().eval()
         for p in model64.parameters():
             p.requires_grad_(False)
         weight = getattr(graph, "edge_weight", None)
         if weight is None and wrt == "edges":
-            weight = torch.ones(graph.edge_index.shape[1])
+            weight = torch.ones(graph.edge_index.shape[1], device=graph.x.device)
         batch = getattr(graph, "batch", None)
-        graph64 = Data(x=graph.x.detach().cpu().double(), edge_index=graph.edge_index.cpu().long(),
-                       edge_weight=None if weight is None else weight.detach().cpu().double(),
-                       batch=None if batch is None else batch.cpu())
+        graph64 = Data(x=graph.x.detach().double(), edge_index=graph.edge_index.long(),
+                       edge_weight=None if weight is None else weight.detach().double(), batch=batch)
         check_feature_width(model64, layer, graph64.x)
         with torch.no_grad():
             reference = layer_output(model64, layer, graph64.x, graph64.edge_index,
@@ -236,9 +236,9 @@ class _InEdges:
         destination [M])."""
         nodes = keys % self.n
         counts = self.ptr[nodes + 1] - self.ptr[nodes]
-        owner = torch.repeat_interleave(torch.arange(keys.numel()), counts)
+        owner = torch.repeat_interleave(torch.arange(keys.numel(), device=keys.device), counts)
         starts = torch.repeat_interleave(self.ptr[nodes] - (counts.cumsum(0) - counts), counts)
-        return self.order[starts + torch.arange(owner.numel())], owner
+        return self.order[starts + torch.arange(owner.numel(), device=keys.device)], owner
 
     def source_keys(self, keys: Tensor, edges: Tensor, owner: Tensor) -> Tensor:
         """Keys [M] of the sources of edges [M] into ``keys[owner]``, in the same copy."""
@@ -247,7 +247,7 @@ class _InEdges:
     def receptive_keys(self, targets: Tensor, hops: int) -> Tensor:
         """Sorted keys of every node within ``hops`` incoming hops of each target [T] (target t
         in copy t): the receptive fields R."""
-        inner = frontier = (torch.arange(targets.numel()) * self.n + targets).sort().values
+        inner = frontier = (torch.arange(targets.numel(), device=targets.device) * self.n + targets).sort().values
         for _ in range(hops):
             frontier = torch.unique(self.source_keys(frontier, *self.of(frontier)))
             frontier = frontier[~torch.isin(frontier, inner, assume_unique=True)]
@@ -302,7 +302,7 @@ class _Union:
 def _union(graph: Data, fields: _InEdges, targets: Tensor, inner: Tensor) -> _Union:
     """Build the :class:`_Union` of the targets [T] from their receptive-field keys ``inner``."""
     n = fields.n
-    seeds = torch.arange(targets.numel()) * n + targets
+    seeds = torch.arange(targets.numel(), device=targets.device) * n + targets
     free_keys = torch.cat([seeds, inner[~torch.isin(inner, seeds, assume_unique=True)]])
     edges, dst = fields.of(free_keys)
     src, in_r = _Lookup(free_keys)(fields.source_keys(free_keys, edges, dst))
@@ -320,7 +320,8 @@ def _union(graph: Data, fields: _InEdges, targets: Tensor, inner: Tensor) -> _Un
 def _whole_graphs(problem: _Problem) -> _Union:
     """The batch of graphs as a :class:`_Union` whose targets are the graphs."""
     graph = problem.graph
-    batch = graph.batch if graph.batch is not None else torch.zeros(graph.num_nodes, dtype=torch.long)
+    batch = graph.batch if graph.batch is not None else \
+        torch.zeros(graph.num_nodes, dtype=torch.long, device=graph.x.device)
     return _Union(graph.x, graph.edge_index, graph.edge_weight, owner=batch,
                   edge_owner=batch[graph.edge_index[1]], batch=graph.batch)
 
@@ -340,7 +341,7 @@ class _Lookup:
 def _solve(problem: _Problem, targets: Tensor, union: _Union) -> tuple[Tensor, Tensor, Tensor]:
     """(singular values [T, d_l] descending, rank [T], input_dim [T]) for the targets [T] of
     one union."""
-    owner = {"features": union.owner, "self": torch.arange(targets.numel()),
+    owner = {"features": union.owner, "self": torch.arange(targets.numel(), device=targets.device),
              "edges": union.edge_owner}[problem.wrt]
     rows = _jacobian_rows(problem, union, targets, owner)
     sigma = _singular_values(rows, owner, targets.numel())
@@ -382,10 +383,10 @@ def _jacobian_rows_forward(problem: _Problem, union: _Union, targets: Tensor, ow
     order = torch.argsort(owner, stable=True)
     first = torch.searchsorted(owner[order], owner[order])  # start of each input's target group
     rank = torch.empty_like(owner)
-    rank[order] = torch.arange(rows) - first
-    entry = (rank[:, None] * width + torch.arange(width)).flatten()  # the pass of every input entry
+    rank[order] = torch.arange(rows, device=owner.device) - first
+    entry = (rank[:, None] * width + torch.arange(width, device=owner.device)).flatten()  # the pass of every input entry
     tangents = leaf.new_zeros(passes, rows * width)
-    tangents[entry, torch.arange(rows * width)] = 1.0
+    tangents[entry, torch.arange(rows * width, device=owner.device)] = 1.0
     tangents = torch.cat([tangents, tangents.new_zeros(passes, leaf.numel() - rows * width)], 1).view(passes, *leaf.shape)
     columns = torch.func.vmap(lambda t: torch.func.jvp(outputs, (leaf,), (t,))[1])(tangents)  # [P, T, d_l]
     return columns[entry.view(rows, width), owner[:, None]].permute(0, 2, 1)
@@ -401,7 +402,7 @@ def _jacobian_rows_reverse(problem: _Problem, union: _Union, targets: Tensor, co
         out = layer_output(problem.model, problem.layer, x, union.edge_index, weight,
                            union.batch)[: targets.numel()]
         _check_exact(problem, out.detach(), targets)
-        basis = torch.eye(problem.d_out, dtype=out.dtype)[:, None, :].expand(-1, targets.numel(), -1)
+        basis = torch.eye(problem.d_out, dtype=out.dtype, device=out.device)[:, None, :].expand(-1, targets.numel(), -1)
         grads = None
         if out.requires_grad:
             (grads,) = torch.autograd.grad(out, leaf, basis, is_grads_batched=True, allow_unused=True)
@@ -438,8 +439,8 @@ def _singular_values(rows: Tensor, owner: Tensor, count: int) -> Tensor:
     sigma = eigenvalues.clamp_min(0).sqrt().flip(1)
     singular = (eigenvalues[:, 0] <= RCOND * eigenvalues[:, -1]).nonzero().flatten()
     if singular.numel():
-        remap = torch.full((count,), -1, dtype=torch.long)
-        remap[singular] = torch.arange(singular.numel())
+        remap = torch.full((count,), -1, dtype=torch.long, device=owner.device)
+        remap[singular] = torch.arange(singular.numel(), device=owner.device)
         keep = remap[owner] >= 0
         factors = _triangular_factors(rows[keep].transpose(1, 2), remap[owner[keep]], singular.numel())
         exact = torch.linalg.svdvals(factors)
@@ -466,12 +467,12 @@ def _merge_pairs(blocks: Tensor, owner: Tensor, counts: Tensor) -> tuple[Tensor,
     block for an odd one out) and keep the R of each pair: ([K', h', d_l], owner [K'], counts)."""
     order = torch.argsort(owner, stable=True)
     position = torch.empty_like(owner)
-    position[order] = torch.arange(owner.numel()) - (counts.cumsum(0) - counts)[owner[order]]
+    position[order] = torch.arange(owner.numel(), device=owner.device) - (counts.cumsum(0) - counts)[owner[order]]
     merged = (counts + 1) // 2
     slot = (merged.cumsum(0) - merged)[owner] + position // 2
     stacked = blocks.new_zeros(int(merged.sum()), 2, *blocks.shape[1:])
     stacked[slot, position % 2] = blocks
-    new_owner = torch.repeat_interleave(torch.arange(counts.numel()), merged)
+    new_owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), merged)
     return torch.linalg.qr(stacked.flatten(1, 2), mode="r").R, new_owner, merged
 
 
@@ -487,5 +488,5 @@ def _rank(sigma: Tensor, input_dim: Tensor, tol: float | None) -> Tensor:
 
 def _log_volume(sigma: Tensor, rank: Tensor) -> Tensor:
     """sum_{i < rank} log sigma_i per target [C] (0 for rank 0)."""
-    kept = torch.arange(sigma.shape[1]) < rank.unsqueeze(1)
+    kept = torch.arange(sigma.shape[1], device=sigma.device) < rank.unsqueeze(1)
     return torch.where(kept, sigma.clamp_min(torch.finfo(sigma.dtype).tiny).log(), 0.0).sum(1)

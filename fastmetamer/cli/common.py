@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
 from torch_geometric.data import Data
 
 from .. import datasets
@@ -36,10 +37,25 @@ def positive_float(text: str) -> float:
 
 
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:
-    """Add ``--dataset`` and ``--root``."""
+    """Add ``--dataset``, ``--root`` and ``--device``."""
     parser.add_argument("--dataset", default="synthetic",
                         help="dataset name (default: synthetic; also Cora, CiteSeer, ... with --root)")
     parser.add_argument("--root", default=None, help="data folder for PyG datasets")
+    add_device_arg(parser)
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """Add ``--device`` (where the graph and the model live)."""
+    parser.add_argument("--device", type=device_name, default="cpu",
+                        help="torch device for the graph and the model: cpu (default), cuda, cuda:1, ...")
+
+
+def device_name(text: str) -> str:
+    """A torch device name (argparse type): ``cpu``, ``cuda``, ``cuda:1``, ..."""
+    try:
+        return str(torch.device(text))
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} ({err})") from None
 
 
 def add_node_args(parser: argparse.ArgumentParser, what: str) -> None:
@@ -52,13 +68,13 @@ def add_node_args(parser: argparse.ArgumentParser, what: str) -> None:
                         help="target node ids, several at once (same as repeating --node)")
 
 
-def load_node_graph(name: str, root: str | None) -> Data:
-    """Load a node-classification dataset (one graph); ValueError for graph datasets."""
+def load_node_graph(name: str, root: str | None, device: str = "cpu") -> Data:
+    """Load a node-classification dataset (one graph) onto ``device``; ValueError for graph datasets."""
     graph = datasets.load(name, root=root)
     if not isinstance(graph, Data):
         raise ValueError(f"dataset {name!r} is a graph-classification dataset; this command needs a "
                          "node-classification dataset (one graph), e.g. synthetic or Cora")
-    return graph
+    return graph.to(device)
 
 
 def status(message: str) -> None:

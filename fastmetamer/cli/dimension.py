@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
 
 def run_dimension_command(args: argparse.Namespace) -> int:
     """Measure the dimension, print a short summary and write the output folder."""
-    graph = load_node_graph(args.dataset, args.root)
+    graph = load_node_graph(args.dataset, args.root, args.device)
     model = load_model(args.checkpoint, graph)
     status(f"metamer dimension of {len(args.nodes) if args.nodes else 'all'} node(s) ...")
     started = time.perf_counter()

@@ -41,7 +41,7 @@ def load_model(path: str, graph: Data) -> nn.Module:
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        model = models.load_checkpoint(path)
+        model = models.load_checkpoint(path, graph.x.device)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
         raise ValueError(f"{path} is not a readable fastmetamer checkpoint ({err})") from None
     expected = model.config["in_channels"]
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     """Generate the metamers and write the report folder."""
     if not args.nodes:
         raise ValueError("give the target node(s): --node ID (repeatable) or --nodes ID [ID ...]")
-    graph = load_node_graph(args.dataset, args.root)
+    graph = load_node_graph(args.dataset, args.root, args.device)
     model = load_model(args.checkpoint, graph)
     nodes = args.nodes[0] if len(args.nodes) == 1 else args.nodes
     status(f"{args.kind} metamers of node(s) {args.nodes} ...")

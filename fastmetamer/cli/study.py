@@ -11,7 +11,7 @@ import time
 from .. import distributed
 from ..study.config import ARCHITECTURES, MITIGATIONS
 from ..study.runner import run_study
-from .common import positive_int
+from .common import add_device_arg, positive_int
 
 STUDY_HELP = "run the invariance study (datasets x architectures x mitigations x layers)"
 
@@ -47,6 +47,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seeds", type=positive_int, default=None, help="training seeds (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
     parser.add_argument("--root", default=None, help="data folder for PyG datasets")
+    add_device_arg(parser)
     parser.add_argument("--exclude", nargs="+", default=None, metavar="PATTERN",
                         help="leave out cells whose key matches a shell-style pattern, e.g. "
                              "'Cora-appnp-*-layers.2*' (keys are the file names in OUT/cells)")
@@ -66,7 +67,7 @@ def run_study_command(args: argparse.Namespace) -> int:
                        mitigations=args.mitigations, depths=args.depths, widths=args.widths,
                        sweep_architectures=args.sweep_architectures, targets=args.targets,
                        steps=args.steps, seeds=args.seeds, root=args.root, seed=args.seed,
-                       report_only=args.report_only,
+                       report_only=args.report_only, device=args.device,
                        **{key: value for key in ("structure_targets", "structure_steps", "exclude")
                           if (value := getattr(args, key)) is not None})
     print(f"report: {report}  ({time.perf_counter() - started:.0f} s)")

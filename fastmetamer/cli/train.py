@@ -39,7 +39,7 @@ def train_model(graph: Data, name: str, *, hidden: int = 64, depth: int = 2, act
     (progress bar on a terminal)."""
     torch.manual_seed(seed)
     model = models.build_model(name, graph.num_features, int(graph.y.max()) + 1, hidden=hidden,
-                               depth=depth, act=act, residual=residual)
+                               depth=depth, act=act, residual=residual).to(graph.x.device)
     status(f"training {name} (hidden {hidden}, depth {depth}, {act}{', residual' if residual else ''}) ...")
     result = models.train(model, graph, epochs=epochs, seed=seed, progress=sys.stderr.isatty())
     return result.model, result
@@ -53,7 +53,7 @@ def accuracy_line(result: models.TrainResult) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Train, print accuracies and save the checkpoint."""
-    graph = load_node_graph(args.dataset, args.root)
+    graph = load_node_graph(args.dataset, args.root, args.device)
     model, result = train_model(graph, args.model, hidden=args.hidden, depth=args.depth, act=args.act,
                                 residual=args.residual, epochs=args.epochs, seed=args.seed)
     print(accuracy_line(result))

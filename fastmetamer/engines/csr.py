@@ -152,7 +152,7 @@ class BinaryRows:
         """The pattern [m, d] of the ones over all m rows (forward only)."""
         rowptr = self.rowptr
         if self.compact:
-            counts = torch.zeros(self.num_rows, dtype=torch.long).index_copy_(0, self.rows, rowptr.diff())
+            counts = rowptr.new_zeros(self.num_rows).index_copy_(0, self.rows, rowptr.diff())
             rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         empty = self.col.new_empty(0)
         return Pattern(self.num_rows, self.width, rowptr, self.col, empty, empty, empty, empty)
@@ -167,7 +167,7 @@ class BinaryRows:
         width = grad.shape[1]
         if frozen is None:
             return cls(num_rows, width, rowptr, col, rows, grad, token, compact=rows is not None)
-        local = torch.arange(rowptr.numel() - 1) if rows is None else rows
+        local = torch.arange(rowptr.numel() - 1, device=col.device) if rows is None else rows
         row = torch.repeat_interleave(local, rowptr.diff())
         row, col = torch.cat([row, frozen[0]]), torch.cat([col, frozen[1]])
         order = torch.argsort(row * width + col)
@@ -181,7 +181,7 @@ class BinaryRows:
         if rows.numel() and (int(position.max()) >= keep.numel() or not torch.equal(keep[position], rows)):
             return None
         if self.compact:  # the ones all lie in the optimised rows, which are all kept
-            counts = torch.zeros(keep.numel(), dtype=torch.long).index_copy_(0, position, self.rowptr.diff())
+            counts = torch.zeros_like(keep).index_copy_(0, position, self.rowptr.diff())
             col = self.col
         else:
             counts = self.rowptr[keep + 1] - self.rowptr[keep]
@@ -210,8 +210,8 @@ class BinaryRows:
     def dense(self) -> Tensor:
         """X' as a dense [m, d] 0/1 tensor (for layers that need it, e.g. a residual)."""
         ones = self.ones
-        row = torch.repeat_interleave(torch.arange(self.shape[0]), ones.rowptr.diff())
-        return torch.zeros(self.shape).index_put_((row, ones.col), torch.ones(ones.col.numel()))
+        row = torch.repeat_interleave(torch.arange(self.shape[0], device=ones.col.device), ones.rowptr.diff())
+        return self.grad.new_zeros(self.shape).index_put_((row, ones.col), self.grad.new_ones(ones.col.numel()))
 
 
 def row_offsets(index: Tensor, size: int) -> Tensor:

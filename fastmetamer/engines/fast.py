@@ -141,7 +141,8 @@ class FastEngine:
         self.layer = program.layer
         self.kernels = {op: dispatch.get(op, backend) for op in dispatch.OPS}
         self.target = target.contiguous()
-        self.component = (torch.zeros if joint else torch.arange)(target.shape[0], dtype=torch.long)
+        self.component = (torch.zeros if joint else torch.arange)(target.shape[0], dtype=torch.long,
+                                                                  device=target.device)
         self.scale = loss_scale(target, joint)
         self._patterns: dict = {}
         self._operators: dict = {}

@@ -66,8 +66,8 @@ class Subgraph:
         inside one component) without pooling or extra forward arguments."""
         if self.pool_batch is not None or self.forward_kwargs:
             raise ValueError("select_components needs problems without pooling or extra forward arguments")
-        position = torch.full((self.num_components,), -1, dtype=torch.long)
-        position[ids] = torch.arange(ids.numel())
+        position = torch.full((self.num_components,), -1, dtype=torch.long, device=ids.device)
+        position[ids] = torch.arange(ids.numel(), device=ids.device)
         component = position[self.component]
         keep = component >= 0
         local = torch.cumsum(keep, 0) - 1
@@ -84,15 +84,15 @@ def whole_graph(x: Tensor, edge_index: Tensor, edge_weight: Tensor | None,
     """The whole graph as one problem: every node free and a target. With ``batch`` [n] (graph
     id of every node, as in a PyG ``Batch``), one independent problem per graph, each pooled on
     its own by a graph-level layer. ``forward_kwargs``: the model's extra arguments (whole)."""
-    n, edge_ids = x.shape[0], torch.arange(edge_index.shape[1])
+    n, device = x.shape[0], x.device
+    edge_ids, nodes = torch.arange(edge_index.shape[1], device=device), torch.arange(n, device=device)
     extra = None if forward_kwargs is None else forward_kwargs.as_dict()
+    free = torch.ones(n, dtype=torch.bool, device=device)
     if batch is None:
-        return Subgraph(x, edge_index, edge_weight, torch.arange(n), torch.ones(n, dtype=torch.bool),
-                        torch.zeros(n, dtype=torch.long), torch.arange(n), 1, edge_ids=edge_ids,
-                        forward_kwargs=extra)
+        return Subgraph(x, edge_index, edge_weight, nodes, free, torch.zeros(n, dtype=torch.long, device=device),
+                        nodes, 1, edge_ids=edge_ids, forward_kwargs=extra)
     num_graphs = check_graph_ids(batch, n)
-    return Subgraph(x, edge_index, edge_weight, torch.arange(n), torch.ones(n, dtype=torch.bool),
-                    batch, torch.arange(n), num_graphs, pool_batch=batch, edge_ids=edge_ids,
+    return Subgraph(x, edge_index, edge_weight, nodes, free, batch, nodes, num_graphs, pool_batch=batch, edge_ids=edge_ids,
                     forward_kwargs=extra)
 
 

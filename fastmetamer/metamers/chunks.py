@@ -36,10 +36,10 @@ def problem_bytes(graph: Data, targets: Tensor, radius: int) -> Tensor:
     one hop further, counted as at most one node per in-edge of R) and the in-edges of R.
     Calibrated on random graphs of 1 M nodes (20 in-edges each, 100 features)."""
     csr = in_edges(graph.edge_index, graph.num_nodes)
-    ring = rings(csr, targets, torch.arange(targets.numel()), radius)
+    ring = rings(csr, targets, torch.arange(targets.numel(), device=targets.device), radius)
     count = targets.numel()
     inside = torch.bincount(ring.group, minlength=count)
-    edges = torch.zeros(count, dtype=torch.long).index_add_(0, ring.group, csr.rowptr.diff()[ring.node])
+    edges = torch.zeros_like(inside).index_add_(0, ring.group, csr.rowptr.diff()[ring.node])
     nodes = inside + edges  # the boundary ring has at most one node per in-edge of R
     return inside * graph.x.shape[1] * BYTES_PER_ENTRY \
         + nodes * (graph.x.shape[1] * BYTES_PER_FEATURE + BYTES_PER_NODE) + edges * BYTES_PER_EDGE

@@ -40,8 +40,9 @@ def null_distances(null_acts: Tensor, null_ids: Tensor, target_ids: Tensor, targ
     ``chunk_entries`` target-null pairs at a time (memory O(chunk_entries)); time O(T N d); a
     target's own entry in the null set is left out."""
     n = null_ids.numel()
-    position = torch.full((int(max(null_ids.max(), target_ids.max())) + 1 if n else 1,), -1, dtype=torch.long)
-    position[null_ids] = torch.arange(n)
+    position = torch.full((int(max(null_ids.max(), target_ids.max())) + 1 if n else 1,), -1, dtype=torch.long,
+                          device=null_ids.device)
+    position[null_ids] = torch.arange(n, device=null_ids.device)
     own = torch.where(target_ids >= 0, position[target_ids.clamp_min(0)], -1) if n \
         else target_ids.new_full(target_ids.shape, -1)
     rows = max(1, chunk_entries // max(1, n))
@@ -49,7 +50,7 @@ def null_distances(null_acts: Tensor, null_ids: Tensor, target_ids: Tensor, targ
     null32 = null_acts.float()
     null_sq = null32.square().sum(1, dtype=torch.float64)
     # [-2 b, (1 - slack) |b|^2, 1]: one product with [a, 1, (1 - slack) |a|^2] gives lower bounds
-    null_side = torch.cat([-2 * null32, ((1 - slack) * null_sq).float()[:, None], torch.ones(n, 1)], dim=1)
+    null_side = torch.cat([-2 * null32, ((1 - slack) * null_sq).float()[:, None], null32.new_ones(n, 1)], dim=1)
     thresholds, twins = [], []
     for start in range(0, target_ids.numel(), rows):
         acts = target_acts[start:start + rows].double()
@@ -75,12 +76,12 @@ def _nearest_in_null(acts: Tensor, null_side: Tensor, null_sq: Tensor, null_acts
     distance and the twin radius are measured too (so that none can be a twin or nearer)."""
     r, n = acts.shape[0], null_side.shape[0]
     if n == 0:
-        return acts.new_full((r,), float("inf")), torch.zeros(r, dtype=torch.long)
+        return acts.new_full((r,), float("inf")), torch.zeros(r, dtype=torch.long, device=acts.device)
     slack = _slack(acts.shape[1])
     acts_sq = acts.square().sum(1)
-    target_side = torch.cat([acts.float(), torch.ones(r, 1), ((1 - slack) * acts_sq).float()[:, None]], dim=1)
+    target_side = torch.cat([acts.float(), null_side.new_ones(r, 1), ((1 - slack) * acts_sq).float()[:, None]], dim=1)
     low = target_side @ null_side.T  # <= the exact squared distance
-    mine, has_own = torch.arange(r), own >= 0
+    mine, has_own = torch.arange(r, device=acts.device), own >= 0
     low[mine[has_own], own[has_own]] = float("inf")  # the target itself is never its own neighbour
     twin2 = (rtol * acts.norm(dim=1).clamp_min(1e-30)).square()
     guess = low.argmin(1)
@@ -97,7 +98,7 @@ def _nearest_in_null(acts: Tensor, null_side: Tensor, null_sq: Tensor, null_acts
     row, col = undecided.nonzero(as_tuple=True)
     exact = (acts[row] - null_acts[col].double()).norm(dim=1)
     twin = exact <= twin2[row].sqrt()
-    count = torch.zeros(r, dtype=torch.long).index_add_(0, row[twin], torch.ones_like(row[twin]))
+    count = torch.zeros(r, dtype=torch.long, device=acts.device).index_add_(0, row[twin], torch.ones_like(row[twin]))
     nearest = acts.new_full((r,), float("inf")).scatter_reduce(0, row[~twin], exact[~twin], "amin")
     return nearest, count
 

@@ -47,7 +47,7 @@ def feature_stats(sub: Subgraph, population: Tensor | None = None) -> FeatureSta
     index = comp.unsqueeze(1).expand_as(x)
     low = x.new_full((c, d), float("inf")).scatter_reduce(0, index, x, "amin")
     high = x.new_full((c, d), float("-inf")).scatter_reduce(0, index, x, "amax")
-    ones = torch.zeros(c, dtype=torch.long).index_add_(0, comp, (x > 0.5).sum(1))
+    ones = torch.zeros(c, dtype=torch.long, device=x.device).index_add_(0, comp, (x > 0.5).sum(1))
     stats = FeatureStats(mean, (sq - mean * mean).clamp_min(0).sqrt(), low, high, ones)
     small = nodes < MIN_STAT_NODES
     if population is not None and small.any():
@@ -59,15 +59,17 @@ def feature_stats(sub: Subgraph, population: Tensor | None = None) -> FeatureSta
 
 
 def draw_noise(ptr: Tensor, dim: int, generators: list[torch.Generator], out: Tensor | None = None,
-               components: list[int] | None = None) -> Tensor:
+               components: list[int] | None = None, device: torch.device | str = "cpu") -> Tensor:
     """Standard-normal noise [F, dim] for the free rows, component c's rows ``ptr[c]:ptr[c+1]``
-    drawn from ``generators[c]`` (so a batched problem draws what a single call would). With
-    ``out`` and ``components``, redraws only those components' rows of ``out`` in place."""
+    drawn from ``generators[c]`` (so a batched problem draws what a single call would, on any
+    device: the CPU generators draw and the rows are copied to ``device``). With ``out`` and
+    ``components``, redraws only those components' rows of ``out`` in place."""
+    bounds = ptr.tolist()
     if out is None:
-        out = torch.empty(int(ptr[-1]), dim)
+        out = torch.empty(bounds[-1], dim, device=device)
         components = list(range(len(generators)))
     for c in components:
-        out[ptr[c]:ptr[c + 1]] = torch.randn(int(ptr[c + 1] - ptr[c]), dim, generator=generators[c])
+        out[bounds[c]:bounds[c + 1]] = torch.randn(bounds[c + 1] - bounds[c], dim, generator=generators[c])
     return out
 
 
@@ -95,7 +97,7 @@ class FeatureParam:
         self.free_component = sub.component[sub.free]
         self.ptr = sub.free_ptr()
         self.row_ones = (sub.x[sub.free] > 0.5).sum(1)
-        self.noise = draw_noise(self.ptr, sub.x.shape[1], generators).to(sub.x.dtype)
+        self.noise = draw_noise(self.ptr, sub.x.shape[1], generators, device=sub.x.device).to(sub.x.dtype)
         if size_independent:
             self.params = [self.stats.mean.clone().requires_grad_(),
                            self.stats.std.clone().requires_grad_()]
@@ -130,7 +132,7 @@ class FeatureParam:
     def parameter_components(self) -> list[Tensor]:
         """For each parameter tensor, the component owning each of its rows."""
         if self.size_independent:
-            comps = torch.arange(self.sub.num_components)
+            comps = torch.arange(self.sub.num_components, device=self.sub.x.device)
             return [comps, comps]
         return [self.free_component]
 
@@ -209,7 +211,7 @@ def _flat_top_mask(prob: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def _row_top_mask(prob: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     values, order = prob.sort(dim=1, descending=True, stable=True)
-    rank = torch.arange(prob.shape[1]).expand_as(prob)
+    rank = torch.arange(prob.shape[1], device=prob.device).expand_as(prob)
     hard = torch.zeros_like(prob).scatter_(1, order, (rank < counts.unsqueeze(1)).to(prob.dtype))
     # thresholds max P + 1e-6 (k = 0) and min P - 1e-6 (k = d), as the update ops' contract
     padded = torch.cat([values[:, :1] + 2e-6, values, values[:, -1:] - 2e-6], dim=1)
@@ -248,13 +250,13 @@ class FusedBinaryFeatures:
         self.row_component = sub.component[sub.free]
         ptr = sub.free_ptr()
         self.generators, self.stats, self.comp_ptr = generators, stats, ptr
-        noise = draw_noise(ptr, sub.x.shape[1], generators)
+        noise = draw_noise(ptr, sub.x.shape[1], generators, device=sub.x.device)
         self.theta = noise.mul_(stats.std[self.row_component]).add_(stats.mean[self.row_component])
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.theta), torch.zeros_like(self.theta)
         self.grad = torch.zeros_like(self.theta)  # dL/dX'[free], filled by the engine's backward
-        self.token = torch.zeros((), requires_grad=True)
+        self.token = torch.zeros((), requires_grad=True, device=self.theta.device)
         if per_row:
-            self.ptr, self.k = torch.arange(self.theta.shape[0] + 1), (sub.x[sub.free] > 0.5).sum(1)
+            self.ptr, self.k = torch.arange(self.theta.shape[0] + 1, device=self.theta.device), (sub.x[sub.free] > 0.5).sum(1)
         else:
             self.ptr, self.k = ptr, stats.ones
         entries = ptr.diff().clamp_min(1) * self.theta.shape[1]
@@ -306,5 +308,5 @@ class FusedBinaryFeatures:
     def current_state(self) -> Tensor:
         """The hard 0/1 free rows [F, d] the model saw at the last forward."""
         rowptr, col = self._ones
-        row = torch.repeat_interleave(torch.arange(rowptr.numel() - 1), rowptr.diff())
-        return torch.zeros_like(self.theta).index_put_((row, col), torch.ones(col.numel()))
+        row = torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=col.device), rowptr.diff())
+        return torch.zeros_like(self.theta).index_put_((row, col), self.theta.new_ones(col.numel()))

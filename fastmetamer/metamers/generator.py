@@ -69,6 +69,8 @@ class Options:
         null distribution of the success criterion (without them nothing passes).
     scores: compute ``res.metrics`` (distances and consistency; False leaves it empty).
     progress: tqdm bar (None: only on a terminal).
+    sync_every: steps between the host's reads of the optimiser's device flags (early stop,
+        restarts; None: every step on the CPU, 16 on a GPU, see :mod:`.optimize`).
     forward_kwargs: extra keyword arguments of the model's forward (e.g. ``{"edge_attr": ...}``),
         passed to every model call; per-node [n, ...] and per-edge [E, ...] tensors are sliced to
         each receptive field (see :mod:`fastmetamer.graph.kwargs`); per-edge ones only with
@@ -97,6 +99,7 @@ class Options:
     memory_budget: int | None = None
     scores: bool = True
     progress: bool | None = None
+    sync_every: int | None = None
     forward_kwargs: dict | None = None
 
     @classmethod
@@ -134,7 +137,7 @@ def generate(model: nn.Module, graph: Data, node: int | list[int] | Tensor | Non
         a :class:`MetamerResult`.
     """
     check_graph(graph)
-    targets = check_nodes(node, graph.num_nodes)
+    targets = check_nodes(node, graph.num_nodes, graph.x.device)
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; allowed: {list(KINDS)}")
     opts = Options.from_kwargs(options)
@@ -218,7 +221,7 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
               single: bool | None = None) -> MetamerResult:
     """One batch of problems. ``single`` (default: exactly one target node) returns that
     target's outputs as scalars."""
-    weight = getattr(graph, "edge_weight", None)
+    weight, device = getattr(graph, "edge_weight", None), graph.x.device
     single = targets is not None and targets.numel() == 1 if single is None else single
     if targets is None:
         sub = whole_graph(graph.x, graph.edge_index, weight, forward_kwargs=extra)
@@ -250,10 +253,10 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
             sub = whole_graph(graph.x, graph.edge_index, weight, batch=graph_ids, forward_kwargs=extra)
             _check_pooled_per_graph(reference_out, sub.num_components, layer)
         elif accepts_keyword(model, "batch"):  # pooled per graph, so copies of it can be pooled apart
-            sub.pool_batch = torch.zeros(sub.num_nodes, dtype=torch.long)
-        sub.center = torch.arange(reference_out.shape[0])
+            sub.pool_batch = torch.zeros(sub.num_nodes, dtype=torch.long, device=device)
+        sub.center = torch.arange(reference_out.shape[0], device=device)
         null = _graph_null(model, layer, reference_out, opts.null_graphs, extra)
-        target_ids = torch.zeros(sub.num_components, dtype=torch.long)  # each graph draws as if alone
+        target_ids = torch.zeros(sub.num_components, dtype=torch.long, device=device)  # each graph draws as if alone
     else:
         target_ids = sub.node_ids[sub.center]
         null = None
@@ -262,23 +265,24 @@ def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts,
     engine = make_engine(backend, model, layer, sub, reference_acts, joint=joint)
     if targets is not None and whole is not None:  # the receptive fields must reproduce the pass
         _check_exact(reference_acts, _target_activations(engine, model, layer, sub), layer, hops)
-        null = null_distances(whole, torch.arange(graph.num_nodes), target_ids, reference_acts)
+        null = null_distances(whole, torch.arange(graph.num_nodes, device=device), target_ids, reference_acts)
     elif targets is not None:
         null = _sampled_null(model, layer, graph, target_ids, reference_acts, hops, opts, seed, extra)
-    generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(v)) for v in
-                  (target_ids[:1] if joint else target_ids)]
+    generators = [torch.Generator().manual_seed(seed * 1_000_003 + v) for v in
+                  (target_ids[:1] if joint else target_ids).tolist()]
     feats, struct = _parameterise(kind, model, layer, sub, graph, generators, opts, engine, schedule)
     pass_loss = None if targets is None else _pass_loss(null, reference_acts)
-    stop_below = torch.full((sub.num_components,), schedule.tol) if pass_loss is None else \
+    stop_below = torch.full((sub.num_components,), schedule.tol, device=device) if pass_loss is None else \
         torch.clamp(0.5 * pass_loss, max=schedule.tol)
     param_sets = [p for p in (feats, struct) if p is not None]
-    best = BestStates(param_sets, sub.num_components)
+    best = BestStates(param_sets, sub.num_components, device)
     started = time.perf_counter()
     history = run_schedule(
         param_sets, lambda: _step_losses(engine, sub, feats, struct), schedule, sub.num_components,
         progress=opts.progress,
         after_step=None if struct is None else struct.maybe_resample,
-        restarts=_restarts(kind, targets, pass_loss, opts), stop_below=stop_below, best=best)
+        restarts=_restarts(kind, targets, pass_loss, opts), stop_below=stop_below, best=best,
+        sync_every=opts.sync_every)
     shared_loss = joint and reference_acts.shape[0] > 1  # one loss over many targets
     copyable = not shared_loss and (sub.pool_batch is not None or reference_out is None
                                     or reference_out.shape[0] == sub.num_nodes)
@@ -339,7 +343,7 @@ def _sampled_null(model, layer, graph, target_ids, reference_acts, hops, opts, s
     activations from their own receptive fields), as asked for instead of every node."""
     weight = getattr(graph, "edge_weight", None)
     gen = torch.Generator().manual_seed(seed)
-    null_ids = torch.randperm(graph.num_nodes, generator=gen)[: opts.null_sample]
+    null_ids = torch.randperm(graph.num_nodes, generator=gen)[: opts.null_sample].to(graph.x.device)
     part = receptive_field(graph.x, graph.edge_index, weight, null_ids, hops, extra)
     with torch.no_grad():
         null_acts = layer_output(model, layer, part.x, part.edge_index, part.edge_weight,
@@ -381,14 +385,14 @@ def _graph_null(model, layer, reference_acts, null_graphs, extra):
     """Null distances of graph-level embeddings [G, d] from those of ``null_graphs`` (other
     real graphs); with none given the criterion cannot be evaluated and nothing passes."""
     if not null_graphs:
-        return NullDistances(torch.full((reference_acts.shape[0],), float("nan")),
-                             torch.zeros(reference_acts.shape[0], dtype=torch.long))
-    batch = Batch.from_data_list(list(null_graphs))
+        return NullDistances(torch.full_like(reference_acts[:, 0], float("nan")),
+                             torch.zeros(reference_acts.shape[0], dtype=torch.long, device=reference_acts.device))
+    batch = Batch.from_data_list(list(null_graphs)).to(reference_acts.device)
     with torch.no_grad():
         acts = layer_output(model, layer, batch.x, batch.edge_index, getattr(batch, "edge_weight", None),
                             batch=batch.batch, forward_kwargs=extra.of_graph(batch))
-    no_self = torch.full((reference_acts.shape[0],), -1)  # the targets are not among the null graphs
-    return null_distances(acts, torch.arange(acts.shape[0]), no_self, reference_acts)
+    no_self = torch.full((reference_acts.shape[0],), -1, device=acts.device)  # the targets are not null graphs
+    return null_distances(acts, torch.arange(acts.shape[0], device=acts.device), no_self, reference_acts)
 
 
 def _check_exact(full: Tensor, sub: Tensor, layer: str, hops: int) -> None:
@@ -429,7 +433,7 @@ def _check_uses_edge_weight(model, layer, sub: Subgraph) -> None:
     """Structure metamers feed edges as weights: refuse models that ignore ``edge_weight``."""
     if sub.edge_index.shape[1] == 0:
         raise ValueError("the graph has no edges; structure and joint metamers need edges")
-    ones = torch.ones(sub.edge_index.shape[1])
+    ones = sub.x.new_ones(sub.edge_index.shape[1])
     with torch.no_grad():
         try:
             with_edges = layer_output(model, layer, sub.x, sub.edge_index, ones, batch=sub.pool_batch,
@@ -512,7 +516,7 @@ def _metamer_graph(sub: Subgraph, graph: Data, struct, states: dict) -> Data:
 def _unchanged(sub: Subgraph, struct, states: dict) -> Tensor:
     """[C] bool: the metamer equals the reference over R (features of R and edges among R): a
     *trivial* target, which never passes (SPEC §2.3)."""
-    changed = torch.zeros(sub.num_components, dtype=torch.long)
+    changed = torch.zeros(sub.num_components, dtype=torch.long, device=sub.x.device)
     if "features" in states:
         rows = (states["features"] != sub.x[sub.free]).any(1)
         changed.index_add_(0, sub.component[sub.free], rows.long())

@@ -41,7 +41,7 @@ class _Copies:
         if not copyable or sub.forward_kwargs or self.copies == 1:
             return
         k, m = self.copies, sub.num_nodes
-        copy = torch.arange(k)
+        copy = torch.arange(k, device=edge_index.device)
         targets = m if sub.pool_batch is None else int(sub.pool_batch.max()) + 1
         self.edge_index = edge_index.repeat(1, k) + copy.repeat_interleave(edge_index.shape[1]) * m
         self.edge_weight = None if edge_weight is None else edge_weight.repeat(k)
@@ -83,13 +83,14 @@ class FeatureMoves:
         component = sub.component[sub.free]
         self.num_components = sub.num_components
         if per_row:
-            self.row_block, self.block_component = torch.arange(component.numel()), component
+            self.row_block, self.block_component = torch.arange(component.numel(), device=component.device), component
         else:
-            self.row_block, self.block_component = component, torch.arange(sub.num_components)
+            self.row_block = component
+            self.block_component = torch.arange(sub.num_components, device=component.device)
         self.by_ones = by_ones and isinstance(engine, FastEngine)
         if self.by_ones:
-            self.grad = torch.zeros(self.free_rows.numel(), sub.x.shape[1])
-            self.token = torch.zeros((), requires_grad=True)
+            self.grad = sub.x.new_zeros(self.free_rows.numel(), sub.x.shape[1])
+            self.token = sub.x.new_zeros((), requires_grad=True)
         self.shared_loss, self.row_component = shared_loss, component
         own_edges = edge_index is sub.edge_index and edge_weight is sub.edge_weight
         self.copies = _Copies(engine, sub, edge_index, edge_weight, copyable and own_edges,
@@ -176,7 +177,7 @@ class FeatureMoves:
         """[F, d] Gauss-Newton diagonal of L_act in every entry at ``state`` (zero for a loss shared
         by many targets, where it would need one backward per target)."""
         if self.shared_loss:
-            return torch.zeros(state.shape)
+            return torch.zeros(state.shape, device=state.device)
         if self.by_ones:  # the gradients of the free rows only, written into the BinaryRows buffer
             squares = _squared_jacobian_by_ones(self._input(state), self.engine, self.edge_index, self.edge_weight)
         else:
@@ -200,13 +201,14 @@ class StructureMoves:
         pairs = [_candidates(part.nodes[part.pairs].t(), chosen[owner == c], sub.num_nodes)
                  for c, part in enumerate(struct.parts)]
         self.pairs = torch.cat(pairs)
-        self.row_block = torch.repeat_interleave(torch.arange(len(pairs)), torch.tensor([p.shape[0] for p in pairs]))
-        self.block_component = torch.arange(len(pairs))
+        self.block_component = torch.arange(len(pairs), device=chosen.device)
+        self.row_block = torch.repeat_interleave(self.block_component,
+                                                 torch.tensor([p.shape[0] for p in pairs], device=chosen.device))
         key = self.pairs[:, 0] * sub.num_nodes + self.pairs[:, 1]
         self.start = torch.isin(key, chosen[:, 0] * sub.num_nodes + chosen[:, 1]).unsqueeze(1)
         self.index = torch.cat([struct.fixed_index, self.pairs.t(), self.pairs.t().flip(0)], dim=1)
         fixed = struct.fixed_weight
-        self.fixed_weight = torch.ones(struct.fixed_index.shape[1]) if fixed is None else fixed
+        self.fixed_weight = x.new_ones(struct.fixed_index.shape[1]) if fixed is None else fixed
         self.copies = _Copies(engine, sub, self.index, None, copyable, x.shape[1])
         if self.copies.engine is not None:
             self.x_copies = x.repeat(self.copies.copies, 1)
@@ -243,7 +245,7 @@ class StructureMoves:
     def curvature(self, state: Tensor) -> Tensor:
         """[P, 1] Gauss-Newton diagonal of L_act in every pair's weight (zero for a shared loss)."""
         if self.shared_loss:
-            return torch.zeros(state.shape)
+            return torch.zeros(state.shape, device=state.device)
         on = state[:, 0].float().requires_grad_(True)
         outputs = self.engine.target_outputs(self.x, self.index, self._weights(on))
         squares = _squared_jacobian(outputs, on)
@@ -262,7 +264,7 @@ def _ones_of_copies(base: Tensor, shape: torch.Size, off: Tensor, on: Tensor,
     rows, width = shape
     size = rows * width
     copies = len(selections)
-    keep = torch.ones(copies, base.numel(), dtype=torch.bool)
+    keep = torch.ones(copies, base.numel(), dtype=torch.bool, device=base.device)
     added = []
     for s, chosen in enumerate(selections):
         gone = off[chosen]
@@ -270,7 +272,7 @@ def _ones_of_copies(base: Tensor, shape: torch.Size, off: Tensor, on: Tensor,
             at = torch.searchsorted(base, gone).clamp_max(base.numel() - 1)
             keep[s, at[base[at] == gone]] = False
         added.append(on[chosen] + s * size)
-    kept = (base.unsqueeze(0) + torch.arange(copies).unsqueeze(1) * size)[keep]  # ascending
+    kept = (base.unsqueeze(0) + torch.arange(copies, device=base.device).unsqueeze(1) * size)[keep]  # ascending
     keys = _insert_sorted(kept, torch.unique(torch.cat(added)))
     return row_offsets(keys // width, copies * rows), keys % width
 
@@ -284,9 +286,9 @@ def _insert_sorted(keys: Tensor, new: Tensor) -> Tensor:
     present = (at < keys.numel()) & (keys[at.clamp_max(max(keys.numel() - 1, 0))] == new) if keys.numel() else \
         torch.zeros_like(new, dtype=torch.bool)
     new, at = new[~present], at[~present]
-    slot = at + torch.arange(new.numel())
-    out = torch.empty(keys.numel() + new.numel(), dtype=keys.dtype)
-    old = torch.ones(out.numel(), dtype=torch.bool)
+    slot = at + torch.arange(new.numel(), device=new.device)
+    out = keys.new_empty(keys.numel() + new.numel())
+    old = torch.ones(out.numel(), dtype=torch.bool, device=new.device)
     old[slot] = False
     out[slot] = new
     out[old] = keys

@@ -4,6 +4,13 @@
 as in the original metamer work. A problem (component) whose loss falls below ``tol`` is
 frozen from then on, so independent problems batched together behave like separate calls; the
 run stops when all are frozen. The per-step losses are kept.
+
+No host synchronisation in the step loop on a GPU: the frozen/active flags, the restart counters
+and the best states stay on the device, and the host reads them (whether every problem is frozen,
+whether one stalled) only every ``sync_every`` steps (default :func:`default_sync_every`). Steps
+run past the last freeze change nothing (frozen problems do not move) and are cut from the
+history, so the result does not depend on ``sync_every``, except that a stalled problem restarts
+at the next read instead of at once.
 """
 from __future__ import annotations
 
@@ -36,6 +43,15 @@ class Schedule:
         """Learning rate at ``step``: halved after each completed stage."""
         stage_len = max(1, -(-self.steps // self.stages))
         return self.lr * 0.5 ** (step // stage_len)
+
+
+GPU_SYNC_EVERY = 16  # steps between host reads of the device flags on a GPU
+
+
+def default_sync_every(device: torch.device) -> int:
+    """Steps between host reads of the loop's flags: 1 on the CPU (a read costs nothing there, and
+    restarts happen at once), :data:`GPU_SYNC_EVERY` elsewhere."""
+    return 1 if device.type == "cpu" else GPU_SYNC_EVERY
 
 
 class Adam:
@@ -88,21 +104,24 @@ class Restarts:
     def __init__(self, pass_loss: Tensor, patience: int):
         self.pass_loss, self.patience = pass_loss, patience
         self.best = torch.full_like(pass_loss, float("inf"))
-        self.since = torch.zeros(pass_loss.shape, dtype=torch.long)
+        self.since = torch.zeros(pass_loss.shape, dtype=torch.long, device=pass_loss.device)
+
+    def observe(self, step: int, losses: Tensor) -> None:
+        """Note which problems improved at ``step`` (on the device, every step)."""
+        improved = losses < 0.99 * self.best
+        self.best = torch.where(improved, losses, self.best)
+        self.since = torch.where(improved, step, self.since)
 
     def stalled(self, step: int, losses: Tensor, active: Tensor) -> Tensor:
         """[C] bool: the problems to restart now."""
-        improved = losses < 0.99 * self.best
-        self.best = torch.where(improved, losses, self.best)
-        self.since[improved] = step
         return active & (step - self.since >= self.patience) & (losses > self.pass_loss)
 
     def restart(self, param_sets: list, stalled: Tensor, step: int) -> None:
         """Draw new starts for the stalled problems."""
         for ps in param_sets:
             ps.restart(stalled)
-        self.since[stalled] = step
-        self.best[stalled] = float("inf")
+        self.since = torch.where(stalled, step, self.since)
+        self.best = torch.where(stalled, float("inf"), self.best)
 
 
 class BestStates:
@@ -114,15 +133,16 @@ class BestStates:
     losses [C] are known, :meth:`update` copies the rows of every component that improved.
     """
 
-    def __init__(self, param_sets: list, num_components: int):
+    def __init__(self, param_sets: list, num_components: int, device: torch.device | str = "cpu"):
         self.param_sets = param_sets
-        self.loss = torch.full((num_components,), float("inf"))
+        self.loss = torch.full((num_components,), float("inf"), device=device)
         self.states: list[Tensor | None] = [None] * len(param_sets)
 
-    def update(self, losses: Tensor) -> None:
-        """Record the states just evaluated where ``losses`` [C] beat the best so far."""
+    def update(self, losses: Tensor, read: bool = True) -> None:
+        """Record the states just evaluated where ``losses`` [C] beat the best so far; ``read``:
+        the host may look whether any did (else the copy runs on the device regardless)."""
         improved = (losses < self.loss) | (self.states[0] is None)
-        if not bool(improved.any()):
+        if read and not bool(improved.any()):
             return
         self.loss = torch.where(improved, losses, self.loss)
         for i, ps in enumerate(self.param_sets):
@@ -138,49 +158,84 @@ def run_schedule(param_sets: list[Parameterisation], step_losses: Callable[[], t
                  schedule: Schedule, num_components: int, *, progress: bool | None = None,
                  after_step: Callable[[int, Tensor], bool] | None = None,
                  restarts: Restarts | None = None, stop_below: Tensor | None = None,
-                 best: BestStates | None = None) -> Tensor:
+                 best: BestStates | None = None, sync_every: int | None = None) -> Tensor:
     """Optimise; returns the loss history [steps_run, C] (loss before each update).
 
     ``step_losses()`` returns (per-component L_act [C], extra penalty scalar) with autograd
     paths to the parameters. A parameter set with a ``fused_step(lr, active)`` method updates
-    itself (fused kernels) instead of going through this module's Adam. ``after_step(step, active)`` may replace parameters (e.g. a block
-    resample) and returns True when it did, which resets Adam. With ``restarts``, stalled
-    problems start again from a new draw (their update is skipped on the restart step). A
-    problem stops once its loss is below ``stop_below`` [C] (default: the schedule's ``tol``).
-    ``best`` records the best state of every problem after each forward.
+    itself (fused kernels) instead of going through this module's Adam. ``after_step(step,
+    active)`` may replace parameters (e.g. a block resample) and returns True when it did, which
+    resets Adam. With ``restarts``, stalled problems start again from a new draw (their update is
+    skipped on the restart step). A problem stops once its loss is below ``stop_below`` [C]
+    (default: the schedule's ``tol``). ``best`` records the best state of every problem after
+    each forward. The host reads the device flags every ``sync_every`` steps (see the module).
     """
+    if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1):
+        raise ValueError(f"sync_every must be an int >= 1 (or None), got {sync_every!r}")
     adam = Adam(schedule)
-    active = torch.ones(num_components, dtype=torch.bool)
-    history = []
+    stop = schedule.tol if stop_below is None else stop_below
+    active, history = None, []
     bar = tqdm(range(schedule.steps), desc="metamer", disable=None if progress is None else not progress,
                leave=False)
     for step in bar:
         losses, penalty = step_losses()
-        history.append(losses.detach().clone())
+        current = losses.detach()
+        history.append(current.clone())
+        every = sync_every or default_sync_every(current.device)
+        read = (step + 1) % every == 0
+        active = torch.ones_like(current, dtype=torch.bool) if active is None else active
         if best is not None:
-            best.update(history[-1])
-        active &= losses.detach() >= (schedule.tol if stop_below is None else stop_below)
-        if not active.any():
+            best.update(history[-1], read)
+        active &= current >= stop
+        if read and not bool(active.any()):
             break
-        (losses[active].sum() + penalty).backward()
-        lr = schedule.lr_at(step)
-        autograd_sets = [ps for ps in param_sets if not hasattr(ps, "fused_step")]
-        params = [p for ps in autograd_sets for p in ps.params]
-        owners = [o for ps in autograd_sets for o in ps.parameter_components()]
-        stalled = torch.zeros_like(active) if restarts is None else restarts.stalled(step, history[-1], active)
-        for ps in param_sets:
-            if hasattr(ps, "fused_step"):
-                ps.fused_step(lr, active & ~stalled)
-        adam.step(params, owners, active & ~stalled, lr)
-        if stalled.any():
-            restarts.restart(param_sets, stalled, step)
-            adam.reset_rows(owners, stalled)
-        for ps in param_sets:
-            project = getattr(ps, "project", None)
-            if project is not None:
-                project()
+        (torch.where(active, losses, torch.zeros_like(losses)).sum() + penalty).backward()
+        stalled = _stalled(restarts, step, current, active, read)
+        moving = active if stalled is None else active & ~stalled
+        _update(param_sets, adam, schedule.lr_at(step), moving, restarts, stalled, step)
         if after_step is not None and after_step(step + 1, active):
             adam.reset()
-        bar.set_postfix(loss=f"{losses.detach().max().item():.2e}")
+        if read:
+            bar.set_postfix(loss=f"{current.max().item():.2e}")
     bar.close()
-    return torch.stack(history)
+    return _until_frozen(torch.stack(history), stop)
+
+
+def _stalled(restarts: Restarts | None, step: int, losses: Tensor, active: Tensor, read: bool) -> Tensor | None:
+    """[C] bool of the problems to restart at this step, or None when none does (read only when
+    ``read``: between reads no problem restarts)."""
+    if restarts is None:
+        return None
+    restarts.observe(step, losses)
+    if not read:
+        return None
+    stalled = restarts.stalled(step, losses, active)
+    return stalled if bool(stalled.any()) else None
+
+
+def _update(param_sets: list, adam: Adam, lr: float, moving: Tensor, restarts: Restarts | None,
+            stalled: Tensor | None, step: int) -> None:
+    """One update of the problems ``moving`` [C], the restarts of ``stalled`` and the projections."""
+    autograd_sets = [ps for ps in param_sets if not hasattr(ps, "fused_step")]
+    params = [p for ps in autograd_sets for p in ps.params]
+    owners = [o for ps in autograd_sets for o in ps.parameter_components()]
+    for ps in param_sets:
+        if hasattr(ps, "fused_step"):
+            ps.fused_step(lr, moving)
+    adam.step(params, owners, moving, lr)
+    if stalled is not None:
+        restarts.restart(param_sets, stalled, step)
+        adam.reset_rows(owners, stalled)
+    for ps in param_sets:
+        project = getattr(ps, "project", None)
+        if project is not None:
+            project()
+
+
+def _until_frozen(history: Tensor, stop: Tensor | float) -> Tensor:
+    """``history`` [S, C] up to the first step at which every problem had fallen below ``stop``
+    (the step the loop stops at when it reads the flags every step)."""
+    frozen = (history < stop).cummax(0).values.all(1)
+    if not bool(frozen.any()):
+        return history
+    return history[:int(frozen.int().argmax()) + 1]

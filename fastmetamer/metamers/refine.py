@@ -72,7 +72,8 @@ def refine(moves: Moves, state: Tensor, generators: list[torch.Generator], *, it
     it): the long tail of a few hard problems does not pay for the many finished ones."""
     loss = moves.losses(state)
     out_state, out_loss, shown = state.clone(), loss.clone(), loss.clone()
-    ids, rows = torch.arange(loss.numel()), torch.arange(state.shape[0])  # the problems searched
+    ids = torch.arange(loss.numel(), device=loss.device)  # the problems searched
+    rows = torch.arange(state.shape[0], device=loss.device)
     best_state, best_loss = state.clone(), loss.clone()
     kicks_left = torch.full_like(loss, kicks, dtype=torch.long)
     widened = torch.zeros_like(loss, dtype=torch.bool)
@@ -251,10 +252,10 @@ def _random_placement(entries: Tensor, blocks: Tensor, generator: torch.Generato
     """A uniformly random bool vector with as many ones in every block as ``entries`` [N]."""
     _, block = torch.unique(blocks, return_inverse=True)
     ones = torch.bincount(block, weights=entries.double()).long()
-    order = torch.randperm(entries.numel(), generator=generator)
+    order = torch.randperm(entries.numel(), generator=generator).to(entries.device)
     order = order[torch.argsort(block[order], stable=True)]       # grouped by block, random inside
     first = torch.cat([ones.new_zeros(1), torch.bincount(block).cumsum(0)[:-1]])
-    rank = torch.arange(entries.numel()) - first[block[order]]
+    rank = torch.arange(entries.numel(), device=entries.device) - first[block[order]]
     placed = torch.zeros_like(entries)
     placed[order] = rank < ones[block[order]]
     return placed
@@ -264,8 +265,8 @@ def _random_moves(entries: Tensor, blocks: Tensor, generator: torch.Generator) -
     """In place: switch off a few random ones, each for a random zero of its block."""
     ones = entries.nonzero().flatten()
     count = max(1, math.ceil(KICK_FRACTION * ones.numel()))
-    for e in ones[torch.randperm(ones.numel(), generator=generator)[:count]].tolist():
+    for e in ones[torch.randperm(ones.numel(), generator=generator)[:count].to(ones.device)].tolist():
         zeros = (~entries & (blocks == blocks[e])).nonzero().flatten()
         if zeros.numel():
             entries[e] = False
-            entries[zeros[torch.randint(zeros.numel(), (1,), generator=generator)]] = True
+            entries[zeros[int(torch.randint(zeros.numel(), (1,), generator=generator))]] = True

@@ -29,7 +29,7 @@ def _component_metrics(metamer: Data, reference: Data, nodes: Tensor, acts: Tens
     scores = {
         "activation": activation_distances(acts, ref_acts),
         "features": {key: float(value[0]) for key, value in feature_distances_segments(
-            x, ref, torch.zeros(nodes.numel(), dtype=torch.long), 1).items()},
+            x, ref, torch.zeros(nodes.numel(), dtype=torch.long, device=x.device), 1).items()},
         "structure": dict(UNCHANGED_STRUCTURE) if kind == "features" else
         structure_distances(_induced_edges(metamer, nodes), _induced_edges(reference, nodes),
                             nodes.numel(), max_nodes=SPECTRAL_MAX_NODES),

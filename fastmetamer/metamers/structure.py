@@ -34,20 +34,20 @@ class _ComponentCandidates:
         self.generator = generator
         m = nodes.numel()
         if dense:
-            self.pairs = torch.triu_indices(m, m, offset=1)
+            self.pairs = torch.triu_indices(m, m, offset=1, device=nodes.device)
         else:
             self.pairs = self._sample(self.block, exclude=None)
-        self.logits = torch.randn(self.pairs.shape[1], generator=generator)
+        self.logits = torch.randn(self.pairs.shape[1], generator=generator).to(nodes.device)
 
     def _sample(self, count: int, exclude: Tensor | None) -> Tensor:
         m = self.nodes.numel()
-        draws = torch.randint(0, m, (2, 2 * count + 16), generator=self.generator)
+        draws = torch.randint(0, m, (2, 2 * count + 16), generator=self.generator).to(self.nodes.device)
         draws = draws[:, draws[0] != draws[1]]
         pairs = torch.unique(torch.stack([draws.min(0).values, draws.max(0).values]), dim=1)
         if exclude is not None and exclude.numel():
             key, old = pairs[0] * m + pairs[1], exclude[0] * m + exclude[1]
             pairs = pairs[:, ~torch.isin(key, old)]
-        return pairs[:, torch.randperm(pairs.shape[1], generator=self.generator)[:count]]
+        return pairs[:, torch.randperm(pairs.shape[1], generator=self.generator).to(pairs.device)[:count]]
 
     def resample(self, logits: Tensor) -> None:
         """Keep the current top-B pairs with their logits; draw a fresh random block whose
@@ -56,7 +56,7 @@ class _ComponentCandidates:
         kept, kept_logits = self.pairs[:, top], logits[top]
         fresh = self._sample(self.block, exclude=kept)
         floor = kept_logits.min() if kept_logits.numel() else logits.new_zeros(())
-        fresh_logits = floor - 0.1 * torch.rand(fresh.shape[1], generator=self.generator).abs()
+        fresh_logits = floor - 0.1 * torch.rand(fresh.shape[1], generator=self.generator).to(floor.device).abs()
         self.pairs = torch.cat([kept, fresh], dim=1)
         self.logits = torch.cat([kept_logits, fresh_logits])
 
@@ -92,17 +92,17 @@ class StructureParam:
             block = min(total, max(block_size or max(4 * budget, 4096), 2 * budget))  # room for B
             dense = nodes.numel() <= dense_max_nodes or block >= total
             self.parts.append(_ComponentCandidates(nodes, budget, dense, block, generators[c]))
-        self.budgets = torch.tensor([p.budget for p in self.parts])
+        self.budgets = torch.tensor([p.budget for p in self.parts], device=self.fixed_index.device)
         self._build_params()
 
     def _build_params(self) -> None:
         self.params = [torch.cat([p.logits for p in self.parts]).requires_grad_()]
-        sizes = torch.tensor([p.logits.numel() for p in self.parts])
+        sizes = torch.tensor([p.logits.numel() for p in self.parts], device=self.fixed_index.device)
         self._ptr = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
         self._pairs = torch.cat([p.nodes[p.pairs] for p in self.parts], dim=1)
         # fixed between resamples, so the fast engine keeps its sparsity pattern (weights are values)
         self._index = torch.cat([self.fixed_index, self._pairs, self._pairs.flip(0)], dim=1)
-        self._entry_component = torch.repeat_interleave(torch.arange(len(self.parts)), sizes)
+        self._entry_component = torch.repeat_interleave(torch.arange(len(self.parts), device=sizes.device), sizes)
 
     def parameter_components(self) -> list[Tensor]:
         """For the logit tensor, the component owning each entry."""
@@ -128,7 +128,7 @@ class StructureParam:
         order = torch.argsort(prob, descending=True, stable=True)
         order = order[torch.argsort(self._entry_component[order], stable=True)]
         component = self._entry_component[order]
-        rank = torch.arange(order.numel()) - self._ptr[component]
+        rank = torch.arange(order.numel(), device=order.device) - self._ptr[component]
         hard = torch.zeros_like(prob)
         hard[order[rank < self.budgets[component]]] = 1.0
         return hard
@@ -146,7 +146,7 @@ class StructureParam:
     @property
     def state_owner(self) -> Tensor:
         """[sum B] the component of each row of :meth:`current_state`."""
-        return torch.repeat_interleave(torch.arange(len(self.parts)), self.budgets)
+        return torch.repeat_interleave(torch.arange(len(self.parts), device=self.budgets.device), self.budgets)
 
     def current_state(self) -> Tensor:
         """The chosen pairs [sum B, 2] (local ids, component by component) of the last forward."""

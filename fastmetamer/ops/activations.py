@@ -58,15 +58,15 @@ def derivative(pre: Tensor, act: str) -> Tensor:
 def pack_bits(positive: Tensor) -> Tensor:
     """Pack a bool [n, f] into uint8 [n, ceil(f/8)] (bit j%8 of byte j//8)."""
     n, f = positive.shape
-    padded = torch.zeros(n, -(-f // 8) * 8, dtype=torch.uint8)
+    padded = torch.zeros(n, -(-f // 8) * 8, dtype=torch.uint8, device=positive.device)
     padded[:, :f] = positive.to(torch.uint8)
-    weights = (2 ** torch.arange(8, dtype=torch.uint8))
+    weights = 2 ** torch.arange(8, dtype=torch.uint8, device=positive.device)
     return (padded.view(n, -1, 8) * weights).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(bits: Tensor, f: int) -> Tensor:
     """Inverse of :func:`pack_bits`: bool [n, f]."""
-    shifts = torch.arange(8, dtype=torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
     return ((bits.unsqueeze(-1) >> shifts) & 1).view(bits.shape[0], -1)[:, :f].bool()
 
 
@@ -82,7 +82,7 @@ def save_for_backward(pre: Tensor, act: str) -> Tensor:
 def saved_derivative(saved: Tensor, act: str, shape: tuple[int, int]) -> Tensor:
     """act'(pre) [n, f] recovered from the saved state."""
     if act == "none":
-        return torch.ones(shape)
+        return torch.ones(shape, device=saved.device)
     if act == "relu":
         return unpack_bits(saved, shape[1]).float()
     return derivative(saved, act)

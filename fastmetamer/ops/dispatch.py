@@ -43,7 +43,7 @@ def resolve(backend: str, device: torch.device | str = "cpu") -> str:
     """Turn ``backend`` (a name or ``"auto"``) into a concrete, available backend name."""
     device = torch.device(device)
     if backend == "auto":
-        if device.type == "cuda":
+        if device.type != "cpu":
             preferred = ["cuda", "triton", "reference"]
         else:
             preferred = ["cpu", "reference"]

@@ -46,7 +46,8 @@ class DataCache:
     def __call__(self, name: str):
         if name not in self.loaded:
             data = datasets.load(name, root=self.config.root, **self.config.dataset_options.get(name, {}))
-            self.loaded[name] = data if isinstance(data, Data) else list(data)
+            device = self.config.device
+            self.loaded[name] = data.to(device) if isinstance(data, Data) else [g.to(device) for g in data]
         return self.loaded[name]
 
 
@@ -62,10 +63,10 @@ def load_or_train(spec: ModelSpec, data, config: StudyConfig, folder: Path) -> t
     path = folder / "models" / f"{spec.key}.pt"
     meta = path.with_suffix(".json")
     if path.is_file() and meta.is_file():
-        return models.load_checkpoint(path), json.loads(meta.read_text())
+        return models.load_checkpoint(path, config.device), json.loads(meta.read_text())
     features = data.num_features if isinstance(data, Data) else data[0].num_features
     torch.manual_seed(spec.seed)
-    model = models.build_model(spec.arch, features, num_classes(data), **spec.build_kwargs())
+    model = models.build_model(spec.arch, features, num_classes(data), **spec.build_kwargs()).to(config.device)
     started = time.perf_counter()
     result = models.train(model, data, epochs=config.epochs[spec.task == "graph"], seed=spec.seed,
                           adversarial=config.adversarial if "adversarial" in spec.mitigation else None)
@@ -109,8 +110,9 @@ def robust_accuracy(model: nn.Module, data, adversarial: dict, seed: int, steps:
 
 def node_targets(graph: Data, count: int, seed: int) -> Tensor:
     """``count`` test nodes [T] drawn with ``seed`` (all of them if fewer)."""
-    pool = graph.test_mask.nonzero().flatten() if hasattr(graph, "test_mask") else torch.arange(graph.num_nodes)
-    order = torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(seed))
+    pool = graph.test_mask.nonzero().flatten() if hasattr(graph, "test_mask") else \
+        torch.arange(graph.num_nodes, device=graph.x.device)
+    order = torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(seed)).to(pool.device)
     return pool[order[:count]].sort().values
 
 
@@ -168,7 +170,8 @@ def _records(results: list, dimension) -> dict:
                       dimension_ratio=dim.dimension / dim.input_dim.clamp_min(1),
                       rank_deficit=dim.rank_deficit.double(), log_volume=dim.log_volume)
     history = _histories(results)
-    steps = torch.linspace(0, history.shape[0] - 1, min(HISTORY_POINTS, history.shape[0])).round().long().unique()
+    steps = torch.linspace(0, history.shape[0] - 1, min(HISTORY_POINTS, history.shape[0]),
+                           device=history.device).round().long().unique()
     return {"per_target": {key: per_target[key].tolist() for key in RECORDS},
             "history": {"steps": steps.tolist(), "loss": history[steps].tolist()},
             "seconds": {"generate": sum(r.seconds for r in results), "dimension": dim_seconds}}

@@ -13,6 +13,8 @@ import itertools
 import re
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from .. import models
 from ..datasets import canonical_name
 
@@ -64,6 +66,7 @@ class StudyConfig:
         null_graphs: other real graphs in the graph-level pass criterion.
         root: data folder for the PyG datasets.
         progress: tqdm bars (None: only on a terminal).
+        device: where datasets, models and metamers live ("cpu", "cuda", "cuda:1", ...).
         exclude: shell-style patterns of cell keys left out of the grid (e.g.
             ``"Cora-appnp-*-layers.2*"`` for cells too large for the machine); the report
             lists them.
@@ -88,8 +91,10 @@ class StudyConfig:
     root: str | None = None
     progress: bool | None = None
     exclude: tuple[str, ...] = ()
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        self.device = str(torch.device(self.device))
         self.datasets = tuple(canonical_name(d) for d in self.datasets)
         self.architectures = tuple(_check_arch(a) for a in self.architectures)
         self.sweep_architectures = tuple(_check_arch(a) for a in self.sweep_architectures)

@@ -35,7 +35,7 @@ def predictions(config: StudyConfig, dataset: str, seed: int, data, folder: Path
     metamers and on the references, and the labels (lists over targets)."""
     sources = [c for c in source_cells(config, dataset, seed)
                if (folder / "metamers" / f"{c.key}.pt").is_file()]
-    judges = {c.model.arch: models.load_checkpoint(folder / "models" / f"{c.model.key}.pt")
+    judges = {c.model.arch: models.load_checkpoint(folder / "models" / f"{c.model.key}.pt", config.device)
               for c in sources}
     rows = []
     for cell in sources:
@@ -68,7 +68,7 @@ def add_control(rows: list[dict], config: StudyConfig, dataset: str, seed: int, 
 
 def shuffled_features(x: Tensor, seed: int) -> Tensor:
     """The rows of ``x`` [N, F] in a permutation drawn with ``seed``."""
-    return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))]
+    return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed)).to(x.device)]
 
 
 def shuffled_classes(model: nn.Module, targets: list[int], data, seed: int) -> list[int]:
@@ -82,7 +82,7 @@ def shuffled_classes(model: nn.Module, targets: list[int], data, seed: int) -> l
 def _shuffled_node_classes(model: nn.Module, targets: list[int], graph: Data, seed: int) -> list[int]:
     """B's classes of the targets on the real graph with its features shuffled across nodes."""
     out = call_model(model, shuffled_features(graph.x, seed), graph.edge_index, getattr(graph, "edge_weight", None))
-    return out.argmax(1)[torch.tensor(targets)].tolist()
+    return out.argmax(1)[torch.tensor(targets, device=out.device)].tolist()
 
 
 @torch.no_grad()
@@ -96,7 +96,7 @@ def _shuffled_graph_classes(model: nn.Module, targets: list[int], graphs: list, 
         x = pool[start:start + g.num_nodes]
         start += g.num_nodes
         out = call_model(model, x, g.edge_index, getattr(g, "edge_weight", None),
-                         torch.zeros(g.num_nodes, dtype=torch.long))
+                         torch.zeros(g.num_nodes, dtype=torch.long, device=x.device))
         classes.append(int(out.argmax(1)[0]))
     return classes
 
@@ -105,7 +105,7 @@ def _shuffled_graph_classes(model: nn.Module, targets: list[int], graphs: list, 
 def _node_judgements(model: nn.Module, saved: dict, graph: Data) -> tuple[list, list, list]:
     """B's classes of each target with its receptive field replaced by the metamer
     (``MetamerResult.to_full_graph``), of the unchanged graph, and the labels."""
-    result, targets = saved["results"][0], torch.tensor(saved["targets"])
+    result, targets = saved["results"][0], torch.tensor(saved["targets"], device=graph.x.device)
     reference = call_model(model, graph.x, graph.edge_index, getattr(graph, "edge_weight", None))
     classes = []
     for t, node in enumerate(targets.tolist()):
@@ -122,7 +122,7 @@ def _graph_judgements(model: nn.Module, saved: dict, graphs: list) -> tuple[list
     def predict(g: Data) -> list[int]:
         batch = getattr(g, "batch", None)
         out = call_model(model, g.x, g.edge_index, getattr(g, "edge_weight", None),
-                         torch.zeros(g.num_nodes, dtype=torch.long) if batch is None else batch)
+                         torch.zeros(g.num_nodes, dtype=torch.long, device=g.x.device) if batch is None else batch)
         return out.argmax(1).tolist()
 
     metamers = [c for r in saved["results"] for c in predict(r.graph)]

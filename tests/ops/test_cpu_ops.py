@@ -506,3 +506,28 @@ def test_dispatch_finds_cpu_backend():
     assert dispatch.get("aggregate", "cpu") is agg_cpu
     assert dispatch.get("loss", "cpu") is loss_cpu
     assert dispatch.get("update", "cpu") is upd_cpu
+
+
+# ----------------------------------------------------------------------------- tangents
+@FAST
+@given(case=csr_cases(), tangents=st.integers(1, 5))
+@example(case=HUBS, tangents=3)
+@example(case=SINGLE_LOOP, tangents=2)
+@example(case=NO_EDGES, tangents=4)
+@example(case=SINGLE_NODE, tangents=1)
+def test_aggregate_tangents(case, tangents):
+    """A @ x[p] for P tangents x [P, m, f] in one pass over the CSR, against float64."""
+    n, m, f, num_edges, seed = case
+    rowptr, col, weight = random_csr(n, m, num_edges, seed)
+    x = torch.randn(tangents, m, f, generator=torch.Generator().manual_seed(seed + 3))
+    out = agg_cpu.aggregate_tangents(rowptr, col, weight, x)
+    out32 = agg_ref.aggregate_tangents(rowptr, col, weight, x)
+    out64 = agg_ref.aggregate_tangents(rowptr, col, weight.double(), x.double())
+    assert out.shape == (tangents, n, f) and out.dtype == torch.float32 and out.is_contiguous()
+    magnitude = agg_ref.aggregate_tangents(rowptr, col, weight.double().abs(), x.double().abs())
+    assert_close_to_float64(out, out32, out64, 2, magnitude, name="aggregate_tangents")
+    # the contract: tangent p is the plain aggregation of x[p]
+    want = torch.stack([agg_ref.spmm(rowptr, col, weight.double(), x[p].double()) for p in range(tangents)])
+    torch.testing.assert_close(out64, want)
+    with pytest.raises(ValueError):
+        agg_cpu.aggregate_tangents(rowptr, col, weight, x[0])  # x must be [P, m, f]

@@ -82,6 +82,17 @@ def aggregate_backward(t_rowptr: Tensor, t_col: Tensor, t_weight: Tensor, grad_o
     return _C.aggregate_backward(t_rowptr, t_col, t_weight, grad_out, saved, code)
 
 
+def aggregate_tangents(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+    """A @ x[p] for every tangent p: x [P, m, f] -> [P, n, f]; one pass over the CSR for all
+    tangents (an act "none" forward on x as [m, P * f])."""
+    n = _check_csr(rowptr, col, weight)
+    _check(x, "x", torch.float32, 3)
+    P, m, f = x.shape
+    out, _ = _C.aggregate_forward(rowptr, col, weight, x.permute(1, 0, 2).reshape(m, P * f), None,
+                                  activations.ACT_CODES["none"], None)
+    return out.view(n, P, f).permute(1, 0, 2).contiguous()
+
+
 def edge_grad(rowptr: Tensor, col: Tensor, grad_out: Tensor, saved: Tensor, act: str,
               x: Tensor) -> Tensor:
     """SDDMM: d loss / d weight[e] = <grad_out[i] * act'(pre[i]), x[col[e]]>; returns [E]."""

@@ -53,6 +53,14 @@ def aggregate_backward(t_rowptr: Tensor, t_col: Tensor, t_weight: Tensor, grad_o
     return spmm(t_rowptr, t_col, t_weight, grad_pre)
 
 
+def aggregate_tangents(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+    """A @ x[p] for every tangent p (the sparse step of a batched JVP).
+
+    Args: rowptr [n+1], col [E], weight [E], x [P, m, f] (P tangents). Returns [P, n, f]."""
+    out = x.new_zeros(x.shape[0], rowptr.numel() - 1, x.shape[2])
+    return out.index_add_(1, _rows(rowptr), weight[None, :, None] * x[:, col])
+
+
 def edge_grad(rowptr: Tensor, col: Tensor, grad_out: Tensor, saved: Tensor, act: str,
               x: Tensor) -> Tensor:
     """SDDMM: d loss / d weight[e] = <grad_out[i] * act'(pre[i]), x[col[e]]> for e in row i.
