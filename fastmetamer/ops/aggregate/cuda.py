@@ -25,13 +25,11 @@ P * f (tangent, feature) pairs as one row's features, so one pass over the CSR s
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import activations, cuda_library
+from ..memo import Memo
 
 AVAILABLE = cuda_library.available()
 
@@ -79,21 +77,14 @@ def _csr_conditions(rowptr: Tensor, col: Tensor, m: int) -> list[tuple[Tensor, s
             (((col >= 0) & (col < m)).all(), f"col entries must lie in [0, {m})")]
 
 
-#: first tensor -> (weak references to the others, every tensor's version, sizes) of a check passed
-_CHECKED = WeakIdKeyDictionary()
+_CHECKED = Memo(64)
 
 
 def _verify_once(tensors: tuple[Tensor, ...], sizes: tuple, conditions) -> None:
     """:func:`_verify` of ``conditions()`` unless these very ``tensors``, unchanged, passed it with
     these ``sizes`` before: the engine hands the same cached CSR to every step, so the step loop
     pays the host synchronisation of the structure check once, not per call."""
-    first, others = tensors[0], tensors[1:]
-    versions = tuple(t._version for t in tensors)
-    known = _CHECKED.get(first)
-    if known is not None and known[1:] == (versions, sizes) and all(r() is t for r, t in zip(known[0], others)):
-        return
-    _verify(conditions())
-    _CHECKED[first] = (tuple(weakref.ref(t) for t in others), versions, sizes)
+    _CHECKED.get(list(tensors), sizes, lambda: _verify(conditions()))
 
 
 def _verify(conditions: list[tuple[Tensor, str]]) -> None:

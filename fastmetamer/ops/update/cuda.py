@@ -56,14 +56,13 @@ grid-stride over the elements), in place, float32 math as the reference; the bia
 """
 from __future__ import annotations
 
-import weakref
-from collections import OrderedDict
 from functools import cached_property
 
 import torch
 from torch import Tensor
 
 from .. import cuda_library
+from ..memo import Memo
 from .reference import check_bound
 
 AVAILABLE = cuda_library.available()
@@ -186,32 +185,7 @@ def _check_blocks(theta: Tensor, ptr: Tensor, k: Tensor) -> torch.device:
 
 
 # ------------------------------------------------------------------------------ host-side plans
-class _Memo:
-    """Values derived from tensors, reused while the same tensor objects are alive and unmodified
-    (same version counter); the least recently used of more than ``size`` entries is dropped."""
-
-    def __init__(self, size: int = 16):
-        self.size, self.entries = size, OrderedDict()
-
-    def get(self, tensors: list[Tensor], extra: tuple, build):
-        try:
-            versions = tuple(t._version for t in tensors)
-        except RuntimeError:  # inference tensors have no version counter: no reuse
-            return build()
-        key = (tuple(id(t) for t in tensors), versions, extra)
-        entry = self.entries.get(key)
-        if entry is not None and all(ref() is t for ref, t in zip(entry[0], tensors)):
-            self.entries.move_to_end(key)
-            return entry[1]
-        value = build()
-        self.entries[key] = ([weakref.ref(t) for t in tensors], value)
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-        return value
-
-
-_MEMO = _Memo()
+_MEMO = Memo()
 
 
 class _Blocks:
