@@ -142,7 +142,8 @@ def backward_magnitudes(rowptr, col, weight, x, grad_out, pre64, act, t_rowptr, 
 
 def loss_magnitudes(rowptr, col, weight, x, target, component, scale, bias, act) -> tuple[Tensor, Tensor]:
     """(magnitude of loss [C] = sum over c's rows of ||act(A x + b) - target||^2 / scale[c], of
-    grad_pre = 2 (h - target) act'(pre) / scale [T, f])."""
+    grad_pre = 2 (h - target) act'(pre) / scale [T, f]; grad_pre also moves with pre's own rounding
+    through act'', the curvature term)."""
     pre_mag, h_mag = aggregate_magnitudes(rowptr, col, weight, x, bias, act, None)
     pre = _spmm64(rowptr, col, weight, x) + (0 if bias is None else bias.double())
     slope, _, deriv = activation_magnitudes(pre, act)
@@ -151,8 +152,16 @@ def loss_magnitudes(rowptr, col, weight, x, target, component, scale, bias, act)
     inv = 1 / scale.double().abs()[component].unsqueeze(1)
     per_row = ((2 * diff * diff_mag + diff * diff) * inv).sum(1)
     loss_mag = torch.zeros(scale.numel(), dtype=torch.float64).index_add_(0, component, per_row)
-    grad_mag = 2 * (diff_mag * slope + diff * deriv + diff * slope) * inv
+    grad_mag = 2 * (diff_mag * slope + diff * deriv + diff * slope + diff * _curvature(pre, act) * pre_mag) * inv
     return loss_mag, grad_mag
+
+
+def _curvature(pre: Tensor, act: str) -> Tensor:
+    """|act''(pre)| [n, f] in float64 (0 for the piecewise-linear activations)."""
+    if act in ("none", "relu", "leaky_relu"):
+        return torch.zeros_like(pre)
+    pre = pre.detach().double().requires_grad_(True)
+    return torch.autograd.grad(activations.derivative(pre, act).sum(), pre)[0].abs()
 
 
 class AdamMagnitudes:

@@ -20,7 +20,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from ops.common import (AdamMagnitudes, aggregate_magnitudes, assert_close_to_float64,  # noqa: E402
                         backward_magnitudes, csr_cases, loss_magnitudes, propagate_magnitudes, propagate_problem,
-                        random_csr, transpose_csr)
+                        random_csr, spmm_abs, transpose_csr)
 
 from fastmetamer.ops import activations, dispatch  # noqa: E402
 from fastmetamer.ops.aggregate import reference as agg_ref  # noqa: E402
@@ -132,6 +132,53 @@ def test_aggregate_random(case, act, extras):
     check_aggregate(*case, extras, act)
 
 
+# Hub rows longer than the split size: in the first case row 0 holds 660 of the 2400 edges (three
+# chunks of SPLIT = 256) and, with 4 sources, every row of the transpose is a hub too; in the second
+# row 0 holds 437 edges (two chunks) and f = 130 makes two feature blocks.
+HUB_CASES = [(30, 4, 9, 2400, 11, True), (6, 6, 130, 1200, 12, False)]
+
+
+def test_hub_cases_are_split():
+    for n, m, _, num_edges, seed, _ in HUB_CASES:
+        assert random_csr(n, m, num_edges, seed)[0].diff().max() > agg_tri.SPLIT
+    n, m, _, num_edges, seed, _ = HUB_CASES[0]
+    rowptr, col, w = random_csr(n, m, num_edges, seed)
+    assert rowptr.diff().max() > 2 * agg_tri.SPLIT
+    assert (transpose_csr(rowptr, col, w, m)[0].diff() > 2 * agg_tri.SPLIT).all()
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])  # the three saved-state formats
+def test_aggregate_hub_rows(act):
+    check_aggregate(*HUB_CASES[0], act)
+
+
+def test_aggregate_hub_rows_wide():
+    check_aggregate(*HUB_CASES[1], "relu")
+
+
+def test_aggregate_hub_rows_deterministic():
+    rowptr, col, w, x, bias, _, _ = _inputs(*HUB_CASES[1])
+    args = [dev(t) for t in (rowptr, col, w, x, bias)]
+    first, again = agg_tri.aggregate_forward(*args, "tanh")[0], agg_tri.aggregate_forward(*args, "tanh")[0]
+    assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("case", [(30, 4, 5, 2400, 13), (5, 3, 4, 0, 14), (1, 1, 2, 1, 15)],
+                         ids=["hub", "no-edges", "single"])
+def test_aggregate_tangents(case):
+    """A @ x[p] for P = 3 tangents in one pass, against float64."""
+    n, m, f, num_edges, seed = case
+    rowptr, col, w = random_csr(n, m, num_edges, seed)
+    x = torch.randn(3, m, f, generator=torch.Generator().manual_seed(seed))
+    want = {dt: agg_ref.aggregate_tangents(rowptr, col, w.to(dt), x.to(dt)) for dt in (torch.float32, torch.float64)}
+    magnitude = torch.stack([spmm_abs(rowptr, col, w, x[p]) for p in range(3)])
+    for dt in (torch.float32, torch.float64):
+        out = agg_tri.aggregate_tangents(dev(rowptr), dev(col), dev(w.to(dt)), dev(x.to(dt)))
+        assert out.shape == (3, n, f) and out.dtype == dt and out.is_contiguous()
+        assert_close_to_float64(host(out), want[torch.float32], want[torch.float64], 2, magnitude,
+                                name=f"tangents {dt}")
+
+
 @pytest.mark.parametrize("act", ["none", "relu", "gelu"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "n{}-m{}-f{}-e{}".format(*c[:4]))
 def test_propagate_forward(case, act):
@@ -145,6 +192,11 @@ def test_propagate_forward(case, act):
                                             for a in args], act=act, skip_loops=skip_loops)
         assert_close_to_float64(host(out), out32, out64, 2, propagate_magnitudes(agg_ref, args, act, skip_loops),
                                 name=f"propagate_forward[{act}]")
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_propagate_forward_hub_rows(act):
+    test_propagate_forward(HUB_CASES[0], act)
 
 
 def check_matched_loss(n, m, f, num_edges, seed, extras, act, num_comp=3):
@@ -172,6 +224,16 @@ def check_matched_loss(n, m, f, num_edges, seed, extras, act, num_comp=3):
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]], ids=["single", "hub", "wide"])
 def test_matched_loss(case, act):
     check_matched_loss(*case, act)
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "elu"])
+def test_matched_loss_hub_rows(act):
+    check_matched_loss(*HUB_CASES[0], act)
+
+
+def test_matched_loss_large_component():
+    """Two components of ~300 target rows each: their per-component sums are split rows too."""
+    check_matched_loss(600, 20, 3, 1200, 16, True, "tanh", num_comp=2)
 
 
 def test_matched_loss_no_edges_and_deterministic():
@@ -232,6 +294,53 @@ def test_top_mask_ties_exact_k(dtype):
     # everything tied
     _check_top_mask(torch.zeros(4, 3, dtype=dtype), torch.tensor([0, 4]), torch.tensor([5]), 2.0,
                     exact_reference=True)
+
+
+def _tied_logits(rows, d, seed, dtype=torch.float32):
+    """randn logits with a third of the entries 0 (P = 0.5) and a tenth 50 (P = 1.0): ties whose P
+    every sigmoid implementation computes exactly (torch.sigmoid rounds one logit differently at
+    different positions, so other ties may not stay ties in the reference)."""
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.randn(rows, d, generator=gen, dtype=dtype)
+    u = torch.rand(rows, d, generator=gen)
+    return theta.masked_fill(u < 1 / 3, 0.0).masked_fill(u > 0.9, 50.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_mask_many_programs_and_chunks(dtype):
+    """Hundreds of rows and several column chunks: tiles inside one block and tiles across block
+    boundaries, ties spread over chunks and rows, an empty block, k = 0, k = size, k > size, a
+    one-row block, k inside the ties at 1.0 and at 0.5; the CSR form equals the dense mask's."""
+    rows, d = 200, 2 * upd_tri.BLOCK_D + 22
+    assert rows > 4 * upd_tri.BLOCK_R
+    theta = _tied_logits(rows, d, 5, dtype)
+    ptr = torch.tensor([0, 3, 3, 40, 41, 90, 95, 200])
+    size = ptr.diff() * d
+    k = torch.stack([size[0] // 2, torch.tensor(7), torch.tensor(0), torch.tensor(100), size[4], size[5] + 3,
+                     size[6] // 20])
+    _check_top_mask(theta, ptr, k, 1.3, exact_reference=True)
+
+
+def test_top_mask_per_row_many_programs():
+    theta = _tied_logits(150, upd_tri.BLOCK_D + 9, 6)
+    k = torch.randint(0, theta.shape[1] + 2, (150,), generator=torch.Generator().manual_seed(6))
+    _check_top_mask(theta, torch.arange(151), k, 2.0, exact_reference=True)
+
+
+def test_top_mask_csr_is_emitted_by_the_selection(monkeypatch):
+    """top_mask_csr builds no dense mask and calls no nonzero(): the selection kernel writes it."""
+    theta, ptr, k = _tied_logits(40, 70, 7), torch.tensor([0, 25, 40]), torch.tensor([300, 1000])
+    want_rowptr, want_col = upd_ref.mask_to_csr(host(upd_tri.top_mask(dev(theta), dev(ptr), dev(k), 1.0)[0]))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("top_mask_csr went through a dense mask")
+
+    monkeypatch.setattr(upd_tri, "top_mask", refuse)
+    monkeypatch.setattr(torch, "nonzero", refuse)
+    monkeypatch.setattr(torch.Tensor, "nonzero", refuse)
+    rowptr, col, _ = upd_tri.top_mask_csr(dev(theta), dev(ptr), dev(k), 1.0)
+    monkeypatch.undo()
+    assert torch.equal(host(rowptr), want_rowptr) and torch.equal(host(col), want_col)
 
 
 def test_top_mask_rows_outside_blocks():
