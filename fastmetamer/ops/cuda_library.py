@@ -100,8 +100,9 @@ def _c_arg(value):
 
 
 def call(name: str, *args) -> None:
-    """Run op ``fm_<name>`` of the library on the current stream of the first tensor argument's
-    device; ``args`` are tensors (their device pointers), None (a null pointer), ints and floats.
+    """Run op ``fm_<name>`` of the library on the first tensor argument's device (made current) and
+    its current stream; ``args`` are tensors (their device pointers), None (a null pointer), ints
+    and floats.
     Raises RuntimeError with CUDA's message when the launch fails."""
     import torch
 
@@ -112,7 +113,8 @@ def call(name: str, *args) -> None:
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
     function = getattr(lib, f"fm_{name}")
     function.restype = ctypes.c_int
-    code = function(*map(_c_arg, args), ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream))
+    with torch.cuda.device(device):
+        code = function(*map(_c_arg, args), ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream))
     if code != 0:
         lib.fm_error_string.restype = ctypes.c_char_p
         raise RuntimeError(f"CUDA op {name} failed: {lib.fm_error_string(code).decode()} (error {code})")

@@ -7,10 +7,13 @@ Same functions, signatures and saved-state format as :mod:`fastmetamer.ops.aggre
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from .. import activations
+from ..checks import check_tensor
 
 try:
     from fastmetamer import _C
@@ -19,22 +22,7 @@ except ImportError:  # extension not built: the backend reports itself unavailab
 AVAILABLE = _C is not None
 
 
-def _check(t: Tensor | None, name: str, dtype: torch.dtype, dim: int, shape: tuple | None = None) -> None:
-    """Raise ValueError unless ``t`` is a contiguous CPU tensor of ``dtype`` with ``dim`` dims
-    (and, where given, ``shape``; ``None`` entries match any size)."""
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} must be on the CPU for the cpu backend, got {t.device}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
-    if t.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-    if shape is not None and any(s is not None and s != n for s, n in zip(shape, t.shape)):
-        want = ", ".join("*" if s is None else str(s) for s in shape)
-        raise ValueError(f"{name} must have shape [{want}], got {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (call .contiguous())")
+_check = partial(check_tensor, backend="cpu")
 
 
 def _check_csr(rowptr: Tensor, col: Tensor, weight: Tensor | None) -> int:

@@ -25,36 +25,19 @@ P * f (tangent, feature) pairs as one row's features, so one pass over the CSR s
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from .. import activations, cuda_library
+from ..checks import check_tensor
 from ..memo import Memo
 
 AVAILABLE = cuda_library.available()
 
 
-def _check(t: Tensor | None, name: str, dtype: torch.dtype, dim: int, shape: tuple | None = None,
-           device: torch.device | None = None) -> torch.device:
-    """Raise ValueError unless ``t`` is a contiguous tensor of ``dtype`` with ``dim`` dims (and,
-    where given, ``shape``; ``None`` entries match any size) on a CUDA device (``device``, the other
-    inputs' device, where given). Returns its device."""
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cuda":
-        raise ValueError(f"{name} must be on a CUDA device for the cuda backend, got {t.device}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
-    if t.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-    if shape is not None and any(s is not None and s != n for s, n in zip(shape, t.shape)):
-        want = ", ".join("*" if s is None else str(s) for s in shape)
-        raise ValueError(f"{name} must have shape [{want}], got {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (call .contiguous())")
-    return t.device
+_check = partial(check_tensor, backend="cuda")
 
 
 def _check_csr(rowptr: Tensor, col: Tensor, weight: Tensor | None) -> tuple[int, torch.device]:
@@ -104,12 +87,6 @@ def _check_saved(saved: Tensor, act: str, n: int, f: int, device: torch.device) 
         _check(saved, "saved (pre-activation)", torch.float32, 2, (n, f), device)
 
 
-def _launch(name: str, device: torch.device, *args) -> None:
-    """Run op ``fm_<name>`` with ``device`` current (its stream is the one the op runs on)."""
-    with torch.cuda.device(device):
-        cuda_library.call(name, *args)
-
-
 def aggregate_forward(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor,
                       bias: Tensor | None = None, act: str = "none",
                       residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -130,7 +107,7 @@ def aggregate_forward(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor,
         saved = torch.empty(n, -(-f // 8), dtype=torch.uint8, device=device)
     else:
         saved = torch.empty(n, f, dtype=torch.float32, device=device)
-    _launch("aggregate_forward", device, rowptr, col, weight, x, bias, residual, out, saved, n, f, code)
+    cuda_library.call("aggregate_forward", rowptr, col, weight, x, bias, residual, out, saved, n, f, code)
     return out, saved
 
 
@@ -144,7 +121,7 @@ def aggregate_backward(t_rowptr: Tensor, t_col: Tensor, t_weight: Tensor, grad_o
     _check_saved(saved, act, n, f, device)
     _verify_once((t_rowptr, t_col), (n,), lambda: _csr_conditions(t_rowptr, t_col, n))
     grad_x = torch.empty(m, f, dtype=torch.float32, device=device)
-    _launch("aggregate_backward", device, t_rowptr, t_col, t_weight, grad_out, saved if act != "none" else None,
+    cuda_library.call("aggregate_backward", t_rowptr, t_col, t_weight, grad_out, saved if act != "none" else None,
             grad_x, m, f, code)
     return grad_x
 
@@ -160,7 +137,7 @@ def edge_grad(rowptr: Tensor, col: Tensor, grad_out: Tensor, saved: Tensor, act:
     _check_saved(saved, act, n, f, device)
     _verify_once((rowptr, col), (m,), lambda: _csr_conditions(rowptr, col, m))
     out = torch.empty(col.numel(), dtype=torch.float32, device=device)
-    _launch("edge_grad", device, rowptr, col, grad_out, saved if act != "none" else None, x, out, n, f, code)
+    cuda_library.call("edge_grad", rowptr, col, grad_out, saved if act != "none" else None, x, out, n, f, code)
     return out
 
 
@@ -180,7 +157,7 @@ def propagate_forward(rowptr: Tensor, col: Tensor, x: Tensor, row_scale: Tensor 
         raise ValueError("self_scale needs self_x")
     _verify_once((rowptr, col), (m,), lambda: _csr_conditions(rowptr, col, m))
     out = torch.empty(n, f, dtype=torch.float32, device=device)
-    _launch("propagate_forward", device, rowptr, col, x, row_scale, self_x, self_scale, bias, out, n, f, code,
+    cuda_library.call("propagate_forward", rowptr, col, x, row_scale, self_x, self_scale, bias, out, n, f, code,
             bool(skip_loops))
     return out
 
@@ -192,5 +169,5 @@ def aggregate_tangents(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor) -
     P, m, f = x.shape
     _verify_once((rowptr, col), (m,), lambda: _csr_conditions(rowptr, col, m))
     out = torch.empty(P, n, f, dtype=torch.float32, device=device)
-    _launch("aggregate_tangents", device, rowptr, col, weight, x, out, n, m, f, P)
+    cuda_library.call("aggregate_tangents", rowptr, col, weight, x, out, n, m, f, P)
     return out

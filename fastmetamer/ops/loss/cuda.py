@@ -11,8 +11,9 @@ degree > 512, lanes on consecutive features); each row's epilogue writes grad_pr
 squared errors in double, reduced over the warp (and the block's warps) in a fixed order into a
 float64 per-row loss; h is never written. The per-component loss is a deterministic kernel too: a
 block per component sums its rows' float64 losses, listed in row order by a stable device sort of
-``component`` (torch.sort), in a fixed order, and divides by the scale in float64. No atomics and
-no host synchronisation in the kernels: results are bitwise identical run to run.
+``component`` (torch.sort, once per component tensor), in a fixed order, and divides by the scale
+in float64. No atomics and no host synchronisation in the kernels: results are bitwise identical
+run to run.
 """
 from __future__ import annotations
 
@@ -20,9 +21,17 @@ import torch
 from torch import Tensor
 
 from .. import activations, cuda_library
-from ..aggregate.cuda import _check, _check_csr, _csr_conditions, _launch, _verify_once
+from ..memo import Memo
+from ..aggregate.cuda import _check, _check_csr, _csr_conditions, _verify_once
 
 AVAILABLE = cuda_library.available()
+_SEGMENTS = Memo()  # component tensor -> its rows by component: the engine's component is fixed
+
+
+def _segments(component: Tensor, num_components: int) -> tuple[Tensor, Tensor]:
+    """(order [T]: the rows sorted stably by component, ptr [C + 1]: each component's run in it)."""
+    ordered, order = torch.sort(component, stable=True)
+    return order, torch.searchsorted(ordered, torch.arange(num_components + 1, device=component.device))
 
 
 def matched_loss(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor, target: Tensor,
@@ -41,11 +50,10 @@ def matched_loss(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor, target:
     C = scale.numel()
     _verify_once((rowptr, col, component), (m, C), lambda: _csr_conditions(rowptr, col, m) + [
         (((component >= 0) & (component < C)).all(), f"component entries must lie in [0, {C})")])
-    sorted_component, order = torch.sort(component, stable=True)
-    seg_ptr = torch.searchsorted(sorted_component, torch.arange(C + 1, device=device))
+    order, seg_ptr = _SEGMENTS.get([component], (C,), lambda: _segments(component, C))
     row_loss = torch.empty(T, dtype=torch.float64, device=device)
     loss = torch.empty(C, dtype=torch.float32, device=device)
     grad_pre = torch.empty(T, f, dtype=torch.float32, device=device)
-    _launch("matched_loss", device, rowptr, col, weight, x, target, component, scale, bias, order, seg_ptr,
+    cuda_library.call("matched_loss", rowptr, col, weight, x, target, component, scale, bias, order, seg_ptr,
             row_loss, loss, grad_pre, T, f, C, code)
     return loss, grad_pre

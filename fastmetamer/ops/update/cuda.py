@@ -56,12 +56,13 @@ grid-stride over the elements), in place, float32 math as the reference; the bia
 """
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, partial
 
 import torch
 from torch import Tensor
 
 from .. import cuda_library
+from ..checks import check_tensor
 from ..memo import Memo
 from .reference import check_bound
 
@@ -90,11 +91,10 @@ def top_mask(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tenso
     threshold = torch.zeros(num_rows, dtype=theta.dtype, device=device)
     if theta.numel():
         k_dev = _on_device(k, device)
-        with torch.cuda.device(device):
-            state, ties, _ = _select_large(theta, blocks, k_dev, slope, csr=False)
-            cuda_library.call("top_mask", theta, blocks.ptr, k_dev, blocks.num_blocks, d, float(slope),
-                              blocks.num_large, blocks.large, blocks.num_tiles, blocks.tile_large,
-                              blocks.tile_offset, state, ties, hard, threshold, SMALL_MAX, TILE)
+        state, ties, _ = _select_large(theta, blocks, k_dev, slope, csr=False)
+        cuda_library.call("top_mask", theta, blocks.ptr, k_dev, blocks.num_blocks, d, float(slope),
+                          blocks.num_large, blocks.large, blocks.num_tiles, blocks.tile_large,
+                          blocks.tile_offset, state, ties, hard, threshold, SMALL_MAX, TILE)
     return hard, threshold
 
 
@@ -110,12 +110,11 @@ def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[T
     threshold = torch.zeros(num_rows, dtype=theta.dtype, device=device)
     if theta.numel():
         k_dev = _on_device(k, device)
-        with torch.cuda.device(device):
-            state, ties, ones = _select_large(theta, blocks, k_dev, slope, csr=True)
-            cuda_library.call("top_mask_csr", theta, blocks.ptr, k_dev, blocks.num_blocks, d, float(slope),
-                              blocks.num_large, blocks.large, blocks.num_tiles, blocks.tile_large,
-                              blocks.tile_offset, state, ties, ones, start, col, row_count, threshold,
-                              SMALL_MAX, TILE)
+        state, ties, ones = _select_large(theta, blocks, k_dev, slope, csr=True)
+        cuda_library.call("top_mask_csr", theta, blocks.ptr, k_dev, blocks.num_blocks, d, float(slope),
+                          blocks.num_large, blocks.large, blocks.num_tiles, blocks.tile_large,
+                          blocks.tile_offset, state, ties, ones, start, col, row_count, threshold,
+                          SMALL_MAX, TILE)
     rowptr = torch.zeros(num_rows + 1, dtype=torch.long, device=device)
     rowptr[1:] = row_count.cumsum(0)
     return rowptr, col, threshold
@@ -127,8 +126,7 @@ def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: 
                     bound: float | None = None) -> None:
     """One fused straight-through + margin + Adam step and the clamp of theta to [-bound, bound]
     (None: no clamp), in place, in one kernel (see the reference). All tensors on theta's device."""
-    _check(theta, "theta", torch.float32, 2)
-    device, shape = _cuda_device(theta), tuple(theta.shape)
+    device, shape = _check(theta, "theta", torch.float32, 2), tuple(theta.shape)
     _check(grad_x, "grad_x", torch.float32, 2, shape, device)
     _check(exp_avg, "exp_avg", torch.float32, 2, shape, device)
     _check(exp_avg_sq, "exp_avg_sq", torch.float32, 2, shape, device)
@@ -141,46 +139,23 @@ def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: 
     bound = check_bound(bound)
     if theta.numel() == 0:
         return
-    with torch.cuda.device(device):
-        cuda_library.call("adam_ste_update", theta, grad_x, exp_avg, exp_avg_sq, shape[0], shape[1], float(lr),
-                          float(beta1), float(beta2), float(eps), float(slope), threshold, float(margin),
-                          margin_scale, active, 1.0 - float(beta1) ** step, 1.0 - float(beta2) ** step, bound)
+    cuda_library.call("adam_ste_update", theta, grad_x, exp_avg, exp_avg_sq, shape[0], shape[1], float(lr),
+                      float(beta1), float(beta2), float(eps), float(slope), threshold, float(margin),
+                      margin_scale, active, 1.0 - float(beta1) ** step, 1.0 - float(beta2) ** step, bound)
 
 
 # ------------------------------------------------------------------------------ checks
-def _check(t, name: str, dtype: torch.dtype, ndim: int, shape: tuple | None = None,
-           device: torch.device | None = None, cpu_ok: bool = False) -> None:
-    """ValueError unless ``t`` is a contiguous ``dtype`` tensor with ``ndim`` dims (and ``shape``)
-    on ``device`` (or on the CPU when ``cpu_ok``)."""
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
-    if t.dim() != ndim or (shape is not None and tuple(t.shape) != tuple(shape)):
-        want = tuple(shape) if shape is not None else f"{ndim} dimensions"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-    if device is not None and t.device != device and not (cpu_ok and t.device.type == "cpu"):
-        where = f"{device} or the CPU" if cpu_ok else str(device)
-        raise ValueError(f"{name} must be on {where} (theta's device), got {t.device}")
-
-
-def _cuda_device(theta: Tensor) -> torch.device:
-    if theta.device.type != "cuda":
-        raise ValueError(f"the cuda backend needs theta on a CUDA device, got {theta.device}")
-    return theta.device
+_check = partial(check_tensor, backend="cuda")
 
 
 def _check_blocks(theta: Tensor, ptr: Tensor, k: Tensor) -> torch.device:
     """theta [F, d] float32 on a CUDA device, ptr [C + 1] (C >= 0) and k [C] int64 on that device
     or the CPU; returns theta's device. ptr's values are checked when its blocks are split."""
-    _check(theta, "theta", torch.float32, 2)
-    device = _cuda_device(theta)
-    _check(ptr, "ptr", torch.int64, 1, None, device, cpu_ok=True)
+    device = _check(theta, "theta", torch.float32, 2)
+    _check(ptr, "ptr", torch.int64, 1, None, device, host_ok=True)
     if ptr.numel() < 1:
         raise ValueError("ptr must have C + 1 >= 1 entries")
-    _check(k, "k", torch.int64, 1, (ptr.numel() - 1,), device, cpu_ok=True)
+    _check(k, "k", torch.int64, 1, (ptr.numel() - 1,), device, host_ok=True)
     return device
 
 
