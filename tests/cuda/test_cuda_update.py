@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ops.common import AdamMagnitudes, assert_close_to_float64
+from ops.common import AdamMagnitudes, assert_close_to_float64, check_thresholds_and_csr
 
 from fastmetamer.ops import cuda_library
 from fastmetamer.ops.update import cuda as upd_cuda
@@ -57,16 +57,11 @@ def _check_top_mask(theta, ptr, k, slope, name="", ptr_on_gpu=True, k_on_gpu=Tru
         want = min(max(int(k[c]), 0), (hi - lo) * theta.shape[1])
         assert int(hard[lo:hi].sum()) == want, f"{name}: block {c} has {int(hard[lo:hi].sum())} ones, want {want}"
     assert torch.equal(hard, ref_hard), f"{name}: the mask differs from the reference"
-    covered = torch.zeros(theta.shape[0], dtype=torch.bool)
-    covered[int(ptr[0]):int(ptr[-1])] = True
-    if theta.shape[1]:
-        assert_close_to_float64(thr[covered], thr32[covered], thr64[covered], 2, thr64[covered].abs(),
-                                name=f"threshold {name}")
-    assert not thr[~covered].any() and not hard[~covered].any(), f"{name}: rows outside the blocks"
-    rowptr, col, thr_csr = (t.cpu() for t in upd_cuda.top_mask_csr(*args))
-    want_rowptr, want_col = upd_ref.mask_to_csr(hard)
-    assert torch.equal(rowptr, want_rowptr) and torch.equal(col, want_col), f"csr {name}"
-    assert torch.equal(thr_csr, thr), f"csr threshold {name}"
+    outside = torch.ones(theta.shape[0], dtype=torch.bool)
+    outside[int(ptr[0]):int(ptr[-1])] = False
+    assert not thr[outside].any() and not hard[outside].any(), f"{name}: rows outside the blocks"
+    csr = tuple(t.cpu() for t in upd_cuda.top_mask_csr(*args))
+    check_thresholds_and_csr(hard, thr, ptr, csr, thr32, thr64, name)
     return hard, thr
 
 

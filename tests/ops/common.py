@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from fastmetamer.ops import activations
+from fastmetamer.ops.update.reference import mask_to_csr
 
 
 def random_csr(n: int, m: int, num_edges: int, seed: int, hub: bool = True) -> tuple[Tensor, Tensor, Tensor]:
@@ -86,6 +87,23 @@ def assert_close_to_float64(fast: Tensor, ref32: Tensor, ref64: Tensor, factor: 
 # sum of the absolute values of the terms and intermediate results it is computed from,
 # weighted by how much the entry depends on them (so cancellation in a sum does not shrink it,
 # and an ill-conditioned step such as 1 - P for P near 1 enlarges it).
+
+def check_thresholds_and_csr(hard: Tensor, thr: Tensor, ptr: Tensor, csr: tuple, thr32: Tensor, thr64: Tensor,
+                             name: str) -> None:
+    """The shared tail of every backend's top_mask check (all on the CPU): the thresholds of the
+    rows inside the blocks, ``(P_(k) + P_(k+1)) / 2`` or an extreme P -/+ 1e-6, within a few
+    roundings of the float64 reference's, and the CSR form ``csr`` = (rowptr, col, threshold)
+    holding exactly the ones of ``hard`` (same tie breaking) and the same thresholds."""
+    covered = torch.zeros(thr.shape[0], dtype=torch.bool)
+    covered[int(ptr[0]):int(ptr[-1])] = True
+    if hard.shape[1]:
+        assert_close_to_float64(thr[covered], thr32[covered], thr64[covered], 2, thr64[covered].abs(),
+                                name=f"threshold {name}")
+    rowptr, col, thr_csr = csr
+    want_rowptr, want_col = mask_to_csr(hard)
+    assert torch.equal(rowptr, want_rowptr) and torch.equal(col, want_col), f"csr {name}"
+    assert torch.equal(thr_csr, thr), f"csr threshold {name}"
+
 
 def spmm_abs(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor) -> Tensor:
     """|A| @ |x| [n, f] in float64: the magnitude of every sum of an aggregation."""

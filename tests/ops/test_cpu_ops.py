@@ -27,12 +27,12 @@ from fastmetamer.ops.update import reference as upd_ref  # noqa: E402
 
 try:
     from .common import (AdamMagnitudes, aggregate_magnitudes, assert_close_to_float64, backward_magnitudes,
-                         csr_cases, loss_magnitudes, propagate_magnitudes, propagate_problem, random_csr,
-                         transpose_csr)
+                         check_thresholds_and_csr, csr_cases, loss_magnitudes, propagate_magnitudes, propagate_problem,
+                         random_csr, transpose_csr)
 except ImportError:  # tests/ops is not a package: pytest puts it on sys.path
     from common import (AdamMagnitudes, aggregate_magnitudes, assert_close_to_float64, backward_magnitudes,
-                        csr_cases, loss_magnitudes, propagate_magnitudes, propagate_problem, random_csr,
-                        transpose_csr)
+                        check_thresholds_and_csr, csr_cases, loss_magnitudes, propagate_magnitudes, propagate_problem,
+                        random_csr, transpose_csr)
 
 ACTS = activations.ACTIVATIONS
 FAST = settings(deadline=None, max_examples=12, derandomize=True)
@@ -294,16 +294,7 @@ def _check_top_mask(theta, ptr, k, slope, name=""):
         # theta does (saturated P ties distinct logits, which the kernel still orders by theta)
         if slope == 0 or p.unique().numel() == theta[lo:hi].unique().numel():
             assert torch.equal(h, ref_hard[lo:hi].reshape(-1)), f"{name}: block {c} differs from the reference"
-    covered = torch.zeros(theta.shape[0], dtype=torch.bool)
-    covered[int(ptr[0]):int(ptr[-1])] = True
-    # threshold = (P_(k) + P_(k+1)) / 2 (or an extreme P -/+ 1e-6): a few roundings of its size
-    assert_close_to_float64(thr[covered], thr32[covered], thr64[covered], 2, thr64[covered].abs(),
-                            name=f"threshold {name}")
-    # the CSR form holds exactly the same ones (same tie breaking) and thresholds
-    rowptr, col, thr_csr = upd_cpu.top_mask_csr(theta, ptr, k, slope)
-    want_rowptr, want_col = upd_ref.mask_to_csr(hard)
-    assert torch.equal(rowptr, want_rowptr) and torch.equal(col, want_col), f"csr {name}"
-    assert torch.equal(thr_csr, thr), f"csr threshold {name}"
+    check_thresholds_and_csr(hard, thr, ptr, upd_cpu.top_mask_csr(theta, ptr, k, slope), thr32, thr64, name)
     return hard, thr
 
 
