@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch_geometric.nn.models import GCN, GIN, GraphSAGE
+from torch_geometric.nn.models import GAT, GCN, GIN, GraphSAGE
 
 import fastmetamer as fm
 from fastmetamer.engines import FastEngine, ReferenceEngine, Unsupported, lower, make_engine
@@ -32,6 +32,11 @@ def _models(d: int) -> dict:
         "zoo-sgc-k1": fm.models.SGC(d, 3, K=1),
         "zoo-appnp-res": fm.models.APPNP(d, 3, hidden=8, K=3, alpha=0.2, act="elu", residual=True),
         "zoo-appnp-1": fm.models.APPNP(d, 3, hidden=8, depth=1, K=2),
+        "zoo-gat-h2-elu-res": fm.models.GAT(d, 3, hidden=8, heads=2, act="elu", residual=True),
+        "zoo-gatv2": fm.models.GATv2(d, 3, hidden=8),
+        "zoo-gatv2-shared-h2": fm.models.GATv2(d, 3, hidden=8, heads=2, share_weights=True),
+        "pyg-gat-h2": GAT(d, 8, 2, 3, heads=2),
+        "pyg-gatv2": GAT(d, 8, 2, 3, v2=True),
     }
 
 
@@ -179,15 +184,52 @@ def test_swap_search_subset_of_problems_equals_their_part_of_the_batch(backend):
 
 
 def test_unsupported_models_are_named_and_fall_back(synthetic):
-    gat = fm.models.GAT(synthetic.num_features, 5, hidden=8).eval()
-    with pytest.raises(Unsupported, match="GAT"):
-        lower(gat, "layers.1")
+    gat = GAT(synthetic.num_features, 8, 2, 5, residual=True).eval()  # PyG adds it before the activation
+    with pytest.raises(Unsupported, match="GATConv with .*residual"):
+        lower(gat, "convs.1")
     if dispatch.resolve("auto") == "reference":
         pytest.skip("no compiled backend here: auto is the reference engine")
     sub = whole_graph(synthetic.x, synthetic.edge_index, None)
-    with pytest.warns(UserWarning, match="GAT.*reference engine"):
-        engine = make_engine("auto", gat, "layers.1", sub, torch.zeros(1, 5), True)
+    with pytest.warns(UserWarning, match="GATConv.*reference engine"):
+        engine = make_engine("auto", gat, "convs.1", sub, torch.zeros(1, 5), True)
     assert isinstance(engine, ReferenceEngine)
+
+
+def _pooled_models(d: int) -> dict:
+    torch.manual_seed(1)
+    return {f"{arch}-{pool}": fm.models.build_model(arch, d, 3, hidden=8, pool=pool, **kwargs)
+            for arch, pool, kwargs in [("gcn", "add", {}), ("graphsage", "mean", {"act": "elu"}),
+                                       ("gin", "max", {}), ("gat", "add", {"heads": 2}), ("gatv2", "mean", {}),
+                                       ("sgc", "add", {"K": 2}), ("appnp", "max", {"K": 3}),
+                                       ("gcn", "mean", {"residual": True, "act": "tanh"})]}
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_pooled_readouts_match_reference(backend):
+    """Graph-level programs (every stage, then sum / mean / max pooling per graph) against the
+    reference engine: loss, outputs, feature and edge-weight gradients, for a batch of three
+    graphs (one a single node without edges) and one graph alone."""
+    first, last = awkward_graph(num_nodes=12, num_features=6, seed=0), awkward_graph(num_nodes=15, num_features=6, seed=2)
+    x = torch.cat([first.x, torch.randn(1, 6, generator=torch.Generator().manual_seed(1)), last.x])
+    edge_index = torch.cat([first.edge_index, last.edge_index + 13], dim=1)  # node 12 alone, no edges
+    batch = torch.repeat_interleave(torch.arange(3), torch.tensor([12, 1, 15]))
+    parts = [first]
+    for name, model in _pooled_models(6).items():
+        model.eval()
+        assert lower(model, "readout").pool == model.readout.mode
+        for sub in (whole_graph(x, edge_index, None, batch=batch), whole_graph(parts[0].x, parts[0].edge_index, None)):
+            with torch.no_grad():
+                target = layer_output(model, "readout", sub.x, sub.edge_index, batch=sub.pool_batch) + 0.1
+            joint = sub.num_components == 1
+            sub.center = torch.arange(target.shape[0])  # one target per graph, as generate sets it
+            weight = torch.rand(sub.edge_index.shape[1], generator=torch.Generator().manual_seed(3))
+            engines = [FastEngine(lower(model, "readout"), backend, model, sub, target, joint),
+                       ReferenceEngine(model, "readout", sub, target, joint)]
+            for got, want, what in zip(*(_loss_and_grads(e, sub, weight) for e in engines),
+                                       ("loss", "grad x", "grad edge weight")):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{name} {what}")
+            outs = [e.target_outputs(sub.x, sub.edge_index, weight) for e in engines]
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_auto_prefers_compiled_cpu_backend():
@@ -237,18 +279,18 @@ def test_structure_steps_reuse_one_sparsity_pattern(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["features", "structure"])
-@pytest.mark.parametrize("arch", ["sgc", "appnp"])
+@pytest.mark.parametrize("arch", ["sgc", "appnp", "gat", "gatv2"])
 def test_propagation_models_run_on_the_fast_engine(synthetic, arch, kind):
-    """A zoo SGC (K = 3 hops of the GCN operator) and APPNP (its MLP, then K = 4 teleporting
-    propagation steps) lower: no fallback warning, the fast engine's trajectory follows the
-    reference engine's, and the metamer's loss falls."""
+    """A zoo SGC (K = 3 hops of the GCN operator), APPNP (its MLP, then K = 4 teleporting
+    propagation steps), GAT (two heads) and GATv2 lower: no fallback warning, the fast engine's
+    trajectory follows the reference engine's, and the metamer's loss falls."""
     import warnings
 
     if not dispatch.is_available("cpu"):
         pytest.skip("cpu backend not built")
     torch.manual_seed(0)
-    model = fm.models.build_model(arch, synthetic.num_features, int(synthetic.y.max()) + 1, hidden=16,
-                                  **({"K": 3} if arch == "sgc" else {"K": 4}))
+    options = {"sgc": {"K": 3}, "appnp": {"K": 4}, "gat": {"heads": 2}, "gatv2": {}}[arch]
+    model = fm.models.build_model(arch, synthetic.num_features, int(synthetic.y.max()) + 1, hidden=16, **options)
     fm.models.train(model, synthetic, epochs=30, seed=0)
     nodes = synthetic.test_mask.nonzero().flatten()[:3].tolist()
     options = dict(kind=kind, steps=40, refine_steps=0, progress=False)

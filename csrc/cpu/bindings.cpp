@@ -18,6 +18,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "unit-weight CSR propagation with per-row scale, self term, bias and activation", py::arg("rowptr"),
         py::arg("col"), py::arg("x"), py::arg("row_scale"), py::arg("self_x"), py::arg("self_scale"),
         py::arg("bias"), py::arg("act"), py::arg("skip_loops"));
+  m.def("edge_softmax", &fm::edge_softmax, "edge-weighted softmax over each CSR row's entries, per head",
+        py::arg("rowptr"), py::arg("logits"), py::arg("weight"));
+  m.def("edge_softmax_backward", &fm::edge_softmax_backward, "gradients of edge_softmax (logits, weights)",
+        py::arg("rowptr"), py::arg("alpha"), py::arg("beta"), py::arg("grad_alpha"));
   m.def("matched_loss", &fm::matched_loss, "matched layer fused with the activation-matching loss",
         py::arg("rowptr"), py::arg("col"), py::arg("weight"), py::arg("x"), py::arg("target"),
         py::arg("component"), py::arg("scale"), py::arg("bias"), py::arg("act"));

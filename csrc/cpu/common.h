@@ -118,6 +118,11 @@ at::Tensor propagate_forward(const at::Tensor& rowptr, const at::Tensor& col, co
                              const c10::optional<at::Tensor>& row_scale, const c10::optional<at::Tensor>& self_x,
                              const c10::optional<at::Tensor>& self_scale, const c10::optional<at::Tensor>& bias,
                              int64_t act, bool skip_loops);
+// attention.cpp
+std::tuple<at::Tensor, at::Tensor> edge_softmax(const at::Tensor& rowptr, const at::Tensor& logits,
+                                                const at::Tensor& weight);
+std::tuple<at::Tensor, at::Tensor> edge_softmax_backward(const at::Tensor& rowptr, const at::Tensor& alpha,
+                                                         const at::Tensor& beta, const at::Tensor& grad_alpha);
 // loss.cpp
 std::tuple<at::Tensor, at::Tensor> matched_loss(const at::Tensor& rowptr, const at::Tensor& col,
                                                 const at::Tensor& weight, const at::Tensor& x,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..graph.neighbourhood import in_edges
 from ..graph.subgraph import Subgraph
 from ..ops import dispatch
+from . import attention
 from . import functions as F
 from .csr import BinaryRows, Operator, Pattern
 from .lowering import Program, Stage
@@ -53,7 +54,9 @@ def _unscaled_values(stage: Stage, edge_index: Tensor, weight: Tensor | None, n:
         return _gcn_values(src, dst, weight, n, remaining_loops=stage.operator == "gcn_pyg")
     if weight is None:
         weight = torch.ones(src.numel(), device=src.device)
-    if stage.operator == "sum_self":
+    if stage.operator == "gat_pyg":  # PyG's GATConv drops the graph's self loops: weight 0
+        weight = weight.masked_fill(src == dst, 0.0)
+    if stage.operator in ("sum_self", "gat", "gat_pyg"):  # attention: the entries' softmax weights
         return torch.cat([weight, torch.full((n,), 1.0 + stage.eps, device=src.device)])
     degree = torch.zeros(n, device=src.device).index_add(0, dst, weight)
     degree = torch.where(degree > 0, degree, torch.ones_like(degree))
@@ -146,6 +149,7 @@ class FastEngine:
         self.scale = loss_scale(target, joint)
         self._patterns: dict = {}
         self._operators: dict = {}
+        self._entries = attention.EntryIndex()
         self._transposes = True  # patterns carry their transpose (the backward needs it)
 
     @classmethod
@@ -155,6 +159,7 @@ class FastEngine:
         engine.program, engine.name, engine.model, engine.layer = program, backend, model, program.layer
         engine.kernels = {op: dispatch.get(op, backend) for op in dispatch.OPS}
         engine._patterns, engine._operators, engine._transposes = {}, {}, False
+        engine._entries = attention.EntryIndex()
         return engine
 
     @torch.no_grad()
@@ -162,11 +167,12 @@ class FastEngine:
         """The matched layer's activations of every node [n, d_l] through the lowered program:
         memory O(n d + E) (CSR aggregations; no per-edge message tensor). Stages that see no
         edge weights propagate over the graph's cached in-edge CSR with unit weights and
-        per-node scales (:func:`_unit_scales`): no per-edge values, no operator CSR."""
+        per-node scales (:func:`_unit_scales`): no per-edge values, no operator CSR. A pooled
+        program pools every node as one graph ([1, d_l])."""
         h, operators, n, outputs = x, {}, x.shape[0], []
         for stage in self.program.stages:
             teleport = None if stage.teleport is None else outputs[stage.teleport[0]]
-            if stage.weighted and edge_weight is not None:
+            if stage.attention is not None or (stage.weighted and edge_weight is not None):
                 kind = (stage.operator, stage.eps, stage.operator_scale)
                 if kind not in operators:  # stages of one kind share their operator
                     operators[kind] = self._operator(stage, edge_index, edge_weight, n)
@@ -177,7 +183,7 @@ class FastEngine:
                     operators[kind] = _unit_scales(stage, edge_index, n)
                 h = self._propagate_unit(stage, h, operators[kind], teleport)
             outputs.append(h)
-        return h
+        return h if self.program.pool is None else self._pool(h, None)
 
     def _propagate_unit(self, stage: Stage, h: Tensor, scales: "_UnitScales", teleport: Tensor | None) -> Tensor:
         """One stage over a CSR with unit weights: act(s * A (h W) + t * self + bias) (then the
@@ -217,8 +223,9 @@ class FastEngine:
     def _run(self, x: Tensor | BinaryRows, edge_index: Tensor, edge_weight: Tensor | None, loss: bool) -> Tensor:
         stages = self.program.stages
         plan = self._plan(edge_index, x.shape[0])
-        h, sparse = self._first_input(x, plan.inputs, stages[0].residual is not None)
+        h, sparse = self._first_input(x, plan.inputs, _reads_dense_input(stages[0]))
         outputs = []
+        matched = len(stages) - 1 if self.program.pool is None else len(stages)  # pooled: after the stages
         for i, stage in enumerate(stages):
             operator = self._restricted_operator(i, stage, plan, edge_index, edge_weight, x.shape[0])
             inputs = self._transform(stage, h, sparse if i == 0 else None)
@@ -226,14 +233,25 @@ class FastEngine:
             h_rows = h if h is None or positions is None else h.index_select(0, positions)
             teleport = None if stage.teleport is None else _rows_of(outputs[stage.teleport[0]],
                                                                      plan.teleport_positions[i])
-            if i == len(stages) - 1:
+            if i == matched:
                 if loss:
-                    return self._matched(stage, h_rows, inputs, operator, teleport)
-                out = F.aggregate(inputs, operator, self.kernels, stage.bias, stage.act)
-                return self._with_teleport(stage, self._post(stage, out, h_rows), teleport)
-            h = self._propagate(stage, h_rows, inputs, operator, teleport)
+                    return self._matched(stage, h_rows, inputs, operator, teleport, positions)
+                return self._propagate(stage, h_rows, inputs, operator, teleport, positions)
+            h = self._propagate(stage, h_rows, inputs, operator, teleport, positions)
             outputs.append(h)
-        raise AssertionError("a program has at least one stage")
+        pooled = self._pool(h, self.sub.pool_batch)
+        if not loss:
+            return pooled
+        diff = (pooled - self.target).pow(2).sum(1)
+        return torch.zeros_like(self.scale).index_add(0, self.component, diff) / self.scale
+
+    def _pool(self, h: Tensor, batch: Tensor | None) -> Tensor:
+        """The pooled program's readout [G, d]: the rows of ``h`` [n, d] summed, averaged or
+        maximised per graph id in ``batch`` [n] (None: one graph), as PyG's global pooling."""
+        from torch_geometric.nn import global_add_pool, global_max_pool, global_mean_pool
+
+        pool = {"add": global_add_pool, "mean": global_mean_pool, "max": global_max_pool}[self.program.pool]
+        return pool(h, batch)
 
     def _first_input(self, x: Tensor | BinaryRows, rows: Tensor, dense_needed: bool):
         """(dense rows of x or None, BinaryRows or None) restricted to the rows the first stage reads."""
@@ -253,8 +271,9 @@ class FastEngine:
         if known is not None and known[0] is edge_index:
             return known[1]
         stages = self.program.stages
+        rows = self.sub.center if self.program.pool is None else torch.arange(n, device=edge_index.device)
         plan = _RowPlan.build([self._pattern(stage, edge_index, n) for stage in stages],
-                              [stage.root_weight is not None for stage in stages], self.sub.center,
+                              [stage.root_weight is not None for stage in stages], rows,
                               [None if stage.teleport is None else stage.teleport[0] for stage in stages])
         self._patterns["plan"] = (edge_index, plan)
         return plan
@@ -323,7 +342,14 @@ class FastEngine:
         return h if isinstance(stage.residual, str) else h @ stage.residual
 
     def _propagate(self, stage: Stage, h: Tensor, inputs: Tensor, operator: Operator,
-                   teleport: Tensor | None = None) -> Tensor:
+                   teleport: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """The stage's output at its rows (``h``: its input there; ``inputs``: the transformed
+        input at the input rows; ``positions``: the stage's rows among those, None: the same)."""
+        if stage.attention is not None:
+            xw = attention.source_features(stage, inputs)
+            xr = attention.destination_features(stage, xw, h, positions)
+            out = attention.attend(stage, xw, xr, operator, self._entries, self.kernels, self._residual(stage, h))
+            return self._with_teleport(stage, out, teleport)
         if stage.fused_epilogue and teleport is None:
             return F.aggregate(inputs, operator, self.kernels, stage.bias, stage.act, self._residual(stage, h))
         out = F.aggregate(inputs, operator, self.kernels, stage.bias, stage.act)
@@ -343,15 +369,15 @@ class FastEngine:
         return out if residual is None else out + residual
 
     def _matched(self, stage: Stage, h: Tensor | None, inputs: Tensor, rows: Operator,
-                 teleport: Tensor | None) -> Tensor:
+                 teleport: Tensor | None, positions: Tensor | None) -> Tensor:
         """The matched stage at the targets (``rows``: its operator restricted to them; ``h``: the
         stage input at the targets; ``teleport``: the teleport source there) fused with the loss
         where the epilogue allows."""
         if stage.fused_epilogue and stage.residual is None and teleport is None:
             return F.matched_loss(inputs, rows, self.kernels, self.target, self.component,
                                   self.scale, stage.bias, stage.act)
-        out = F.aggregate(inputs, rows, self.kernels, stage.bias, stage.act)
-        diff = (self._with_teleport(stage, self._post(stage, out, h), teleport) - self.target).pow(2).sum(1)
+        out = self._propagate(stage, h, inputs, rows, teleport, positions)
+        diff = (out - self.target).pow(2).sum(1)
         return torch.zeros_like(self.scale).index_add(0, self.component, diff) / self.scale
 
 
@@ -390,6 +416,12 @@ class _RowPlan:
                             for p, r, c, s in zip(full, rows, reads, stacked)],
                    [torch.searchsorted(c, r) for r, c in zip(rows, reads)],
                    [None if src is None else torch.searchsorted(rows[src], r) for src, r in zip(teleports, rows)])
+
+
+def _reads_dense_input(stage: Stage) -> bool:
+    """Whether the first stage reads its input densely besides x @ weight (a residual, GATv2's
+    destination transform)."""
+    return stage.residual is not None or (stage.attention is not None and stage.attention.dst_weight is not None)
 
 
 def _rows_of(h: Tensor, positions: Tensor | None) -> Tensor:

@@ -75,6 +75,29 @@ def matched_loss(x: Tensor, op: Operator, kernels: dict, target: Tensor, compone
     return _MatchedLoss.apply(x.contiguous(), op.value, op, bias, act, target, component, scale, kernels)
 
 
+class _EdgeSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, weight, rowptr, kernels):
+        alpha, beta = kernels["aggregate"].edge_softmax(rowptr, logits.detach().contiguous(), weight.detach())
+        ctx.save_for_backward(alpha, beta, rowptr)
+        ctx.kernels = kernels
+        return alpha
+
+    @staticmethod
+    def backward(ctx, grad_alpha):
+        alpha, beta, rowptr = ctx.saved_tensors
+        grad_logits, grad_weight = ctx.kernels["aggregate"].edge_softmax_backward(rowptr, alpha, beta,
+                                                                                  grad_alpha.contiguous())
+        return grad_logits, grad_weight if ctx.needs_input_grad[1] else None, None, None
+
+
+def edge_softmax(logits: Tensor, weight: Tensor, rowptr: Tensor, kernels: dict) -> Tensor:
+    """Attention coefficients alpha [E, H]: the softmax of ``logits`` [E, H] over each CSR row
+    (``rowptr`` [n + 1]) weighted by the entries' ``weight`` [E] (>= 0; 0 takes no part),
+    differentiable w.r.t. both (see ``ops/aggregate/reference.py``)."""
+    return _EdgeSoftmax.apply(logits, weight.contiguous(), rowptr, kernels)
+
+
 class _BinaryLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token, weight, x: BinaryRows, kernels):

@@ -14,8 +14,9 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from ops.common import (aggregate_magnitudes, assert_close_to_float64, backward_magnitudes, csr_cases,
-                        loss_magnitudes, propagate_magnitudes, propagate_problem, random_csr, transpose_csr)
+from ops.common import (aggregate_magnitudes, assert_close_to_float64, backward_magnitudes, check_edge_softmax,
+                        csr_cases, loss_magnitudes, propagate_magnitudes, propagate_problem, random_csr,
+                        softmax_problem, transpose_csr)
 
 from fastmetamer.ops import activations, cuda_library
 from fastmetamer.ops.aggregate import cuda as agg_cuda
@@ -340,3 +341,17 @@ def test_bad_inputs_raise_value_error():
         with pytest.raises(ValueError):
             call()
             pytest.fail(f"bad call {i} did not raise")
+
+
+@pytest.mark.parametrize("n,heads,edges,seed", [(1, 1, 0, 0), (1, 2, 5, 1), (12, 3, 40, 2), (3, 8, 3000, 3),
+                                                (300, 1, 900, 4)])
+def test_edge_softmax(n, heads, edges, seed):
+    """Forward and backward against float64: a single node, zero weights, a row without positive
+    weights, a hub of 750 entries, eight heads; bitwise equal on a second run."""
+    case = softmax_problem(n, heads, edges, seed)
+    check_edge_softmax(agg_cuda, *case, device="cuda")
+    rowptr, logits, weight, grad = (t.cuda() for t in case)
+    first, second = agg_cuda.edge_softmax(rowptr, logits, weight), agg_cuda.edge_softmax(rowptr, logits, weight)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    with pytest.raises(ValueError, match="weight"):
+        agg_cuda.edge_softmax(rowptr, logits, weight[:-1].contiguous())

@@ -254,3 +254,50 @@ def propagate_magnitudes(reference, args: tuple, act: str, skip_loops: bool) -> 
                                         act="none", skip_loops=skip_loops)
     slope, value, _ = activation_magnitudes(pre64, act)
     return slope * pre_mag + value
+
+
+def softmax_problem(n: int, heads: int, num_edges: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(rowptr [n+1], logits [E, H], weight [E], grad_alpha [E, H]) float32 for the edge softmax:
+    :func:`random_csr`'s rows (a hub, an empty row, duplicates), logits of spread 4, a quarter of
+    the weights 0 (entries that take no part) and a row whose weights are all 0."""
+    rowptr, _, weight = random_csr(n, n, num_edges, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    entries = weight.numel()
+    logits = 4 * torch.randn(entries, heads, generator=gen)
+    weight = torch.where(torch.rand(entries, generator=gen) < 0.25, torch.zeros_like(weight), weight)
+    if n > 1:
+        weight[rowptr[1]:rowptr[2]] = 0.0  # row 1: no entry of positive weight
+    return rowptr, logits, weight, torch.randn(entries, heads, generator=gen)
+
+
+def check_edge_softmax(module, rowptr: Tensor, logits: Tensor, weight: Tensor, grad_alpha: Tensor,
+                       device: torch.device | str = "cpu") -> None:
+    """``module``'s edge_softmax and its backward against float64 with the SPEC §7 tolerance
+    (:func:`assert_close_to_float64`: 2x / 3x the float32 reference's error), with floors from
+    the float32 operations each entry sees: the exponent (|l - m| + 2 roundings), the row's
+    denominator sum (degree roundings), the division; backward, the row's dot product ((degree
+    + 2) roundings of sum |alpha g|) and the weight gradient's sum over heads."""
+    from fastmetamer.ops.aggregate import reference as agg_ref
+
+    def run(function, *args):
+        return [t.cpu() for t in function(*(a.to(device) for a in args))]
+
+    alpha, beta = run(module.edge_softmax, rowptr, logits, weight)
+    ref32 = agg_ref.edge_softmax(rowptr, logits, weight)
+    ref64 = agg_ref.edge_softmax(rowptr, logits.double(), weight.double())
+    rows = torch.repeat_interleave(torch.arange(rowptr.numel() - 1), rowptr.diff())
+    degree = rowptr.diff().double()[rows].unsqueeze(1)
+    top = torch.where(weight > 0, logits.double().abs().amax(1), torch.zeros_like(weight.double()))
+    row_top = torch.zeros(rowptr.numel() - 1, dtype=torch.float64).scatter_reduce(0, rows, top, "amax")
+    exponent = logits.double().abs() + row_top[rows].unsqueeze(1) + degree + 4
+    for got, r32, r64, name in zip((alpha, beta), ref32, ref64, ("alpha", "beta")):
+        assert_close_to_float64(got, r32, r64, 2, exponent * r64.abs(), name)
+    grads = run(module.edge_softmax_backward, rowptr, alpha, beta, grad_alpha)
+    ref32 = agg_ref.edge_softmax_backward(rowptr, alpha, beta, grad_alpha)
+    a64, b64, g64 = alpha.double(), beta.double(), grad_alpha.double()
+    ref64 = agg_ref.edge_softmax_backward(rowptr, a64, b64, g64)
+    row_dot = torch.zeros(rowptr.numel() - 1, a64.shape[1], dtype=torch.float64).index_add_(0, rows, (a64 * g64).abs())
+    centred = g64.abs() + (degree + 2) * row_dot[rows]
+    magnitudes = (a64 * centred, (b64 * centred).sum(1) * (a64.shape[1] + 1))
+    for got, r32, r64, size, name in zip(grads, ref32, ref64, magnitudes, ("grad logits", "grad weight")):
+        assert_close_to_float64(got, r32, r64, 3, size, name)

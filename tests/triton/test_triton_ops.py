@@ -19,8 +19,8 @@ pytest.importorskip("triton")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from ops.common import (AdamMagnitudes, aggregate_magnitudes, assert_close_to_float64,  # noqa: E402
-                        backward_magnitudes, csr_cases, loss_magnitudes, propagate_magnitudes, propagate_problem,
-                        random_csr, spmm_abs, transpose_csr)
+                        backward_magnitudes, check_edge_softmax, csr_cases, loss_magnitudes, propagate_magnitudes,
+                        propagate_problem, random_csr, softmax_problem, spmm_abs, transpose_csr)
 
 from fastmetamer.ops import activations, dispatch  # noqa: E402
 from fastmetamer.ops.aggregate import reference as agg_ref  # noqa: E402
@@ -441,3 +441,10 @@ def test_imports_cleanly_without_triton(monkeypatch):
         spec.loader.exec_module(probe)
         assert probe.AVAILABLE is False, module.__name__
         assert probe.triton is None
+
+
+@pytest.mark.parametrize("n,heads,edges,seed", [(1, 1, 0, 0), (1, 2, 5, 1), (12, 3, 40, 2), (3, 8, 300, 3), (30, 1, 95, 4)])
+def test_edge_softmax(n, heads, edges, seed):
+    """Forward and backward against float64: a single node (with and without entries), zero
+    weights, a row without positive weights, a hub walked in many entry blocks, eight heads."""
+    check_edge_softmax(agg_tri, *softmax_problem(n, heads, edges, seed), device=DEVICE)

@@ -107,3 +107,28 @@ def propagate_forward(rowptr: Tensor, col: Tensor, x: Tensor, row_scale: Tensor 
     if self_scale is not None and self_x is None:
         raise ValueError("self_scale needs self_x")
     return _C.propagate_forward(rowptr, col, x, row_scale, self_x, self_scale, bias, code, bool(skip_loops))
+
+
+def _check_entries(rowptr: Tensor, values: dict) -> None:
+    """rowptr [n + 1] int64 and float32 [E, H] tensors of one shape (the extension checks rowptr's
+    values)."""
+    _check(rowptr, "rowptr", torch.int64, 1)
+    if rowptr.numel() < 1:
+        raise ValueError("rowptr must have n + 1 >= 1 entries")
+    shape = None
+    for name, t in values.items():
+        _check(t, name, torch.float32, 2, shape)
+        shape = tuple(t.shape)
+
+
+def edge_softmax(rowptr: Tensor, logits: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Edge-weighted softmax per CSR row and head; returns (alpha, beta) [E, H] as the reference."""
+    _check_entries(rowptr, {"logits": logits})
+    _check(weight, "weight", torch.float32, 1, (logits.shape[0],))
+    return _C.edge_softmax(rowptr, logits, weight)
+
+
+def edge_softmax_backward(rowptr: Tensor, alpha: Tensor, beta: Tensor, grad_alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`edge_softmax`: (grad_logits [E, H], grad_weight [E]) as the reference."""
+    _check_entries(rowptr, {"alpha": alpha, "beta": beta, "grad_alpha": grad_alpha})
+    return _C.edge_softmax_backward(rowptr, alpha, beta, grad_alpha)

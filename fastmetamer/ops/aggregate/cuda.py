@@ -171,3 +171,39 @@ def aggregate_tangents(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor) -
     out = torch.empty(P, n, f, dtype=torch.float32, device=device)
     cuda_library.call("aggregate_tangents", rowptr, col, weight, x, out, n, m, f, P)
     return out
+
+
+def _check_rows(rowptr: Tensor, values: dict) -> torch.device:
+    """rowptr [n + 1] int64 and float32 [E, H] tensors of one shape on one device; rowptr's
+    structure (0 .. E, non-decreasing) checked once per tensor on the device."""
+    device = _check(rowptr, "rowptr", torch.int64, 1)
+    if rowptr.numel() < 1:
+        raise ValueError("rowptr must have n + 1 >= 1 entries")
+    shape = None
+    for name, t in values.items():
+        _check(t, name, torch.float32, 2, shape, device)
+        shape = tuple(t.shape)
+    num_entries = shape[0]
+    _verify_once((rowptr,), (num_entries,), lambda: [
+        ((rowptr[0] == 0) & (rowptr[-1] == num_entries), f"rowptr must start at 0 and end at the {num_entries} entries"),
+        ((rowptr[1:] >= rowptr[:-1]).all(), "rowptr must be non-decreasing")])
+    return device
+
+
+def edge_softmax(rowptr: Tensor, logits: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Edge-weighted softmax per CSR row and head; returns (alpha, beta) [E, H] as the reference."""
+    device = _check_rows(rowptr, {"logits": logits})
+    _check(weight, "weight", torch.float32, 1, (logits.shape[0],), device)
+    alpha, beta = torch.empty_like(logits), torch.empty_like(logits)
+    cuda_library.call("edge_softmax", rowptr, logits, weight, alpha, beta, rowptr.numel() - 1, logits.shape[1])
+    return alpha, beta
+
+
+def edge_softmax_backward(rowptr: Tensor, alpha: Tensor, beta: Tensor, grad_alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`edge_softmax`: (grad_logits [E, H], grad_weight [E]) as the reference."""
+    _check_rows(rowptr, {"alpha": alpha, "beta": beta, "grad_alpha": grad_alpha})
+    grad_logits = torch.empty_like(alpha)
+    grad_weight = torch.empty(alpha.shape[0], dtype=torch.float32, device=alpha.device)
+    cuda_library.call("edge_softmax_backward", rowptr, alpha, beta, grad_alpha, grad_logits, grad_weight,
+                      rowptr.numel() - 1, alpha.shape[1])
+    return grad_logits, grad_weight

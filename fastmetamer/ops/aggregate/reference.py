@@ -6,6 +6,9 @@ destination i from sources col[rowptr[i]:rowptr[i+1]].
 ``propagate_forward`` is the forward-only form for a graph's own in-edge CSR with unit edge
 weights, every normalisation (GCN's D^-1/2, a mean's 1/degree, GIN's 1 + eps) in per-node
 scales: no per-edge values are built or read (a whole-graph pass over 10^7 edges).
+
+``edge_softmax`` / ``edge_softmax_backward``: the attention coefficients of GAT-type layers,
+a softmax over each row's entries weighted by the entries' (edge) weights.
 """
 from __future__ import annotations
 
@@ -13,6 +16,11 @@ import torch
 from torch import Tensor
 
 from .. import activations
+
+#: Largest exponent of the edge softmax (as the zoo's ``weighted_softmax``): keeps 0 * exp finite.
+MAX_EXPONENT = 60.0
+#: Added to every row's softmax denominator (as PyG's ``softmax``): a row of zero weights gives 0.
+SOFTMAX_EPS = 1e-16
 
 
 def _rows(rowptr: Tensor) -> Tensor:
@@ -93,3 +101,38 @@ def propagate_forward(rowptr: Tensor, col: Tensor, x: Tensor, row_scale: Tensor 
     if bias is not None:
         pre = pre + bias
     return activations.apply(pre, act)
+
+
+def edge_softmax(rowptr: Tensor, logits: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Edge-weighted softmax over every row's entries, per head.
+
+    alpha[e, h] = w_e exp(l_eh - m_ih) / (sum_{r in row i} w_r exp(l_rh - m_ih) + 1e-16), with
+    m_ih the largest logit of row i's entries of positive weight (0 where none) and exponents
+    clamped at 60; entries of weight 0 take no part (their alpha is 0). Weights are >= 0.
+
+    Args: rowptr [n+1]; logits [E, H] (CSR order); weight [E].
+    Returns: (alpha [E, H], beta [E, H]) with beta = d alpha / d w = exp(.) / denominator."""
+    rows = _rows(rowptr)
+    n, heads = rowptr.numel() - 1, logits.shape[1]
+    index = rows.unsqueeze(1).expand(-1, heads)
+    masked = logits.masked_fill((weight <= 0).unsqueeze(1), float("-inf"))
+    top = logits.new_full((n, heads), float("-inf")).scatter_reduce(0, index, masked, "amax")
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    expo = (logits - top[rows]).clamp(max=MAX_EXPONENT).exp()
+    numer = weight.unsqueeze(1) * expo
+    denom = logits.new_zeros(n, heads).index_add_(0, rows, numer)[rows] + SOFTMAX_EPS
+    return numer / denom, expo / denom
+
+
+def edge_softmax_backward(rowptr: Tensor, alpha: Tensor, beta: Tensor, grad_alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`edge_softmax` (the row maximum is a constant shift).
+
+    With dot_ih = sum_{r in row i} alpha_rh g_rh: d loss / d l_eh = alpha_eh (g_eh - dot_ih) and
+    d loss / d w_e = sum_h beta_eh (g_eh - dot_ih).
+
+    Args: rowptr [n+1]; alpha, beta [E, H] from the forward; grad_alpha g [E, H].
+    Returns: (grad_logits [E, H], grad_weight [E])."""
+    rows = _rows(rowptr)
+    dot = alpha.new_zeros(rowptr.numel() - 1, alpha.shape[1]).index_add_(0, rows, alpha * grad_alpha)
+    centred = grad_alpha - dot[rows]
+    return alpha * centred, (beta * centred).sum(1)

@@ -37,6 +37,10 @@ Epilogues
 - ``edge_grad``: one program per ``EDGE_BLOCK`` edges (balanced whatever the degrees); each edge's
   row is found by a vectorised binary search on ``rowptr``, then the program loops over feature
   blocks accumulating ``<grad_out[i] * act'(pre[i]), x[col[e]]>``.
+- ``edge_softmax`` / ``edge_softmax_backward``: one program per row (all heads), walking the
+  row's entries ``SOFTMAX_BLOCK_E`` at a time (three passes forward: maximum, denominator, write;
+  two backward). A hub row is walked by its one program (no split: the work per entry is a few
+  flops on H numbers).
 """
 import os
 
@@ -60,6 +64,9 @@ BLOCK_E = 8         # edges per step of a chunk
 MAX_BLOCK_F = 128   # features per program (a power of two >= 8)
 TILE = 4096         # elements of a program's gathered tile: BLOCK_R * BLOCK_E * BLOCK_F
 EDGE_BLOCK = 32     # edges per program in edge_grad
+SOFTMAX_BLOCK_E = 32  # entries per step of the edge softmax
+MAX_EXPONENT = 60.0   # as the reference's edge softmax
+SOFTMAX_EPS = 1e-16
 NUM_WARPS = 8       # warps per program of the plan kernels
 
 
@@ -363,6 +370,67 @@ if triton is not None:
         tl.store(out_ptr + offs_e, acc, mask=emask)
 
 
+    @triton.jit
+    def _softmax_tile(rowptr_ptr, H, BLOCK_H: tl.constexpr):
+        """(lo, hi, head offsets, head mask) of this program's row."""
+        row = tl.program_id(0)
+        lo = tl.load(rowptr_ptr + row)
+        hi = tl.load(rowptr_ptr + row + 1)
+        offs_h = tl.arange(0, BLOCK_H)
+        return lo, hi, offs_h, offs_h < H
+
+    @triton.jit
+    def _edge_softmax_kernel(rowptr_ptr, logit_ptr, w_ptr, alpha_ptr, beta_ptr, H,
+                             BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr):
+        lo, hi, offs_h, hmask = _softmax_tile(rowptr_ptr, H, BLOCK_H)
+        top = tl.full([BLOCK_H], float("-inf"), ACC)
+        for start in range(lo, hi, BLOCK_E):
+            e = start + tl.arange(0, BLOCK_E)
+            w = tl.load(w_ptr + e, mask=e < hi, other=0.0).to(ACC)
+            mask = ((e < hi) & (w > 0))[:, None] & hmask[None, :]
+            logit = tl.load(logit_ptr + e[:, None] * H + offs_h[None, :], mask=mask, other=float("-inf")).to(ACC)
+            top = tl.maximum(top, tl.max(logit, axis=0))
+        top = tl.where(top == float("-inf"), 0.0, top)
+        denom = tl.zeros([BLOCK_H], dtype=ACC)
+        for start in range(lo, hi, BLOCK_E):
+            e = start + tl.arange(0, BLOCK_E)
+            mask = (e < hi)[:, None] & hmask[None, :]
+            w = tl.load(w_ptr + e, mask=e < hi, other=0.0).to(ACC)
+            logit = tl.load(logit_ptr + e[:, None] * H + offs_h[None, :], mask=mask, other=0.0).to(ACC)
+            expo = tl.exp(tl.minimum(logit - top[None, :], MAX_EXPONENT))
+            denom += tl.sum(tl.where(mask, w[:, None] * expo, 0.0), axis=0)
+        denom += SOFTMAX_EPS
+        for start in range(lo, hi, BLOCK_E):
+            e = start + tl.arange(0, BLOCK_E)
+            mask = (e < hi)[:, None] & hmask[None, :]
+            w = tl.load(w_ptr + e, mask=e < hi, other=0.0).to(ACC)
+            at = e[:, None] * H + offs_h[None, :]
+            logit = tl.load(logit_ptr + at, mask=mask, other=0.0).to(ACC)
+            expo = tl.exp(tl.minimum(logit - top[None, :], MAX_EXPONENT))
+            tl.store(alpha_ptr + at, w[:, None] * expo / denom[None, :], mask=mask)
+            tl.store(beta_ptr + at, expo / denom[None, :], mask=mask)
+
+    @triton.jit
+    def _edge_softmax_backward_kernel(rowptr_ptr, alpha_ptr, beta_ptr, g_ptr, grad_logit_ptr, grad_w_ptr, H,
+                                      BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr):
+        lo, hi, offs_h, hmask = _softmax_tile(rowptr_ptr, H, BLOCK_H)
+        dot = tl.zeros([BLOCK_H], dtype=ACC)
+        for start in range(lo, hi, BLOCK_E):
+            e = start + tl.arange(0, BLOCK_E)
+            mask = (e < hi)[:, None] & hmask[None, :]
+            at = e[:, None] * H + offs_h[None, :]
+            a = tl.load(alpha_ptr + at, mask=mask, other=0.0).to(ACC)
+            dot += tl.sum(a * tl.load(g_ptr + at, mask=mask, other=0.0).to(ACC), axis=0)
+        for start in range(lo, hi, BLOCK_E):
+            e = start + tl.arange(0, BLOCK_E)
+            mask = (e < hi)[:, None] & hmask[None, :]
+            at = e[:, None] * H + offs_h[None, :]
+            centred = tl.load(g_ptr + at, mask=mask, other=0.0).to(ACC) - dot[None, :]
+            tl.store(grad_logit_ptr + at, tl.load(alpha_ptr + at, mask=mask, other=0.0).to(ACC) * centred, mask=mask)
+            beta = tl.load(beta_ptr + at, mask=mask, other=0.0).to(ACC)
+            tl.store(grad_w_ptr + e, tl.sum(tl.where(mask, beta * centred, 0.0), axis=1), mask=e < hi)
+
+
 def _dtype(*tensors: Tensor | None) -> torch.dtype:
     dtype = tensors[0].dtype
     for t in tensors[1:]:
@@ -471,3 +539,33 @@ def propagate_forward(rowptr: Tensor, col: Tensor, x: Tensor, row_scale: Tensor 
          HAS_SCALE=row_scale is not None, HAS_SELF=self_x is not None, HAS_SELF_SCALE=self_scale is not None,
          HAS_BIAS=bias is not None, SKIP_LOOPS=bool(skip_loops), ACT=code)
     return out
+
+
+def _softmax_launch(kernel, rowptr: Tensor, heads: int, dtype: torch.dtype, *args) -> None:
+    """Launch an edge-softmax kernel: one program per row, all heads in one block."""
+    n = rowptr.numel() - 1
+    if n > 0 and heads > 0:
+        kernel[(n,)](rowptr.contiguous(), *args, heads, BLOCK_E=SOFTMAX_BLOCK_E,
+                     BLOCK_H=triton.next_power_of_2(heads), ACC=_acc_dtype(dtype))
+
+
+def edge_softmax(rowptr: Tensor, logits: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Edge-weighted softmax per CSR row and head; see :func:`.reference.edge_softmax`."""
+    _check_available()
+    dtype = _dtype(logits, weight)
+    alpha = torch.zeros(logits.shape, dtype=dtype, device=logits.device)
+    beta = torch.zeros_like(alpha)
+    _softmax_launch(_edge_softmax_kernel, rowptr, logits.shape[1], dtype, logits.contiguous(), weight.contiguous(),
+                    alpha, beta)
+    return alpha, beta
+
+
+def edge_softmax_backward(rowptr: Tensor, alpha: Tensor, beta: Tensor, grad_alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`edge_softmax`; see :func:`.reference.edge_softmax_backward`."""
+    _check_available()
+    dtype = _dtype(alpha, beta, grad_alpha)
+    grad_logits = torch.zeros(alpha.shape, dtype=dtype, device=alpha.device)
+    grad_weight = torch.zeros(alpha.shape[0], dtype=dtype, device=alpha.device)
+    _softmax_launch(_edge_softmax_backward_kernel, rowptr, alpha.shape[1], dtype, alpha.contiguous(),
+                    beta.contiguous(), grad_alpha.contiguous(), grad_logits, grad_weight)
+    return grad_logits, grad_weight
