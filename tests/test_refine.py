@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastmetamer.metamers import refine as refine_module
 from fastmetamer.metamers.refine import apply_moves, refine
 
 
@@ -258,3 +259,34 @@ def test_segment_top_equals_rounds_of_maxima(m, segments, count, seed):
     segment = torch.randint(0, segments, (m,), generator=gen)
     got, want = _segment_top(values, segment, segments, count), _segment_top_by_rounds(values, segment, segments, count)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def _scan_moves(entries, blocks, generator):
+    """The kick's moves by a scan of the block's zeros per move (the oracle of _random_moves)."""
+    ones = entries.nonzero().flatten()
+    count = max(1, math.ceil(refine_module.KICK_FRACTION * ones.numel()))
+    for e in ones[torch.randperm(ones.numel(), generator=generator)[:count]].tolist():
+        zeros = (~entries & (blocks == blocks[e])).nonzero().flatten()
+        if zeros.numel():
+            entries[e] = False
+            entries[zeros[int(torch.randint(zeros.numel(), (1,), generator=generator))]] = True
+
+
+@settings(deadline=None, max_examples=60, derandomize=True)
+@given(n=st.integers(1, 300), num_blocks=st.integers(1, 5), density=st.floats(0.0, 1.0), sort=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_kick_moves_equal_the_scan_of_zeros(n, num_blocks, density, sort, seed):
+    """The kick's random moves (each chosen one off, the k-th current zero of its block on) equal
+    the per-move scan they replace, draw for draw: full blocks, empty blocks, interleaved blocks;
+    every block keeps its number of ones."""
+    gen = torch.Generator().manual_seed(seed)
+    entries = torch.rand(n, generator=gen) < density
+    blocks = torch.randint(0, num_blocks, (n,), generator=gen)
+    if sort:
+        blocks = blocks.sort().values
+    want, got = entries.clone(), entries.clone()
+    _scan_moves(want, blocks, torch.Generator().manual_seed(seed))
+    refine_module._random_moves(got, blocks, torch.Generator().manual_seed(seed))
+    assert torch.equal(got, want)
+    for b in range(num_blocks):
+        assert int(got[blocks == b].sum()) == int(entries[blocks == b].sum())

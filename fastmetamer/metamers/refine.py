@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -262,11 +263,38 @@ def _random_placement(entries: Tensor, blocks: Tensor, generator: torch.Generato
 
 
 def _random_moves(entries: Tensor, blocks: Tensor, generator: torch.Generator) -> None:
-    """In place: switch off a few random ones, each for a random zero of its block."""
+    """In place: switch off a few random ones (``KICK_FRACTION`` of them, at least one), each in
+    turn for a uniformly random current zero of its block (the k-th in ascending order, k drawn
+    from ``generator``).
+
+    Each block keeps the sorted positions of its ones among its entries; the k-th zero is then
+    k plus the number of ones before it (one binary search), so a move costs O(ones of the block)
+    instead of a scan of the problem's entries."""
     ones = entries.nonzero().flatten()
     count = max(1, math.ceil(KICK_FRACTION * ones.numel()))
-    for e in ones[torch.randperm(ones.numel(), generator=generator)[:count].to(ones.device)].tolist():
-        zeros = (~entries & (blocks == blocks[e])).nonzero().flatten()
-        if zeros.numel():
-            entries[e] = False
-            entries[zeros[int(torch.randint(zeros.numel(), (1,), generator=generator))]] = True
+    chosen = ones[torch.randperm(ones.numel(), generator=generator)[:count].to(ones.device)].tolist()
+    if not chosen:
+        return
+    block_of = blocks.cpu().numpy()
+    state = entries.cpu().numpy()
+    order = np.argsort(block_of, kind="stable")  # every block's entries, ascending
+    bounds = np.searchsorted(block_of[order], np.unique(block_of[chosen]), side="left"), \
+        np.searchsorted(block_of[order], np.unique(block_of[chosen]), side="right")
+    members = {int(block_of[order[lo]]): order[lo:hi] for lo, hi in zip(*bounds)}
+    ones_at = {b: np.flatnonzero(state[m]) for b, m in members.items()}  # sorted, within the block
+    off, on = [], []
+    for e in chosen:
+        b = int(block_of[e])
+        where, mine = members[b], ones_at[b]
+        zeros = where.size - mine.size
+        if zeros == 0:
+            continue
+        k = int(torch.randint(zeros, (1,), generator=generator))
+        before = int(np.searchsorted(mine - np.arange(mine.size), k, side="right"))  # ones before the k-th zero
+        mine = np.delete(mine, np.searchsorted(mine, np.searchsorted(where, e)))
+        ones_at[b] = np.insert(mine, np.searchsorted(mine, k + before), k + before)
+        off.append(e)
+        on.append(int(where[k + before]))
+    # an entry switched off can be switched on by a later move, never the other way round
+    entries[torch.tensor(off, dtype=torch.long, device=entries.device)] = False
+    entries[torch.tensor(on, dtype=torch.long, device=entries.device)] = True
