@@ -8,6 +8,7 @@ import torch.nn.functional as torch_f
 from torch import Tensor
 
 from ..ops.activations import apply
+from ..ops.memo import Memo
 from . import functions as F
 from .csr import Operator, Pattern
 from .lowering import Stage
@@ -16,23 +17,24 @@ from .lowering import Stage
 class EntryIndex:
     """Per pattern, what an attention stage needs besides its CSR: ``rows`` [E] (the row of every
     CSR entry) and ``transposed`` [E] (the CSR position of every entry of the transpose, None for
-    a forward-only pattern), built once per pattern."""
+    a forward-only pattern), built once per pattern and kept while its tensors live (a bounded
+    :class:`~fastmetamer.ops.memo.Memo`: a structure metamer's resampled patterns are dropped)."""
 
     def __init__(self):
-        self._known: dict = {}
+        self._known = Memo(8)
 
     def of(self, pattern: Pattern) -> tuple[Tensor, Tensor | None]:
-        known = self._known.get(id(pattern))
-        if known is None or known[0] is not pattern:
-            rows = torch.repeat_interleave(torch.arange(pattern.num_rows, device=pattern.rowptr.device),
-                                           pattern.rowptr.diff(), output_size=pattern.col.numel())
-            transposed = None
-            if pattern.t_order is not None:  # both orders index the same coordinate entries
-                sorted_order, position = pattern.order.sort()
-                transposed = position.index_select(0, torch.searchsorted(sorted_order, pattern.t_order))
-            known = (pattern, rows, transposed)
-            self._known[id(pattern)] = known
-        return known[1], known[2]
+        tensors = [t for t in (pattern.rowptr, pattern.order, pattern.t_order) if t is not None]
+        return self._known.get(tensors, (pattern.num_rows,), lambda: _entry_index(pattern))
+
+
+def _entry_index(pattern: Pattern) -> tuple[Tensor, Tensor | None]:
+    rows = torch.repeat_interleave(torch.arange(pattern.num_rows, device=pattern.rowptr.device),
+                                   pattern.rowptr.diff(), output_size=pattern.col.numel())
+    if pattern.t_order is None:
+        return rows, None
+    sorted_order, position = pattern.order.sort()  # both orders index the same coordinate entries
+    return rows, position.index_select(0, torch.searchsorted(sorted_order, pattern.t_order))
 
 
 def source_features(stage: Stage, inputs: Tensor) -> Tensor:
