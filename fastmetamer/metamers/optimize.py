@@ -130,7 +130,8 @@ class BestStates:
     Each parameter set gives ``current_state()``: the input the model saw at the last forward
     (binary features: the hard 0/1 rows; continuous: the clipped rows; structure: the chosen
     pairs), a tensor whose rows belong to the components ``state_owner`` [rows]. After a step's
-    losses [C] are known, :meth:`update` copies the rows of every component that improved.
+    losses [C] are known, :meth:`update` copies the rows of every component that improved (in
+    place through the parameter set's ``copy_state_rows(dest, rows)`` where it has one).
     """
 
     def __init__(self, param_sets: list, num_components: int, device: torch.device | str = "cpu"):
@@ -146,10 +147,12 @@ class BestStates:
             return
         self.loss = torch.where(improved, losses, self.loss)
         for i, ps in enumerate(self.param_sets):
-            state = ps.current_state()
             if self.states[i] is None:
-                self.states[i] = state.clone()
+                self.states[i] = ps.current_state().clone()
+            elif hasattr(ps, "copy_state_rows"):
+                ps.copy_state_rows(self.states[i], improved[ps.state_owner])
             else:
+                state = ps.current_state()
                 rows = improved[ps.state_owner].view(-1, *([1] * (state.dim() - 1)))
                 self.states[i] = torch.where(rows, state, self.states[i])
 
