@@ -13,9 +13,12 @@ runs in a fresh subprocess; its memory is the peak resident set during the measu
 resident set before it (Linux: the peak mark is reset after loading the data and the model).
 "total s" is the whole call as a user makes it (fastmetamer: setup, receptive fields, criterion;
 scoring off on both sides); "speed-up" compares total times, "step speed-up" time per step.
+fastmetamer's call includes its discrete swap search after the straight-through steps (200
+iterations per node target by default), which the PyG loop does not do; ``--refine-steps 0``
+switches it off so that both sides do the same work (the result files say which was used).
 
     python benchmarks/run_benchmarks.py [--quick] [--models GAT SGC APPNP] [--graphs Cora]
-        [--name metamer_benchmarks] [--out benchmarks/results]
+        [--refine-steps N] [--name metamer_benchmarks] [--out benchmarks/results]
 
 writes ``<name>.json`` and ``<name>.md`` (with the machine description).
 """
@@ -73,8 +76,9 @@ def _reset_peak_rss() -> float:
     return _status_mb("VmRSS")
 
 
-def run_one(case: str, graph_name: str, model_name: str, impl: str, steps: int) -> dict:
-    """One measurement (in this process): wall time, time per step, peak RSS increase, loss."""
+def run_one(case: str, graph_name: str, model_name: str, impl: str, steps: int, refine_steps: int | None) -> dict:
+    """One measurement (in this process): wall time, time per step, peak RSS increase, loss;
+    ``refine_steps``: fastmetamer's swap-search iterations (None: its default)."""
     import fastmetamer as fm
 
     from pyg_baseline import feature_metamer, node_metamers
@@ -97,7 +101,7 @@ def run_one(case: str, graph_name: str, model_name: str, impl: str, steps: int) 
         per_step = total / (steps * (1 if case == "whole" else len(nodes)))
     else:
         res = fm.generate(model, graph, None if case == "whole" else nodes, steps=steps, tol=0.0,
-                          progress=False, scores=False)
+                          progress=False, scores=False, refine_steps=refine_steps)
         total = time.perf_counter() - start
         per_step = res.seconds / (len(res.history) * (1 if case == "whole" else len(nodes)))
         final = float(res.history[-1].median())
@@ -121,9 +125,14 @@ def _subprocess(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _markdown(rows: list[dict], info: dict) -> str:
+def _markdown(rows: list[dict], info: dict, refine_steps: int | None = None) -> str:
+    search = ("fastmetamer's default (200 iterations per node target after the straight-through steps; the PyG "
+              "loop has none)" if refine_steps is None else
+              "off on both sides (`refine_steps=0`: the same work)" if refine_steps == 0 else
+              f"{refine_steps} iterations on fastmetamer's side (the PyG loop has none)")
     lines = ["# Metamer benchmarks", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
+             f"Discrete swap search: {search}.", "",
              "| case | graph | model | impl | steps | total s | ms/step | peak RSS +MB | speed-up | step speed-up "
              "| final loss |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -140,6 +149,8 @@ def _markdown(rows: list[dict], info: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--one", nargs=5, metavar=("CASE", "GRAPH", "MODEL", "IMPL", "STEPS"))
+    parser.add_argument("--refine-steps", type=int, default=None,
+                        help="fastmetamer's swap-search iterations (default: the library's; 0: off, as the PyG loop)")
     parser.add_argument("--quick", action="store_true", help="Cora only, GCN only")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=sorted(HOPS))
     parser.add_argument("--graphs", nargs="+", default=["Cora", "synthetic-100k"], choices=["Cora", "synthetic-100k"])
@@ -148,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.one:
         case, graph, model, impl, steps = args.one
-        print(json.dumps(run_one(case, graph, model, impl, int(steps))))
+        print(json.dumps(run_one(case, graph, model, impl, int(steps), args.refine_steps)))
         return
     graphs = ("Cora",) if args.quick else args.graphs
     models = ("GCN",) if args.quick else args.models
@@ -156,15 +167,17 @@ def main(argv: list[str] | None = None) -> None:
     for graph in graphs:
         for model in models:
             for case, steps in (("whole", 20 if graph == "Cora" else 5), ("nodes64", 100)):
-                pair = [_subprocess([case, graph, model, impl, str(steps)]) for impl in ("pyg", "fast")]
+                search = [] if args.refine_steps is None else ["--refine-steps", str(args.refine_steps)]
+                pair = [_subprocess([case, graph, model, impl, str(steps), *search]) for impl in ("pyg", "fast")]
                 pair[1]["speedup"] = pair[0]["seconds_total"] / pair[1]["seconds_total"]
                 pair[1]["step_speedup"] = pair[0]["seconds_per_step"] / pair[1]["seconds_per_step"]
                 rows += pair
                 print(_markdown(pair, {}).splitlines()[-3], flush=True)
     info = machine()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
-    (args.out / f"{args.name}.md").write_text(_markdown(rows, info))
+    (args.out / f"{args.name}.json").write_text(
+        json.dumps({"machine": info, "refine_steps": args.refine_steps, "rows": rows}, indent=2))
+    (args.out / f"{args.name}.md").write_text(_markdown(rows, info, args.refine_steps))
 
 
 if __name__ == "__main__":

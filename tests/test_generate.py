@@ -106,9 +106,10 @@ def test_binary_feature_metamer(synthetic, pyg_gcn):
     assert res.history.dim() == 1 and res.history[0] > 10 * res.loss
 
 
-def test_best_binary_state_copied_row_wise_equals_the_dense_where(synthetic, pyg_gcn, monkeypatch):
-    """The fused binary features write their best state in place, row by row; the result (metamer,
-    history) equals the generic path that builds the dense state and selects with
+@pytest.mark.parametrize("per_row", [False, True])
+def test_best_binary_state_kept_by_its_ones_equals_the_dense_where(synthetic, pyg_gcn, monkeypatch, per_row):
+    """The fused binary features keep their best state by its ones (a CSR merged row by row); the
+    result (metamer, history) equals the generic path that builds the dense state and selects with
     ``where``. Refinement off, so the best state of the straight-through phase is what returns."""
     from fastmetamer.metamers.features import FusedBinaryFeatures
     from fastmetamer.ops import dispatch
@@ -116,9 +117,9 @@ def test_best_binary_state_copied_row_wise_equals_the_dense_where(synthetic, pyg
     if not dispatch.is_available("cpu"):
         pytest.skip("cpu backend not built")
     nodes = synthetic.test_mask.nonzero().flatten()[:6].tolist()
-    options = dict(steps=60, seed=2, refine_steps=0, progress=False, scores=False, backend="cpu")
+    options = dict(steps=60, seed=2, refine_steps=0, per_row=per_row, progress=False, scores=False, backend="cpu")
     in_place = fm.generate(pyg_gcn, synthetic, nodes, **options)
-    monkeypatch.delattr(FusedBinaryFeatures, "copy_state_rows")
+    monkeypatch.delattr(FusedBinaryFeatures, "best_ones")
     dense = fm.generate(pyg_gcn, synthetic, nodes, **options)
     assert torch.equal(in_place.graph.x, dense.graph.x) and torch.equal(in_place.history, dense.history)
     # the best state is not simply the last one: some targets' losses went up again

@@ -364,7 +364,8 @@ class FastEngine:
         from ..ops.activations import apply
 
         for dense in stage.post:
-            out = apply(out @ dense.weight + (0 if dense.bias is None else dense.bias), dense.act)
+            product = out @ dense.weight if dense.bias is None else torch.addmm(dense.bias, out, dense.weight)
+            out = apply(product, dense.act, inplace=True)
         residual = self._residual(stage, h)
         return out if residual is None else out + residual
 

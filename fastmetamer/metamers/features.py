@@ -307,17 +307,28 @@ class FusedBinaryFeatures:
 
     def current_state(self) -> Tensor:
         """The hard 0/1 free rows [F, d] the model saw at the last forward."""
-        row, col = self._ones_coo()
+        return self.dense_state(self._ones)
+
+    def dense_state(self, ones: tuple[Tensor, Tensor]) -> Tensor:
+        """The 0/1 rows [F, d] whose ones are ``ones`` = (rowptr [F + 1], col [nnz])."""
+        rowptr, col = ones
+        row = torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=col.device), rowptr.diff(),
+                                      output_size=col.numel())
         return torch.zeros_like(self.theta).index_put_((row, col), self.theta.new_ones(col.numel()))
 
-    def copy_state_rows(self, dest: Tensor, rows: Tensor) -> None:
-        """Write the rows ``rows`` [F] bool of :meth:`current_state` into ``dest`` [F, d] in place,
-        in O(F·d) writes and no host read (cheaper than building the dense state and a ``where``)."""
-        row, col = self._ones_coo()
-        dest.masked_fill_(rows[:, None], 0.0)
-        dest.index_put_((row, col), torch.where(rows[row], 1.0, dest[row, col]))
-
-    def _ones_coo(self) -> tuple[Tensor, Tensor]:
-        """(row [nnz], col [nnz]) of the ones the model saw at the last forward."""
+    def best_ones(self, best: tuple[Tensor, Tensor] | None, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """The ones (rowptr [F + 1], col [nnz]) of a best state ``best`` (None: none yet) with the
+        rows ``rows`` [F] bool taken from the last forward: O(F + nnz), no dense [F, d] pass and no
+        host read. ``rows`` covers whole components, and the selection keeps each component's
+        number of ones, so the result has as many ones as the last forward."""
         rowptr, col = self._ones
-        return torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=col.device), rowptr.diff()), col
+        if best is None:
+            return rowptr, col.clone()
+        best_ptr, best_col = best
+        counts = torch.where(rows, rowptr.diff(), best_ptr.diff())
+        starts = torch.where(rows, rowptr[:-1], best_ptr[:-1] + col.numel())
+        owner = torch.repeat_interleave(torch.arange(counts.numel(), device=col.device), counts,
+                                        output_size=col.numel())
+        offsets = torch.cumsum(counts, 0)
+        index = starts[owner] + torch.arange(col.numel(), device=col.device) - (offsets - counts)[owner]
+        return torch.cat([offsets.new_zeros(1), offsets]), torch.cat([col, best_col])[index]

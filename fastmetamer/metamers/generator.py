@@ -467,7 +467,7 @@ def _refine(engine, sub: Subgraph, feats, struct, best: BestStates, generators, 
     many targets; ``copyable``: states may be evaluated on disjoint copies of the graph;
     ``restart_above`` [C]: a search stuck above it starts once more from a random state."""
     kinds = [k for k, p in (("features", feats), ("structure", struct)) if p is not None]
-    states = dict(zip(kinds, best.states))
+    states = dict(zip(kinds, best.dense_states()))
     runs = [stop_below.new_empty(0, sub.num_components)]
     iterations = opts.refine_steps if opts.refine_steps is not None else 0 if shared_loss else DEFAULT_REFINE_STEPS
     search = dict(iterations=iterations, kicks=opts.refine_kicks, stop_below=stop_below,

@@ -130,8 +130,9 @@ class BestStates:
     Each parameter set gives ``current_state()``: the input the model saw at the last forward
     (binary features: the hard 0/1 rows; continuous: the clipped rows; structure: the chosen
     pairs), a tensor whose rows belong to the components ``state_owner`` [rows]. After a step's
-    losses [C] are known, :meth:`update` copies the rows of every component that improved (in
-    place through the parameter set's ``copy_state_rows(dest, rows)`` where it has one).
+    losses [C] are known, :meth:`update` copies the rows of every component that improved. A
+    parameter set with ``best_ones(best, rows)`` and ``dense_state(best)`` (binary features by
+    their ones) keeps its best state in that compact form; :meth:`dense_states` expands it.
     """
 
     def __init__(self, param_sets: list, num_components: int, device: torch.device | str = "cpu"):
@@ -147,14 +148,19 @@ class BestStates:
             return
         self.loss = torch.where(improved, losses, self.loss)
         for i, ps in enumerate(self.param_sets):
-            if self.states[i] is None:
+            if hasattr(ps, "best_ones"):
+                self.states[i] = ps.best_ones(self.states[i], improved[ps.state_owner])
+            elif self.states[i] is None:
                 self.states[i] = ps.current_state().clone()
-            elif hasattr(ps, "copy_state_rows"):
-                ps.copy_state_rows(self.states[i], improved[ps.state_owner])
             else:
                 state = ps.current_state()
                 rows = improved[ps.state_owner].view(-1, *([1] * (state.dim() - 1)))
                 self.states[i] = torch.where(rows, state, self.states[i])
+
+    def dense_states(self) -> list[Tensor]:
+        """The best state of every parameter set as :meth:`current_state` gives it (dense)."""
+        return [ps.dense_state(state) if hasattr(ps, "best_ones") else state
+                for ps, state in zip(self.param_sets, self.states)]
 
 
 def run_schedule(param_sets: list[Parameterisation], step_losses: Callable[[], tuple[Tensor, Tensor]],

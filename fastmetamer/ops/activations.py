@@ -24,18 +24,19 @@ def check_activation(act: str) -> int:
     return ACT_CODES[act]
 
 
-def apply(pre: Tensor, act: str) -> Tensor:
-    """act(pre), elementwise."""
+def apply(pre: Tensor, act: str, inplace: bool = False) -> Tensor:
+    """act(pre), elementwise; ``inplace``: overwrite ``pre`` where the activation can (a fresh
+    tensor that autograd does not need: saves allocating, and page-faulting, another one)."""
     if act == "none":
         return pre
     if act == "relu":
-        return torch.relu(pre)
+        return torch.relu_(pre) if inplace else torch.relu(pre)
     if act == "elu":
-        return torch.nn.functional.elu(pre)
+        return torch.nn.functional.elu(pre, inplace=inplace)
     if act == "leaky_relu":
-        return torch.nn.functional.leaky_relu(pre, LEAKY_SLOPE)
+        return torch.nn.functional.leaky_relu(pre, LEAKY_SLOPE, inplace=inplace)
     if act == "tanh":
-        return torch.tanh(pre)
+        return torch.tanh_(pre) if inplace else torch.tanh(pre)
     return torch.nn.functional.gelu(pre)
 
 
