@@ -320,10 +320,11 @@ class FusedBinaryFeatures:
         """The ones (rowptr [F + 1], col [nnz]) of a best state ``best`` (None: none yet) with the
         rows ``rows`` [F] bool taken from the last forward: O(F + nnz), no dense [F, d] pass and no
         host read. ``rows`` covers whole components, and the selection keeps each component's
-        number of ones, so the result has as many ones as the last forward."""
+        number of ones, so the result has as many ones as the last forward (each forward's
+        ones are fresh tensors, never written in place, so they can be kept as they are)."""
         rowptr, col = self._ones
         if best is None:
-            return rowptr, col.clone()
+            return rowptr, col
         best_ptr, best_col = best
         counts = torch.where(rows, rowptr.diff(), best_ptr.diff())
         starts = torch.where(rows, rowptr[:-1], best_ptr[:-1] + col.numel())
