@@ -118,12 +118,12 @@ def test_best_binary_state_kept_by_its_ones_equals_the_dense_where(synthetic, py
         pytest.skip("cpu backend not built")
     nodes = synthetic.test_mask.nonzero().flatten()[:6].tolist()
     options = dict(steps=60, seed=2, refine_steps=0, per_row=per_row, progress=False, scores=False, backend="cpu")
-    in_place = fm.generate(pyg_gcn, synthetic, nodes, **options)
+    compact = fm.generate(pyg_gcn, synthetic, nodes, **options)
     monkeypatch.delattr(FusedBinaryFeatures, "best_ones")
     dense = fm.generate(pyg_gcn, synthetic, nodes, **options)
-    assert torch.equal(in_place.graph.x, dense.graph.x) and torch.equal(in_place.history, dense.history)
+    assert torch.equal(compact.graph.x, dense.graph.x) and torch.equal(compact.history, dense.history)
     # the best state is not simply the last one: some targets' losses went up again
-    assert bool((in_place.history[-1] > in_place.history.min(0).values).any())
+    assert bool((compact.history[-1] > compact.history.min(0).values).any())
 
 
 def test_batched_targets_match_single_calls(synthetic, pyg_gcn):

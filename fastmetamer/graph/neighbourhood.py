@@ -47,10 +47,11 @@ class InEdges:
         return expand_ranges(starts, self.rowptr[nodes + 1] - starts)
 
 
-def expand_ranges(starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+def expand_ranges(starts: Tensor, counts: Tensor, total: int | None = None) -> tuple[Tensor, Tensor]:
     """The ranges ``starts[i] : starts[i] + counts[i]`` [R] laid end to end: (owner [M]: the range
-    i of every element, index [M]: its value), with M = counts.sum()."""
-    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    i of every element, index [M]: its value), with M = counts.sum(); ``total``: M when the caller
+    knows it (no host read of ``counts`` on an accelerator)."""
+    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=total)
     offsets = torch.cumsum(counts, 0) - counts
     return owner, starts[owner] + torch.arange(owner.numel(), device=counts.device) - offsets[owner]
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..graph.neighbourhood import expand_ranges
 from ..graph.subgraph import Subgraph
 
 
@@ -328,8 +329,5 @@ class FusedBinaryFeatures:
         best_ptr, best_col = best
         counts = torch.where(rows, rowptr.diff(), best_ptr.diff())
         starts = torch.where(rows, rowptr[:-1], best_ptr[:-1] + col.numel())
-        owner = torch.repeat_interleave(torch.arange(counts.numel(), device=col.device), counts,
-                                        output_size=col.numel())
-        offsets = torch.cumsum(counts, 0)
-        index = starts[owner] + torch.arange(col.numel(), device=col.device) - (offsets - counts)[owner]
-        return torch.cat([offsets.new_zeros(1), offsets]), torch.cat([col, best_col])[index]
+        _, index = expand_ranges(starts, counts, total=col.numel())
+        return torch.cat([counts.new_zeros(1), counts.cumsum(0)]), torch.cat([col, best_col])[index]
