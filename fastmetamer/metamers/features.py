@@ -86,19 +86,23 @@ class FeatureParam:
         slope: s in P = sigmoid(s * X_soft).
         margin, margin_weight: m and lambda of the margin term mean(relu(m - |P - t|)).
         population: the whole graph's features [N, d] (statistics of tiny receptive fields).
+        stats, noise: given instead of computed from ``sub`` and drawn from ``generators`` (a
+            partitioned whole graph's share of them, see :mod:`.partitioned`).
     """
 
     def __init__(self, sub: Subgraph, generators: list[torch.Generator], *, binary: bool,
                  size_independent: bool, per_row: bool, slope: float, margin: float, margin_weight: float,
-                 population: Tensor | None = None):
+                 population: Tensor | None = None, stats: FeatureStats | None = None, noise: Tensor | None = None):
         self.sub, self.generators = sub, generators
         self.binary, self.size_independent, self.per_row = binary, size_independent, per_row
         self.slope, self.margin, self.margin_weight = slope, margin, margin_weight
-        self.stats = feature_stats(sub, population)
+        self.stats = feature_stats(sub, population) if stats is None else stats
         self.free_component = sub.component[sub.free]
         self.ptr = sub.free_ptr()
+        self.component_rows = self.ptr.diff()  # free rows per component (the margin term's mean)
         self.row_ones = (sub.x[sub.free] > 0.5).sum(1)
-        self.noise = draw_noise(self.ptr, sub.x.shape[1], generators, device=sub.x.device).to(sub.x.dtype)
+        self.noise = (draw_noise(self.ptr, sub.x.shape[1], generators, device=sub.x.device) if noise is None
+                      else noise).to(sub.x.dtype)
         if size_independent:
             self.params = [self.stats.mean.clone().requires_grad_(),
                            self.stats.std.clone().requires_grad_()]
@@ -161,7 +165,7 @@ class FeatureParam:
         """Sum over components of mean(relu(m - |P - t|)) over the component's entries."""
         per_row = torch.relu(self.margin - (prob - threshold).abs()).sum(1)
         per_comp = per_row.new_zeros(self.sub.num_components).index_add(0, self.free_component, per_row)
-        return (per_comp / (self.ptr.diff().clamp_min(1) * prob.shape[1])).sum()
+        return (per_comp / (self.component_rows.clamp_min(1) * prob.shape[1])).sum()
 
     def _top_mask(self, prob: Tensor) -> tuple[Tensor, Tensor]:
         """Hard 0/1 mask of the largest entries (per component or per row) and the threshold

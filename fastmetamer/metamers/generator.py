@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
@@ -20,7 +21,7 @@ from ..graph.layers import accepts_keyword, count_hops, layer_output, resolve_la
 from .moves import FeatureMoves, StructureMoves
 from .optimize import BestStates, Restarts, Schedule, run_schedule
 from .refine import refine
-from . import chunks
+from . import chunks, partitioned
 from .. import distributed
 from ..memory import check_budget, default_budget
 from ..graph.subgraph import (Subgraph, check_graph_ids, disjoint_receptive_fields, receptive_field,
@@ -193,6 +194,12 @@ def _generate_in_chunks(model, graph, targets, layer, kind, schedule, seed, back
     process group of several ranks, each rank solves its share of the targets and every rank
     returns the merged result (:mod:`fastmetamer.distributed`)."""
     hops = count_hops(model, layer, graph.x, extra) if opts.hops is None else opts.hops
+    if targets is None and distributed.is_sharing():
+        reason = partitioned.not_partitioned(model, layer, graph, kind, opts, extra)
+        if reason is None:
+            return _partitioned(model, graph, layer, kind, schedule, seed, opts, hops)
+        warnings.warn(f"fastmetamer: a whole-graph problem with {reason} is not partitioned; every rank "
+                      "solves all of it", stacklevel=4)
     if targets is None or targets.numel() == 1:
         return _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts, extra, hops)
     budget = default_budget(graph.x.device) if opts.memory_budget is None else opts.memory_budget
@@ -205,6 +212,27 @@ def _generate_in_chunks(model, graph, targets, layer, kind, schedule, seed, back
         return chunks.merge_results([r for r in distributed.all_gather(part) if r is not None])
     return _solve_chunks(model, graph, targets, costs, budget, layer, kind, schedule, seed, backend, opts, extra,
                          hops, single=None)
+
+
+def _partitioned(model, graph, layer, kind, schedule, seed, opts, hops) -> MetamerResult:
+    """A whole-graph feature metamer solved by the ranks of the process group together, each on
+    its part of the nodes (:mod:`.partitioned`); the complete result on every rank."""
+    pieces = partitioned.generate_partitioned(model, graph, layer, schedule, seed, opts)
+    sub, history = pieces["sub"], pieces["history"]
+    metamer = _subgraph_data(sub, graph, pieces["x"], sub.edge_index, sub.edge_weight)
+    reference = _subgraph_data(sub, graph, sub.x, sub.edge_index, sub.edge_weight)
+    passed, null = pieces["passed"], pieces["null"]
+    return MetamerResult(
+        graph=metamer, reference=reference, center=sub.center, loss=pieces["loss"], history=history[:, 0],
+        passed=passed, trivial=pieces["trivial"].expand(graph.num_nodes), distance=pieces["distance"],
+        null_threshold=null.threshold, twins=null.twins,
+        metrics=metamer_metrics(metamer, reference, sub, pieces["metamer_acts"], pieces["reference_acts"], kind,
+                                passed) if opts.scores else {},
+        kind=kind, layer=layer, hops=hops, nodes=None, seconds=pieces["seconds"],
+        settings={**asdict(opts), "null_graphs": None, "forward_kwargs": [], "steps": schedule.steps,
+                  "lr": schedule.lr, "seed": seed, "backend": "reference", "binary": pieces["binary"],
+                  "partition": pieces["partition"]},
+        gradient_steps=history.shape[0])
 
 
 def _solve_chunks(model, graph, targets, costs, budget, layer, kind, schedule, seed, backend, opts, extra, hops,

@@ -1,7 +1,8 @@
 """A scale-out job, run by ``tests/test_distributed.py`` under ``torchrun`` (2 gloo ranks of one
-thread each) and once as a plain process: node metamers (features and structure) and metamer
-dimensions of the built-in synthetic graph. Every rank saves what it returns to
-``<out>/rank<r>.pt`` (the plain process: rank0.pt).
+thread each) and once as a plain process: node metamers (features and structure), metamer
+dimensions and whole-graph feature metamers (partitioned on the ranks) of the built-in synthetic
+graph, and the distributed top-k selection on values with ties. Every rank saves what it
+returns to ``<out>/rank<r>.pt`` (the plain process: rank0.pt).
 
     python tests/distributed/job.py OUT          # one process
     torchrun --standalone --nproc_per_node=2 tests/distributed/job.py OUT
@@ -17,14 +18,43 @@ from fastmetamer.metamers import generator
 
 NODES = [3, 50, 4, 120, 7, 300, 11, 15, 420]  # receptive fields of unequal size
 DIMENSION_NODES = list(range(0, 64, 4))
+WHOLE_GRAPH_MODELS = ("pyg_gcn", "appnp", "gat")  # one propagate per layer; K per layer; attention
+TOP_K = (0, 1, 17, 250, 499, 500)  # of 500 values
 
 
-def model_for(graph):
-    """A 2-layer PyG GCN with fixed random weights (the comparison does not need training)."""
+def model_for(graph, name: str = "pyg_gcn"):
+    """A 2-layer PyG GCN (or zoo model ``name``) with fixed random weights (the comparison does
+    not need training)."""
     from torch_geometric.nn.models import GCN
 
     torch.manual_seed(0)
-    return GCN(graph.num_features, 16, num_layers=2, out_channels=4).eval()
+    if name == "pyg_gcn":
+        return GCN(graph.num_features, 16, num_layers=2, out_channels=4).eval()
+    return fm.models.build_model(name, graph.num_features, 4, hidden=16).eval()
+
+
+def whole_graphs(graph) -> dict:
+    """Whole-graph feature metamers (binary features and continuous ones) of each model."""
+    noisy = graph.clone()
+    noisy.x = graph.x + 0.1 * torch.randn(graph.x.shape, generator=torch.Generator().manual_seed(3))
+    saved = {}
+    for name in WHOLE_GRAPH_MODELS:
+        for binary, g in ((True, graph), (False, noisy)):
+            res = fm.generate(model_for(graph, name), g, None, steps=40, progress=False)
+            saved[name, binary] = {"x": res.graph.x, "history": res.history, "loss": res.loss,
+                                   "passed": res.passed, "trivial": res.trivial,
+                                   "partition": res.settings.get("partition")}
+    return saved
+
+
+def selections(rank: int, world: int) -> dict:
+    """top_k of 500 values with many ties, the positions dealt out to the ranks in turn: the
+    global positions each rank selects and the threshold, for each k of TOP_K."""
+    from fastmetamer.distributed.select import top_k
+
+    values = torch.randint(0, 40, (500,), generator=torch.Generator().manual_seed(5)).float() / 40
+    mine = torch.arange(rank, 500, world)
+    return {k: (mine[top_k(values[mine], mine, k)[0]], top_k(values[mine], mine, k)[1]) for k in TOP_K}
 
 
 def recording(module, name: str, solved: list, position: int):
@@ -32,7 +62,8 @@ def recording(module, name: str, solved: list, position: int):
     real = getattr(module, name)
 
     def wrapper(*args, **kwargs):
-        solved.append(args[position].tolist())
+        if args[position] is not None:  # None: a whole graph
+            solved.append(args[position].tolist())
         return real(*args, **kwargs)
 
     setattr(module, name, wrapper)
@@ -57,6 +88,8 @@ def main(out: str) -> None:
         saved["dimension_" + wrt] = {"rank": dim.rank, "input_dim": dim.input_dim, "log_volume": dim.log_volume,
                                      "singular_values": dim.singular_values, "nodes": dim.nodes}
     saved["solved"] = solved
+    saved["whole"] = whole_graphs(graph)
+    saved["top_k"] = selections(*distributed.world())
     torch.save(saved, f"{out}/rank{distributed.world()[0]}.pt")
     if started:
         torch.distributed.destroy_process_group()
