@@ -1,20 +1,27 @@
-"""Scale-out: node targets shared across ranks of a gloo process group against one process (SPEC §10).
+"""Scale-out: targets shared and whole graphs partitioned across ranks of a gloo process group,
+against one process (SPEC §10).
 
 Jobs (each rank and the single process run one thread; the model is a 2-layer zoo GCN, hidden
 64: on Cora trained for 50 epochs before the clock starts, identically on every rank; on the
-random graph seeded random weights, as the cost does not depend on them):
+random graphs seeded random weights, as the cost does not depend on them):
 
 - ``cora``: 16 Cora node metamers (default options) plus the metamer dimension of 64 nodes;
 - ``random``: 200 node metamers of 50 steps on a random graph of 200,000 nodes (average
-  in-degree 20, F = 100 binary features, 5% ones).
+  in-degree 20, F = 100 binary features, 5% ones);
+- ``many1000``: 1,000 node metamers of 50 steps on a random graph of 1,000,000 nodes (as above);
+- ``whole``: a whole-graph feature metamer of 10 steps of a 1,000,000-node graph with locality
+  (:func:`local_graph`: each node's in-neighbours lie within +-100 places on a ring, the ids
+  shuffled; in-degree 20, F = 100 binary, 5% ones). Under torchrun it is partitioned.
 
 Each job runs once as a plain process and once under ``torchrun --nproc_per_node=2``: time of
 the calls (the slowest rank), each rank's peak resident memory above what it held once the graph
-and model were ready, and the share of the targets each rank solved.
+and model were ready, the share of the targets each rank solved, and for ``whole`` the halo rows
+and the bytes the halo exchanges move per forward pass (the backward moves as much again).
 
-    python benchmarks/scale_out.py [--jobs cora random]
+    python benchmarks/scale_out.py [--jobs cora random many1000 whole] [--nodes N]
 
-writes ``results/scale_out.json`` and ``results/scale_out.md``.
+writes ``results/scale_out.json`` and ``results/scale_out.md``, and the model of a partitioned
+whole-graph metamer of ogbn-papers100M on 8 GPUs (:func:`papers100m_model`) into the latter.
 """
 from __future__ import annotations
 
@@ -38,26 +45,50 @@ def _peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def _problem(job: str):
-    """(graph, trained model, node targets, dimension targets) of a job."""
+NODES = {"random": 200_000, "many1000": 1_000_000, "whole": 1_000_000}
+TARGETS = {"cora": 16, "random": 200, "many1000": 1000}  # node targets (whole: None)
+
+
+def local_graph(n: int, seed: int = 0, degree: int = 20, reach: int = 100):
+    """A graph with locality: node i's ``degree`` in-neighbours are drawn within ``reach`` places
+    of it on a ring, then the node ids are shuffled (the partitioner has to find the order);
+    binary features [n, 100] with 5% ones."""
+    from torch_geometric.data import Data
+
+    gen = torch.Generator().manual_seed(seed)
+    dst = torch.arange(n).repeat_interleave(degree)
+    offset = torch.randint(1, reach + 1, (n * degree,), generator=gen)
+    src = (dst + torch.where(torch.rand(n * degree, generator=gen) < 0.5, offset, -offset)) % n
+    ids = torch.randperm(n, generator=gen)
+    x = (torch.rand(n, 100, generator=gen) < 0.05).float()
+    return Data(x=x, edge_index=ids[torch.stack([src, dst])])
+
+
+def _problem(job: str, nodes: int | None):
+    """(graph, trained model, node targets or None, dimension targets) of a job."""
     import fastmetamer as fm
 
     if job == "cora":
         graph = fm.datasets.load("Cora", root=os.environ.get("FASTMETAMER_DATA", str(SHARED)))
+    elif job == "whole":
+        graph = local_graph(nodes or NODES[job])
     else:
         from scale import random_graph
 
-        graph = random_graph(200_000)
+        graph = random_graph(nodes or NODES[job])
     torch.manual_seed(0)
     model = fm.models.build_model("gcn", graph.num_features, 7, hidden=64)
     if job == "cora":
         fm.models.train(model, graph, epochs=50, seed=0)
-    nodes = torch.randperm(graph.num_nodes, generator=torch.Generator().manual_seed(1))
-    count = 16 if job == "cora" else 200
-    return graph, model.eval(), nodes[:count].tolist(), nodes[:64].tolist() if job == "cora" else []
+    order = torch.randperm(graph.num_nodes, generator=torch.Generator().manual_seed(1))
+    targets = None if job == "whole" else order[:TARGETS[job]].tolist()
+    return graph, model.eval(), targets, order[:64].tolist() if job == "cora" else []
 
 
-def worker(job: str, out: str) -> None:
+STEPS = {"random": 50, "many1000": 50, "whole": 10}  # cora: the defaults
+
+
+def worker(job: str, out: str, nodes: str) -> None:
     """One process (a rank under torchrun, or alone): the job's calls, timed; writes rank<r>.json."""
     torch.set_num_threads(1)
     import fastmetamer as fm
@@ -65,59 +96,74 @@ def worker(job: str, out: str) -> None:
     from fastmetamer.metamers import generator
 
     joined = distributed.init_from_environment()
-    graph, model, nodes, dimension_nodes = _problem(job)
+    graph, model, targets, dimension_nodes = _problem(job, int(nodes) or None)
     solved = []
     real = generator._generate
-    generator._generate = lambda *a, **k: (solved.append(a[2].numel()), real(*a, **k))[1]
+    generator._generate = lambda *a, **k: (solved.append(graph.num_nodes if a[2] is None else a[2].numel()),
+                                           real(*a, **k))[1]
     base = _peak_gb()
     if joined:
         torch.distributed.barrier()
     started = time.perf_counter()
-    res = fm.generate(model, graph, nodes, progress=False, **({"steps": 50} if job == "random" else {}))
+    res = fm.generate(model, graph, targets, progress=False, **({"steps": STEPS[job]} if job in STEPS else {}))
     if dimension_nodes:
         fm.metamer_dimension(model, graph, dimension_nodes)
     seconds = time.perf_counter() - started
     rank, size = distributed.world()
-    row = {"job": job, "ranks": size, "rank": rank, "seconds": seconds, "targets_solved": sum(solved),
-           "peak_gb_above_start": _peak_gb() - base, "passed": float(res.passed.float().mean())}
+    partition = res.settings.get("partition")
+    row = {"job": job, "nodes": graph.num_nodes, "ranks": size, "rank": rank, "seconds": seconds,
+           "targets_solved": partition["owned_rows"][rank] if partition else sum(solved),
+           "peak_gb_above_start": _peak_gb() - base, "passed": float(res.passed.float().mean()),
+           "loss": float(res.loss) if targets is None else None, "partition": partition}
     Path(out, f"rank{rank}.json").write_text(json.dumps(row))
     if joined:
         torch.distributed.destroy_process_group()
 
 
-def measure(job: str, ranks: int) -> dict:
+def measure(job: str, ranks: int, nodes: int | None) -> dict:
     """The job on ``ranks`` processes (torchrun for 2): slowest rank's time, every rank's memory."""
     with tempfile.TemporaryDirectory() as out:
         launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-        subprocess.run([sys.executable, *launcher, __file__, "--worker", job, out], check=True, cwd=HERE,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run([sys.executable, *launcher, __file__, "--worker", job, out, str(nodes or 0)], check=True,
+                       cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
         rows = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(ranks)]
-    return {"job": job, "ranks": ranks, "seconds": max(r["seconds"] for r in rows),
+    partition = rows[0]["partition"]
+    return {"job": job, "nodes": rows[0]["nodes"], "ranks": ranks, "seconds": max(r["seconds"] for r in rows),
             "seconds_per_rank": [round(r["seconds"], 2) for r in rows],
             "peak_gb_per_rank": [round(r["peak_gb_above_start"], 3) for r in rows],
-            "targets_per_rank": [r["targets_solved"] for r in rows], "passed": rows[0]["passed"]}
+            "targets_per_rank": [r["targets_solved"] for r in rows], "passed": rows[0]["passed"],
+            "loss": rows[0]["loss"], "halo_rows": partition["halo_rows"] if partition else None,
+            "exchange_mb_per_forward": round(partition["exchange_bytes_per_forward"] / 1e6, 2) if partition else None}
 
 
 def markdown(rows: list[dict], info: dict) -> str:
-    lines = ["# Scale-out: targets shared across ranks", "",
+    lines = ["# Scale-out: targets shared and whole graphs partitioned across ranks", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
              "One thread per process. cora = 16 Cora node metamers (default options) + metamer dimension of 64 "
-             "nodes; random = 200 node metamers (50 steps) on a random graph of 200,000 nodes. Time: the calls, "
-             "slowest rank. Memory: peak RSS above the loaded graph and model, per rank.", "",
-             "| job | ranks | seconds | vs one process | seconds per rank | targets per rank | peak GB per rank | passed |",
-             "|---|---|---|---|---|---|---|---|"]
-    single = {r["job"]: r["seconds"] for r in rows if r["ranks"] == 1}
+             "nodes; random = 200 node metamers (50 steps), 200,000-node random graph; many1000 = 1,000 node "
+             "metamers (50 steps), 1,000,000-node random graph; whole = whole-graph feature metamer (10 steps) of a "
+             "1,000,000-node graph with locality, partitioned on two ranks. Time: the calls, slowest rank. Memory: "
+             "peak RSS above the loaded graph and model, per rank. Exchange: bytes the halo exchanges of one "
+             "forward pass move (all ranks' blocks, as every rank receives them; the backward moves as much).", "",
+             "| job | nodes | ranks | seconds | vs one process | seconds per rank | targets (rows) per rank | "
+             "peak GB per rank | vs one process | halo rows per rank | exchange MB per forward | passed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    single = {r["job"]: r for r in rows if r["ranks"] == 1}
     for r in rows:
-        ratio = f"{r['seconds'] / single[r['job']]:.2f}×" if r["job"] in single else "-"
-        lines.append(f"| {r['job']} | {r['ranks']} | {r['seconds']:.1f} | {ratio} | {r['seconds_per_rank']} | "
-                     f"{r['targets_per_rank']} | "
-                     f"{r['peak_gb_per_rank']} | {r['passed']:.2f} |")
+        one = single.get(r["job"])
+        ratio = f"{r['seconds'] / one['seconds']:.2f}×" if one else "-"
+        memory = f"{max(r['peak_gb_per_rank']) / max(one['peak_gb_per_rank']):.2f}×" if one else "-"
+        lines.append(f"| {r['job']} | {r['nodes']:,} | {r['ranks']} | {r['seconds']:.1f} | {ratio} | "
+                     f"{r['seconds_per_rank']} | {r['targets_per_rank']} | {r['peak_gb_per_rank']} | {memory} | "
+                     f"{r['halo_rows'] or '-'} | {r['exchange_mb_per_forward'] or '-'} | {r['passed']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", nargs="+", default=["cora", "random"], choices=["cora", "random"])
+    parser.add_argument("--jobs", nargs="+", default=["cora", "random", "many1000", "whole"],
+                        choices=["cora", "random", "many1000", "whole"])
+    parser.add_argument("--nodes", type=int, default=None, help="graph size of the random/many1000/whole jobs")
     parser.add_argument("--out", default=str(HERE / "results" / "scale_out"), help="output path without suffix")
     args = parser.parse_args()
     from run_benchmarks import machine
@@ -125,7 +171,7 @@ def main() -> None:
     rows = []
     for job in args.jobs:
         for ranks in (1, 2):
-            rows.append(measure(job, ranks))
+            rows.append(measure(job, ranks, args.nodes))
             print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
@@ -134,6 +180,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        worker(*sys.argv[2:4])
+        worker(*sys.argv[2:5])
     else:
         main()

@@ -165,9 +165,9 @@ def test_distributed_top_k_selects_what_one_stable_sort_selects(runs, k):
     descending sort's, ties to the smaller position, with the same threshold on every rank."""
     from fastmetamer.metamers.features import _flat_top_mask
 
-    values = torch.randint(0, 40, (500,), generator=torch.Generator().manual_seed(5)).float() / 40
+    values = torch.randint(0, 40, (100, 5), generator=torch.Generator().manual_seed(5)).float() / 40
     hard, threshold = _flat_top_mask(values, k)
-    want = hard.nonzero().flatten()
+    want = hard.reshape(-1).nonzero().flatten()
     single, ranks = runs
     assert torch.equal(single["top_k"][k][0], want) and float(single["top_k"][k][1]) == float(threshold)
     got = torch.sort(torch.cat([r["top_k"][k][0] for r in ranks])).values

@@ -5,8 +5,11 @@ Every rank holds some entries of one flat array, each with its *global position*
 entries are selected exactly as one process's stable descending sort would select them (ties go
 to the smaller global position), by bisection on the values' order-preserving integer keys with
 one ``all_reduce`` of a count per halving: O(log) collectives of one number each and
-O(N log N) local work, instead of gathering the values."""
+O(N + k log k) local work, instead of gathering the values."""
 from __future__ import annotations
+
+import struct
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -14,53 +17,83 @@ from torch import Tensor
 _ALL = torch.distributed.ReduceOp if torch.distributed.is_available() else None
 
 
-def top_k(values: Tensor, position: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The global top-``k`` of the float32 ``values`` [N] held by this rank (global positions
-    ``position`` [N], int64, distinct across ranks).
+def top_k(values: Tensor, node_ids: Tensor, k: int, score: Callable[[Tensor], Tensor] | None = None,
+          chunk: int = 1 << 22) -> tuple[Tensor, Tensor]:
+    """The global top-``k`` of ``score(values)`` over every rank's entries, this rank holding
+    ``values`` [R, d] of the nodes ``node_ids`` [R] (distinct across ranks): entry (r, j) has global
+    position ``node_ids[r] * d + j``, the order ties are broken in. ``score`` is a non-decreasing
+    elementwise map to float32 (e.g. a sigmoid; None: the values themselves).
 
-    Returns ``(selected [N] bool, threshold)``: whether each local entry is among the k largest
-    of all ranks' entries, and the scalar threshold midway between the k-th and the (k+1)-th
-    largest (max + 1e-6 when k <= 0, min - 1e-6 when k >= the total count), equal on every rank."""
-    total = _sum(values.numel())
+    Returns ``(selected, threshold)``: the flat indices (ascending) of this rank's entries among
+    the k largest scores of all ranks, and the scalar threshold midway between the k-th and the
+    (k+1)-th largest score (max + 1e-6 when k <= 0, min - 1e-6 when k >= the total count), equal
+    on every rank. Memory O(k + chunk) beyond ``values``: only a rank's k + 1 largest values can be
+    selected, and they are found before any score is computed."""
+    flat = values.reshape(-1)
+    scored = (lambda t: t.float()) if score is None else score
+    total = _sum(flat.numel())
     if k <= 0:
-        return torch.zeros_like(values, dtype=torch.bool), _extreme(values, "max") + 1e-6
+        return flat.new_zeros(0, dtype=torch.long), _scored_extreme(flat, scored, "max") + 1e-6
     if k >= total:
-        return torch.ones_like(values, dtype=torch.bool), _extreme(values, "min") - 1e-6
-    keys = _order_keys(values)
-    ascending = torch.sort(keys).values
-    kth = _kth_largest_key(ascending, k)
-    above = keys > kth
-    tied = keys == kth
-    selected = above
-    wanted = k - _sum(int(above.sum()))
-    if _sum(int(tied.sum())) > wanted:  # ties straddle the cut: the smallest positions win
-        tied_positions = torch.sort(position[tied]).values
-        last = _kth_smallest(tied_positions, wanted)
-        selected = above | (tied & (position <= last))
+        return torch.arange(flat.numel(), device=flat.device), _scored_extreme(flat, scored, "min") - 1e-6
+    raw, index = torch.topk(flat, min(k + 1, flat.numel()), sorted=False)
+    candidates = scored(raw)
+    del raw
+    kth_value = _kth_largest(torch.sort(candidates).values, k)
+    above = index[candidates > kth_value]  # every entry scored above the k-th is a candidate
+    if candidates.numel() == flat.numel() or bool(candidates.min() > kth_value):
+        tied = index[candidates == kth_value]
+    else:  # this rank's candidates may cut its ties: find them all
+        tied = _scored_equal(flat, scored, kth_value, chunk)
+    wanted = k - _sum(above.numel())
+    if _sum(tied.numel()) > wanted:  # ties straddle the cut: the smallest positions win
+        width = values.shape[1] if values.dim() > 1 else 1
+        position = node_ids[tied // width] * width + tied % width
+        last = _kth_smallest(torch.sort(position).values, wanted)
+        tied, next_value = tied[position <= last], kth_value
     else:
-        selected = above | tied
-    kth_value = _extreme(values[tied], "max")
-    next_value = _extreme(values[~selected], "max")
-    return selected, 0.5 * (kth_value + next_value)
+        next_value = _extreme(candidates[candidates < kth_value], "max")
+    return torch.sort(torch.cat([above, tied])).values, 0.5 * (kth_value + next_value)
 
 
-def _order_keys(values: Tensor) -> Tensor:
-    """int64 keys [N] in the order of the float32 ``values`` (-0.0 and 0.0 equal)."""
-    bits = values.float().contiguous().view(torch.int32).to(torch.int64)
-    return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+def _scored_extreme(flat: Tensor, scored, how: str) -> Tensor:
+    """The max / min score over every rank (the score of the max / min value: it is monotone)."""
+    local = (flat.max() if how == "max" else flat.min()).view(1) if flat.numel() else flat.new_zeros(0)
+    return _extreme(scored(local), how)
 
 
-def _kth_largest_key(ascending: Tensor, k: int) -> int:
-    """The largest key t with at least k keys >= t over all ranks (local keys sorted ascending)."""
-    low, high = int(_extreme(ascending, "min")), int(_extreme(ascending, "max"))
+def _scored_equal(flat: Tensor, scored, value: Tensor, chunk: int) -> Tensor:
+    """Indices (ascending) of the entries of ``flat`` whose score equals ``value``, scored
+    ``chunk`` entries at a time."""
+    parts = [(scored(flat[start:start + chunk]) == value).nonzero().flatten() + start
+             for start in range(0, flat.numel(), chunk)]
+    return torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.long)
+
+
+def _key(value: float) -> int:
+    """An integer key of a float32 in the order of the floats (-0.0 and 0.0 alike)."""
+    (bits,) = struct.unpack("<I", struct.pack("<f", value))
+    return -(bits & 0x7FFFFFFF) if bits & 0x80000000 else bits
+
+
+def _value(key: int) -> Tensor:
+    """The float32 (0-d tensor) of an integer :func:`_key`."""
+    bits = key if key >= 0 else 0x80000000 | -key
+    return torch.tensor(struct.unpack("<f", struct.pack("<I", bits))[0], dtype=torch.float32)
+
+
+def _kth_largest(ascending: Tensor, k: int) -> Tensor:
+    """The k-th largest of the float32 values held by all ranks (local values sorted ascending),
+    by bisection on their integer keys: the largest value t with at least k values >= t."""
+    low, high = _key(float(_extreme(ascending, "min"))), _key(float(_extreme(ascending, "max")))
     while low < high:  # invariant: count(>= low) >= k, count(>= high + 1) < k
         middle = (low + high + 1) // 2
-        at_least = ascending.numel() - int(torch.searchsorted(ascending, middle))
+        at_least = ascending.numel() - int(torch.searchsorted(ascending, _value(middle).view(1)))
         if _sum(at_least) >= k:
             low = middle
         else:
             high = middle - 1
-    return low
+    return _value(low)
 
 
 def _kth_smallest(ascending: Tensor, k: int) -> int:

@@ -229,6 +229,8 @@ class FastEngine:
         for i, stage in enumerate(stages):
             operator = self._restricted_operator(i, stage, plan, edge_index, edge_weight, x.shape[0])
             inputs = self._transform(stage, h, sparse if i == 0 else None)
+            if stage.operator != "identity":
+                inputs = self._exchanged(inputs, stage)
             positions = plan.self_positions[i]
             h_rows = h if h is None or positions is None else h.index_select(0, positions)
             teleport = None if stage.teleport is None else _rows_of(outputs[stage.teleport[0]],
@@ -244,6 +246,11 @@ class FastEngine:
             return pooled
         diff = (pooled - self.target).pow(2).sum(1)
         return torch.zeros_like(self.scale).index_add(0, self.component, diff) / self.scale
+
+    def _exchanged(self, inputs: Tensor, stage: Stage) -> Tensor:
+        """A stage's transformed input before it aggregates: here as it is (a partitioned
+        engine receives its halo rows there, see :mod:`fastmetamer.metamers.partitioned`)."""
+        return inputs
 
     def _pool(self, h: Tensor, batch: Tensor | None) -> Tensor:
         """The pooled program's readout [G, d]: the rows of ``h`` [n, d] summed, averaged or

@@ -240,10 +240,11 @@ class FusedBinaryFeatures:
 
     def __init__(self, sub: Subgraph, generators: list[torch.Generator], kernels, schedule, *,
                  per_row: bool, slope: float, margin: float, margin_weight: float,
-                 population: Tensor | None = None, fixed_edges: bool = True):
+                 population: Tensor | None = None, fixed_edges: bool = True, stats: FeatureStats | None = None,
+                 noise: Tensor | None = None, component_rows: Tensor | None = None):
         self.sub, self.kernels, self.schedule = sub, kernels, schedule
         self.binary, self.slope, self.margin = True, slope, margin
-        stats = feature_stats(sub, population)
+        stats = feature_stats(sub, population) if stats is None else stats
         self.free_rows = sub.free.nonzero().flatten()
         self.rows = None if bool(sub.free.all()) else self.free_rows
         frozen_rows = (~sub.free).nonzero().flatten()
@@ -255,7 +256,7 @@ class FusedBinaryFeatures:
         self.row_component = sub.component[sub.free]
         ptr = sub.free_ptr()
         self.generators, self.stats, self.comp_ptr = generators, stats, ptr
-        noise = draw_noise(ptr, sub.x.shape[1], generators, device=sub.x.device)
+        noise = draw_noise(ptr, sub.x.shape[1], generators, device=sub.x.device) if noise is None else noise
         self.theta = noise.mul_(stats.std[self.row_component]).add_(stats.mean[self.row_component])
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.theta), torch.zeros_like(self.theta)
         self.grad = torch.zeros_like(self.theta)  # dL/dX'[free], filled by the engine's backward
@@ -264,7 +265,7 @@ class FusedBinaryFeatures:
             self.ptr, self.k = torch.arange(self.theta.shape[0] + 1, device=self.theta.device), (sub.x[sub.free] > 0.5).sum(1)
         else:
             self.ptr, self.k = ptr, stats.ones
-        entries = ptr.diff().clamp_min(1) * self.theta.shape[1]
+        entries = (ptr.diff() if component_rows is None else component_rows).clamp_min(1) * self.theta.shape[1]
         self.margin_scale = (margin_weight / entries.to(self.theta.dtype))[self.row_component].contiguous()
         self.steps = 0
 
@@ -275,11 +276,15 @@ class FusedBinaryFeatures:
         are included. A zero penalty: the margin term is applied inside the fused update)."""
         from ..engines.csr import BinaryRows
 
-        rowptr, col, self.threshold = self.kernels.top_mask_csr(self.theta, self.ptr, self.k, self.slope)
+        rowptr, col, self.threshold = self._select()
         self._ones = (rowptr, col)
         self._x = BinaryRows.from_csr(rowptr, col, self.rows, self.sub.num_nodes, self.grad, self.token,
                                       self.frozen)
         return self._x, self.theta.new_zeros(())
+
+    def _select(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The ones of the top-rho selection (rowptr [F + 1], col [nnz]) and the rows' thresholds [F]."""
+        return self.kernels.top_mask_csr(self.theta, self.ptr, self.k, self.slope)
 
     def fused_step(self, lr: float, active: Tensor) -> None:
         """One fused straight-through + margin + Adam step from the gradient left in ``self.grad``,

@@ -197,7 +197,7 @@ def _generate_in_chunks(model, graph, targets, layer, kind, schedule, seed, back
     if targets is None and distributed.is_sharing():
         reason = partitioned.not_partitioned(model, layer, graph, kind, opts, extra)
         if reason is None:
-            return _partitioned(model, graph, layer, kind, schedule, seed, opts, hops)
+            return _partitioned(model, graph, layer, kind, schedule, seed, backend, opts, hops)
         warnings.warn(f"fastmetamer: a whole-graph problem with {reason} is not partitioned; every rank "
                       "solves all of it", stacklevel=4)
     if targets is None or targets.numel() == 1:
@@ -214,10 +214,10 @@ def _generate_in_chunks(model, graph, targets, layer, kind, schedule, seed, back
                          hops, single=None)
 
 
-def _partitioned(model, graph, layer, kind, schedule, seed, opts, hops) -> MetamerResult:
+def _partitioned(model, graph, layer, kind, schedule, seed, backend, opts, hops) -> MetamerResult:
     """A whole-graph feature metamer solved by the ranks of the process group together, each on
     its part of the nodes (:mod:`.partitioned`); the complete result on every rank."""
-    pieces = partitioned.generate_partitioned(model, graph, layer, schedule, seed, opts)
+    pieces = partitioned.generate_partitioned(model, graph, layer, schedule, seed, backend, opts)
     sub, history = pieces["sub"], pieces["history"]
     metamer = _subgraph_data(sub, graph, pieces["x"], sub.edge_index, sub.edge_weight)
     reference = _subgraph_data(sub, graph, sub.x, sub.edge_index, sub.edge_weight)
@@ -230,7 +230,7 @@ def _partitioned(model, graph, layer, kind, schedule, seed, opts, hops) -> Metam
                                 passed) if opts.scores else {},
         kind=kind, layer=layer, hops=hops, nodes=None, seconds=pieces["seconds"],
         settings={**asdict(opts), "null_graphs": None, "forward_kwargs": [], "steps": schedule.steps,
-                  "lr": schedule.lr, "seed": seed, "backend": "reference", "binary": pieces["binary"],
+                  "lr": schedule.lr, "seed": seed, "backend": pieces["backend"], "binary": pieces["binary"],
                   "partition": pieces["partition"]},
         gradient_steps=history.shape[0])
 

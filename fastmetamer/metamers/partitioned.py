@@ -2,8 +2,9 @@
 
 Called on every rank with the same arguments, :func:`generate_partitioned` gives each rank a
 :class:`~fastmetamer.graph.partition.Part` of the nodes. A rank holds the parameters, Adam
-moments and gradient of its owned rows only, and runs the model (the reference engine: plain
-autograd) on its part with the halo exchanged per layer (:mod:`fastmetamer.distributed.halo`).
+moments and gradient of its owned rows only, and runs the model on its part with the halo
+exchanged per layer (:mod:`fastmetamer.distributed.halo`): the lowered program on the fast
+engine where the model lowers, else the model itself (plain autograd) with hooks.
 The loss is an ``all_reduce`` of the ranks' squared errors over the global ||H||^2, the binary
 top-rho selection a distributed selection (:mod:`fastmetamer.distributed.select`); the feature
 statistics and the initial draw are the single process's (each rank keeps its rows), so the
@@ -13,6 +14,7 @@ result.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -21,13 +23,16 @@ from torch import Tensor, nn
 from .. import distributed
 from ..distributed.halo import exchanging
 from ..distributed.select import top_k
-from ..engines import loss_scale
+from ..distributed.halo import exchange
+from ..engines import FastEngine, Unsupported, loss_scale, lower
+from ..engines.lowering import Program
+from ..ops import dispatch
 from ..graph.layers import layer_output
 from ..graph.partition import Part, build_part, owners
 from ..graph.subgraph import Subgraph, whole_graph
 from ..validation import is_binary
 from .criterion import whole_graph_passes
-from .features import FeatureParam, draw_noise, feature_stats
+from .features import FeatureParam, FeatureStats, FusedBinaryFeatures, draw_noise, feature_stats
 from .optimize import BestStates, run_schedule
 
 #: How the nodes are ordered before they are cut into the ranks' runs (recorded in the result).
@@ -53,39 +58,91 @@ def not_partitioned(model: nn.Module, layer: str, graph, kind: str, opts, extra)
 
 
 class PartitionedEngine:
-    """The reference engine on one rank's part: activations of the owned rows with the halo
-    exchanged per layer, and the global loss L_act = sum_ranks ||H'_O - H_O||^2 / ||H||^2.
+    """The reference engine on one rank's part: the model's own forward (autograd) with the halo
+    exchanged per layer by hooks. :meth:`activations` gives the owned rows [|O|, d_l] and
+    :meth:`losses` the global L_act = sum_ranks ||H'_O - H_O||^2 / ||H||^2 [1], whose gradient on
+    each rank is its share (the exchanges' backward delivers the rest). Every rank calls them
+    together; :meth:`set_target` gives the reference once it is known.
 
     Args:
         model, layer: the model and the matched layer.
         sub: the part as a problem graph (owned rows free and the targets).
         part: the partition (exchange plan).
-        target: reference activations of the owned rows [|O|, d_l]; scale: ||H||^2 [1] of all nodes.
     """
 
     name = "reference"
 
-    def __init__(self, model: nn.Module, layer: str, sub: Subgraph, part: Part, target: Tensor, scale: Tensor):
+    def __init__(self, model: nn.Module, layer: str, sub: Subgraph, part: Part):
         self.model, self.layer, self.sub, self.part = model, layer, sub, part
-        self.target, self.scale = target, scale
+        self.target = self.scale = None
         self.traffic: list[int] = []
 
+    def set_target(self, target: Tensor, scale: Tensor) -> None:
+        """The reference activations of the owned rows [|O|, d_l] and ||H||^2 of every node [1]."""
+        self.target, self.scale = target, scale
+
     def activations(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
-        """Layer-l activations of the owned rows [|O|, d_l] (every rank calls it together)."""
         with exchanging(self.model, self.part, self.traffic):
             out = layer_output(self.model, self.layer, x, edge_index, edge_weight)
-        if out.shape[0] != x.shape[0]:
-            raise ValueError(f"layer {self.layer!r} is graph-level (pooled): a whole graph is partitioned "
-                             "only for a node-level layer")
         return out[self.sub.center]
 
-    def losses(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
-        """[1] the global L_act; its gradient is this rank's share (the exchanges' backward
-        delivers the rest)."""
+    def losses(self, x, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
         local = (self.activations(x, edge_index, edge_weight) - self.target).pow(2).sum()
-        total = local.detach().clone()
-        torch.distributed.all_reduce(total)
-        return ((local + (total - local.detach())) / self.scale).view(1)
+        return _global_loss(local / self.scale)
+
+
+class PartitionedFastEngine(FastEngine):
+    """:class:`PartitionedEngine`'s interface on the fast engine: the lowered program runs over
+    every row of the part, and each stage receives its halo rows right after its dense transform
+    (x W, node-wise, so exchanging it equals exchanging x, and it is narrower than x on the first
+    layer); only the owned rows count in the loss."""
+
+    def __init__(self, program: Program, backend: str, model: nn.Module, sub: Subgraph, part: Part):
+        every_row = dataclasses.replace(sub, center=torch.arange(sub.num_nodes, device=sub.x.device))
+        super().__init__(program, backend, model, every_row, sub.x.new_zeros(sub.num_nodes, 1), joint=True)
+        self.part, self.owned = part, part.num_owned
+        self.traffic: list[int] = []
+
+    def set_target(self, target: Tensor, scale: Tensor) -> None:
+        """See :meth:`PartitionedEngine.set_target`; the other rows form a second problem that the
+        loss ignores."""
+        m = self.sub.num_nodes
+        self.target = torch.cat([target, target.new_zeros(m - self.owned, target.shape[1])]).contiguous()
+        self.component = (torch.arange(m, device=target.device) >= self.owned).long()
+        self.scale = torch.cat([scale.view(1), scale.new_ones(1)])
+
+    def activations(self, x, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
+        return super().activations(x, edge_index, edge_weight)[:self.owned]
+
+    def losses(self, x, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
+        return _global_loss(super().losses(x, edge_index, edge_weight)[0])
+
+    def _exchanged(self, inputs: Tensor, stage) -> Tensor:
+        m = self.sub.num_nodes
+        if self.traffic is not None:
+            self.traffic.append(self.part.world * self.part.width * inputs[:1].numel() * inputs.element_size())
+        if inputs.shape[0] == 2 * m:  # [x W; x W_root] of a stage with a root weight
+            return torch.cat([exchange(inputs[:m], self.part), exchange(inputs[m:], self.part)])
+        return exchange(inputs, self.part)
+
+
+def _global_loss(local: Tensor) -> Tensor:
+    """[1] the sum of every rank's ``local`` (a scalar), differentiable w.r.t. this rank's."""
+    total = local.detach().clone()
+    torch.distributed.all_reduce(total)
+    return (local + (total - local.detach())).view(1)
+
+
+def _make_engine(model: nn.Module, layer: str, sub: Subgraph, part: Part, backend: str):
+    """The fast engine where the model lowers (and ``backend`` is not the reference), else the
+    reference engine with hooks."""
+    concrete = dispatch.resolve(backend, sub.x.device)
+    if concrete != "reference":
+        try:
+            return PartitionedFastEngine(lower(model, layer), concrete, model, sub, part)
+        except Unsupported:
+            pass
+    return PartitionedEngine(model, layer, sub, part)
 
 
 class PartitionedFeatures(FeatureParam):
@@ -94,46 +151,74 @@ class PartitionedFeatures(FeatureParam):
     distributed selection over all ranks' entries, ties by global position as in one process."""
 
     def __init__(self, sub: Subgraph, graph, generators: list[torch.Generator], **settings):
-        population = whole_graph(graph.x, graph.edge_index, None)
-        stats = feature_stats(population)
-        noise = draw_noise(torch.tensor([0, graph.num_nodes]), graph.x.shape[1], generators,
-                           device=graph.x.device)[sub.node_ids[sub.free]]
+        stats, noise = _whole_graph_start(sub, graph, generators)
         super().__init__(sub, generators, stats=stats, noise=noise, **settings)
         self.component_rows = torch.tensor([graph.num_nodes], device=graph.x.device)
-        width = graph.x.shape[1]
-        self.position = (sub.node_ids[sub.free].unsqueeze(1) * width
-                         + torch.arange(width, device=graph.x.device)).reshape(-1)
 
     def _top_mask(self, prob: Tensor) -> tuple[Tensor, Tensor]:
         if self.per_row:
             return super()._top_mask(prob)
-        selected, threshold = top_k(prob.reshape(-1), self.position, int(self.stats.ones[0]))
-        return selected.view_as(prob).to(prob.dtype), threshold.expand(prob.shape[0], 1)
+        selected, threshold = top_k(prob, self.sub.node_ids[self.sub.free], int(self.stats.ones[0]))
+        hard = torch.zeros_like(prob).view(-1).index_fill_(0, selected, 1.0).view_as(prob)
+        return hard, threshold.expand(prob.shape[0], 1)
 
 
-def generate_partitioned(model: nn.Module, graph, layer: str, schedule, seed: int, opts) -> dict:
+class PartitionedFusedFeatures(FusedBinaryFeatures):
+    """:class:`FusedBinaryFeatures` of the owned rows of a part (see :class:`PartitionedFeatures`):
+    the fused update runs on the owned rows; the top-rho selection per R is the distributed one."""
+
+    def __init__(self, sub: Subgraph, graph, generators: list[torch.Generator], kernels, schedule, **settings):
+        stats, noise = _whole_graph_start(sub, graph, generators)
+        super().__init__(sub, generators, kernels, schedule, stats=stats, noise=noise,
+                         component_rows=torch.tensor([graph.num_nodes], device=graph.x.device), **settings)
+        self.per_row = settings["per_row"]
+
+    def _select(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self.per_row:
+            return super()._select()
+        rows, width = self.theta.shape
+        selected, threshold = top_k(self.theta, self.sub.node_ids[self.sub.free], int(self.k[0]),
+                                    score=lambda theta: torch.sigmoid(self.slope * theta))
+        counts = torch.bincount(torch.div(selected, width, rounding_mode="floor"), minlength=rows)
+        rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return rowptr, selected % width, threshold.expand(rows).contiguous()
+
+
+def _whole_graph_start(sub: Subgraph, graph, generators: list[torch.Generator]) -> tuple[FeatureStats, Tensor]:
+    """The whole graph's feature statistics and the owned rows [|O|, d] of the single process's
+    initial draw (drawn whole, then cut)."""
+    stats = feature_stats(whole_graph(graph.x, graph.edge_index, None))
+    noise = draw_noise(torch.tensor([0, graph.num_nodes]), graph.x.shape[1], generators, device=graph.x.device)
+    return stats, noise[sub.node_ids[sub.free]]
+
+
+def generate_partitioned(model: nn.Module, graph, layer: str, schedule, seed: int, backend: str, opts) -> dict:
     """The whole-graph feature metamer of ``graph`` solved by the ranks together.
 
     Returns the pieces of the complete result, equal on every rank: ``x`` (X' [n, d]),
     ``history`` [steps, 1], ``reference_acts`` / ``metamer_acts`` [n, d_l], ``loss`` (float),
     ``passed`` / ``distance`` [n] and ``null`` of the criterion, ``trivial`` [1], ``seconds`` (the
-    optimisation), ``binary``, ``sub`` (the whole graph as a problem, for scoring) and ``partition`` (ranks, order, halo rows and bytes exchanged per forward, per rank)."""
+    optimisation), ``binary``, ``backend`` (the engine's), ``sub`` (the whole graph as a problem, for scoring) and ``partition`` (ranks, order, halo rows and bytes exchanged per forward, per rank)."""
     rank, world = distributed.world()
     weight = getattr(graph, "edge_weight", None)
     part = build_part(graph.edge_index, owners(graph.edge_index, graph.num_nodes, world), rank, world)
     sub = _part_problem(graph, part, weight)
-    first = PartitionedEngine(model, layer, sub, part, None, None)
+    engine = _make_engine(model, layer, sub, part, backend)
     with torch.no_grad():
-        reference = first.activations(sub.x, sub.edge_index, sub.edge_weight)
+        reference = engine.activations(sub.x, sub.edge_index, sub.edge_weight)
+    exchange_bytes, engine.traffic = sum(engine.traffic), None
     whole = _gather_rows(reference, part, graph.num_nodes)
-    engine = PartitionedEngine(model, layer, sub, part, reference, loss_scale(whole, joint=True))
+    engine.set_target(reference, loss_scale(whole, joint=True))
     binary = is_binary(graph.x) if opts.binary is None else opts.binary
     if binary and opts.binary is not None and not is_binary(graph.x):
         raise ValueError("binary=True but the reference features are not all 0/1")
     generators = [torch.Generator().manual_seed(seed * 1_000_003)]
-    feats = PartitionedFeatures(sub, graph, generators, binary=binary, size_independent=False,
-                                per_row=opts.per_row, slope=opts.slope, margin=opts.margin,
-                                margin_weight=opts.margin_weight)
+    settings = dict(per_row=opts.per_row, slope=opts.slope, margin=opts.margin, margin_weight=opts.margin_weight)
+    if binary and isinstance(engine, FastEngine):
+        feats = PartitionedFusedFeatures(sub, graph, generators, dispatch.get("update", engine.name), schedule,
+                                         **settings)
+    else:
+        feats = PartitionedFeatures(sub, graph, generators, binary=binary, size_independent=False, **settings)
     best = BestStates([feats], 1)
 
     def step_losses() -> tuple[Tensor, Tensor]:
@@ -152,16 +237,17 @@ def generate_partitioned(model: nn.Module, graph, layer: str, schedule, seed: in
         local_x[sub.free] = rows
         metamer_acts = _gather_rows(engine.activations(local_x, sub.edge_index, sub.edge_weight), part,
                                     graph.num_nodes)
-    loss = float((metamer_acts.double() - whole.double()).pow(2).sum() / engine.scale.double())
+    loss = float((metamer_acts.double() - whole.double()).pow(2).sum() / loss_scale(whole, joint=True).double())
     passed, distance, null = whole_graph_passes(whole, metamer_acts)
     trivial = torch.tensor([bool(torch.equal(x, graph.x))])
     full = whole_graph(graph.x, graph.edge_index, weight)
     return dict(x=x, history=history, seconds=seconds, reference_acts=whole, metamer_acts=metamer_acts, loss=loss,
                 passed=passed & ~trivial, distance=distance, null=null, trivial=trivial, binary=binary, sub=full,
+                backend=engine.name,
                 partition={"ranks": world, "order": ORDER,
                            "halo_rows": distributed.all_gather(part.num_halo),
                            "owned_rows": distributed.all_gather(part.num_owned),
-                           "exchange_bytes_per_forward": sum(first.traffic)})
+                           "exchange_bytes_per_forward": exchange_bytes})
 
 
 def _part_problem(graph, part: Part, weight: Tensor | None) -> Subgraph:

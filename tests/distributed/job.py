@@ -10,6 +10,7 @@ returns to ``<out>/rank<r>.pt`` (the plain process: rank0.pt).
 import sys
 
 import torch
+from torch import Tensor
 
 import fastmetamer as fm
 from fastmetamer import distributed
@@ -48,13 +49,18 @@ def whole_graphs(graph) -> dict:
 
 
 def selections(rank: int, world: int) -> dict:
-    """top_k of 500 values with many ties, the positions dealt out to the ranks in turn: the
-    global positions each rank selects and the threshold, for each k of TOP_K."""
+    """top_k of 500 values with many ties (100 rows of 5, the rows dealt out to the ranks in turn):
+    the global positions each rank selects and the threshold, for each k of TOP_K."""
     from fastmetamer.distributed.select import top_k
 
-    values = torch.randint(0, 40, (500,), generator=torch.Generator().manual_seed(5)).float() / 40
-    mine = torch.arange(rank, 500, world)
-    return {k: (mine[top_k(values[mine], mine, k)[0]], top_k(values[mine], mine, k)[1]) for k in TOP_K}
+    values = torch.randint(0, 40, (100, 5), generator=torch.Generator().manual_seed(5)).float() / 40
+    rows = torch.arange(rank, 100, world)  # positions: row * 5 + column
+
+    def positions(selected: Tensor) -> Tensor:
+        return rows[selected // 5] * 5 + selected % 5
+
+    chosen = {k: top_k(values[rows], rows, k, chunk=7) for k in TOP_K}  # small chunks: cut ties found in parts
+    return {k: (positions(selected), threshold) for k, (selected, threshold) in chosen.items()}
 
 
 def recording(module, name: str, solved: list, position: int):
