@@ -159,6 +159,50 @@ def markdown(rows: list[dict], info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+PAPERS100M = {"nodes": 111_059_956, "edges": 1_615_685_872, "features": 128, "classes": 172}
+
+
+def papers100m_model(world: int = 8, halo_shares=(0.05, 0.25, 1.0), hidden: int = 64, edge_bytes: float = 70.0) -> str:
+    """A model (arithmetic, not a measurement) of a partitioned whole-graph feature metamer of
+    ogbn-papers100M on ``world`` GPUs with a 2-layer GCN (``hidden`` units, 172 outputs), for a few
+    halo shares h (halo rows a rank receives per owned row; the real share depends on the
+    partition and is not measured here). ``edge_bytes``: bytes per local edge of the fast
+    engine's cached patterns and the step's per-edge work, as the 1M-node job's reference pass
+    suggests (about 0.69 GB for a rank's 10 M local edges)."""
+    n, e, f, c = (PAPERS100M[k] for k in ("nodes", "edges", "features", "classes"))
+    owned = n / world
+    gb = lambda b: f"{b / 1e9:,.1f}"  # noqa: E731
+    state = 7 * owned * f * 4  # continuous X': parameters, noise, Adam m and v, gradient, last and best state
+    graph_in = n * f * 4 + e * 2 * 8  # the whole graph every rank is given today (x float32, edge_index int64)
+    lines = [f"## Model: ogbn-papers100M on {world} GPUs (arithmetic, not measured)", "",
+             f"n = {n:,} nodes, E = {e:,} edges, F = {f} continuous features; 2-layer GCN, hidden {hidden}, "
+             f"{c} outputs; {world} ranks of {owned:,.0f} owned nodes. Per rank, float32:", "",
+             f"- optimiser state of the owned rows (7 tensors [n/{world}, F]: parameters, noise, Adam m and v, "
+             f"gradient, last and best state): **{gb(state)} GB** (one process: {gb(state * world)} GB);",
+             f"- the input graph, which every rank is given whole today: **{gb(graph_in)} GB** "
+             "(x and edge_index); a rank that loaded only its part would need a share of it;",
+             f"- the local edges' patterns (E/{world} edges plus the halo's in-edges, ~{edge_bytes:.0f} B each): "
+             f"{gb(e / world * edge_bytes)} GB or more;", "",
+             "| halo share h | halo rows per rank | activations GB per rank | exchange GB per step (all_gather fwd + "
+             "all_reduce bwd, received per rank) | point-to-point alternative GB per step |",
+             "|---|---|---|---|---|"]
+    for h in halo_shares:
+        halo = h * owned
+        rows = owned + 2 * halo  # owned, halo and (about as many) second-ring rows
+        activations = rows * (hidden * 3 + c * 2) * 4
+        widths = hidden + c  # each stage exchanges its transformed input x W
+        gathered = (world - 1) * halo * widths * 4  # every other rank's boundary block
+        reduced = 2 * (world - 1) / world * world * halo * widths * 4  # ring all-reduce of the same buffer
+        direct = 2 * halo * widths * 4  # only the rows this rank reads, both ways
+        lines.append(f"| {h:g} | {halo:,.0f} | {gb(activations)} | {gb(gathered + reduced)} | {gb(direct)} |")
+    lines += ["", "With the all_gather scheme every rank receives every rank's boundary block, so the exchange grows "
+              f"with the world size ({world - 1} blocks per rank here) where point-to-point sends of the rows each rank "
+              "reads would not. The input graph given whole to every rank is the largest single cost at this size: "
+              "the next step is a loader that gives each rank its part (and the partition computed once, not on "
+              "every rank)."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", nargs="+", default=["cora", "random", "many1000", "whole"],
@@ -175,7 +219,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
-    out.with_suffix(".md").write_text(markdown(rows, machine()))
+    out.with_suffix(".md").write_text(markdown(rows, machine()) + "\n" + papers100m_model())
 
 
 if __name__ == "__main__":

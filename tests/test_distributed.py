@@ -173,3 +173,100 @@ def test_distributed_top_k_selects_what_one_stable_sort_selects(runs, k):
     got = torch.sort(torch.cat([r["top_k"][k][0] for r in ranks])).values
     assert torch.equal(got, want)
     assert all(float(r["top_k"][k][1]) == float(threshold) for r in ranks)
+
+
+def test_study_shares_its_cells_and_resumes_after_a_rank_dies(tmp_path):
+    """``run_study`` on two ranks: each rank runs the cells of its models; when rank 1 dies after
+    its first cell the run fails, the finished cells stay, and a second run on two ranks runs
+    only the rest and writes the complete report (rank 0)."""
+    import json
+
+    from fastmetamer.study.config import cells, quick_config
+
+    job = Path(__file__).resolve().parent / "distributed" / "study_job.py"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(job),
+                str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    died = subprocess.run(torchrun + ["1"], capture_output=True, text=True, env=env, timeout=900)
+    assert died.returncode != 0
+    first = {f.stem: f.stat().st_mtime_ns for f in (tmp_path / "cells").glob("*.json")}
+    ran_first = json.loads((tmp_path / "ran-rank1.json").read_text())
+    assert len(ran_first) == 1 and ran_first[0] in first and not (tmp_path / "study.md").exists()
+    done = subprocess.run(torchrun + ["-1"], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ran = [json.loads((tmp_path / f"ran-rank{r}.json").read_text()) for r in (0, 1)]
+    study = json.loads((tmp_path / "config.json").read_text())
+    keys = [c.key for c in cells(quick_config(datasets=("synthetic",), architectures=("gcn",),
+                                              mitigations=("none",), targets=4, steps=40))]
+    assert study["datasets"] == ["synthetic"] and len(keys) >= 4
+    assert sorted(ran[0] + ran[1]) == sorted(set(keys) - set(first))  # the rest, each cell once
+    assert not set(ran[0]) & set(ran[1])
+    assert all(json.loads((tmp_path / "cells" / f"{k}.json").read_text())["status"] == "ok" for k in keys)
+    assert all((tmp_path / "cells" / f"{k}.json").stat().st_mtime_ns == t for k, t in first.items())
+    assert f"cells: {len(keys)} ok" in (tmp_path / "study.md").read_text()
+
+
+def test_two_ranks_share_a_batch_of_graphs_and_return_the_single_process_metamers(runs):
+    """A PyG batch of 7 graphs (graph-level metamers at a pooled readout) on two ranks: each rank
+    solves a run of the graphs, and every rank returns the single process's metamers."""
+    single, ranks = runs
+    want = single["graphs"]
+    assert want["loss"].shape == (7,) and torch.equal(want["center"], torch.arange(7))
+    for got in (r["graphs"] for r in ranks):
+        for name in ("x", "n_id", "center", "batch", "passed", "trivial"):
+            assert torch.equal(got[name], want[name]), name
+        torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(got["history"], want["history"], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(got["null_threshold"], want["null_threshold"])
+        assert got["metrics"]["activation"]["cosine"] == pytest.approx(want["metrics"]["activation"]["cosine"])
+
+
+def _awkward_graph(n: int, seed: int) -> torch.Tensor:
+    """Random edges [2, E] with self loops, duplicates, a hub and isolated nodes (the last 3)."""
+    gen = torch.Generator().manual_seed(seed)
+    edges = torch.randint(0, n - 3, (2, 4 * n), generator=gen)
+    hub = torch.stack([torch.arange(n - 3), torch.zeros(n - 3, dtype=torch.long)])
+    loops = torch.arange(0, n - 3, 5).repeat(2, 1)
+    return torch.cat([edges, edges[:, :7], hub, loops], 1)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_parts_own_every_node_once_and_hold_what_their_layers_read(world):
+    """Every node is owned by one rank; a part's halo is exactly the outside in-neighbours of its
+    owned nodes, its edges every edge into owned or halo nodes, and an exchange built from the
+    owners' boundary blocks puts each halo node's own row in its place."""
+    from fastmetamer.graph.partition import build_part, owners
+
+    n = 60
+    edge_index = _awkward_graph(n, world)
+    owner = owners(edge_index, n, world)
+    parts = [build_part(edge_index, owner, r, world) for r in range(world)]
+    assert torch.equal(torch.sort(torch.cat([p.owned for p in parts])).values, torch.arange(n))
+    rows = torch.randn(n, 3)
+    blocks = torch.zeros(world * parts[0].width, 3)
+    for p in parts:  # what all_gather assembles: each rank's boundary rows in its block
+        blocks[p.rank * p.width:p.rank * p.width + p.send_rows.numel()] = rows[p.nodes[p.send_rows]]
+    src, dst = edge_index
+    for p in parts:
+        mine = owner == p.rank
+        halo = torch.unique(src[mine[dst] & ~mine[src]])
+        assert torch.equal(p.nodes[p.num_owned:p.num_owned + p.num_halo], halo)
+        inner = mine.clone()
+        inner[halo] = True
+        assert torch.equal(p.edges, inner[dst].nonzero().flatten())
+        assert torch.equal(p.nodes[p.edge_index], edge_index[:, p.edges])
+        assert torch.equal(blocks[p.halo_slot], rows[halo])
+
+
+def test_locality_order_cuts_a_shuffled_ring_into_runs_with_a_small_halo():
+    """On a ring whose node ids are shuffled, the reverse Cuthill-McKee order finds the ring:
+    two parts share only the few nodes around their two cuts."""
+    from fastmetamer.graph.partition import build_part, owners
+
+    n = 400
+    ring = torch.stack([torch.arange(n), (torch.arange(n) + 1) % n])
+    ids = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    edge_index = ids[torch.cat([ring, ring.flip(0)], 1)]
+    owner = owners(edge_index, n, 2)
+    assert torch.bincount(owner).tolist() == [200, 200]
+    assert all(build_part(edge_index, owner, r, 2).num_halo <= 4 for r in (0, 1))

@@ -59,9 +59,6 @@ def add_parser(subparsers) -> None:
 
 def run_study_command(args: argparse.Namespace) -> int:
     """Run the study and print where the report is."""
-    if distributed.is_sharing():
-        raise ValueError("the study does not share its cells across ranks yet (every rank would write the same "
-                         "files): run it in one process, not under torchrun")
     started = time.perf_counter()
     report = run_study(args.out, quick=args.quick, datasets=args.datasets, architectures=args.architectures,
                        mitigations=args.mitigations, depths=args.depths, widths=args.widths,
@@ -70,5 +67,6 @@ def run_study_command(args: argparse.Namespace) -> int:
                        report_only=args.report_only, device=args.device,
                        **{key: value for key in ("structure_targets", "structure_steps", "exclude")
                           if (value := getattr(args, key)) is not None})
-    print(f"report: {report}  ({time.perf_counter() - started:.0f} s)")
+    if distributed.is_main_rank():
+        print(f"report: {report}  ({time.perf_counter() - started:.0f} s)")
     return 0

@@ -31,7 +31,7 @@ def top_k(values: Tensor, node_ids: Tensor, k: int, score: Callable[[Tensor], Te
     selected, and they are found before any score is computed."""
     flat = values.reshape(-1)
     scored = (lambda t: t.float()) if score is None else score
-    total = _sum(flat.numel())
+    total = _sum(flat.numel(), flat.device)
     if k <= 0:
         return flat.new_zeros(0, dtype=torch.long), _scored_extreme(flat, scored, "max") + 1e-6
     if k >= total:
@@ -45,8 +45,8 @@ def top_k(values: Tensor, node_ids: Tensor, k: int, score: Callable[[Tensor], Te
         tied = index[candidates == kth_value]
     else:  # this rank's candidates may cut its ties: find them all
         tied = _scored_equal(flat, scored, kth_value, chunk)
-    wanted = k - _sum(above.numel())
-    if _sum(tied.numel()) > wanted:  # ties straddle the cut: the smallest positions win
+    wanted = k - _sum(above.numel(), flat.device)
+    if _sum(tied.numel(), flat.device) > wanted:  # ties straddle the cut: the smallest positions win
         width = values.shape[1] if values.dim() > 1 else 1
         position = node_ids[tied // width] * width + tied % width
         last = _kth_smallest(torch.sort(position).values, wanted)
@@ -76,10 +76,10 @@ def _key(value: float) -> int:
     return -(bits & 0x7FFFFFFF) if bits & 0x80000000 else bits
 
 
-def _value(key: int) -> Tensor:
-    """The float32 (0-d tensor) of an integer :func:`_key`."""
+def _value(key: int, device: torch.device) -> Tensor:
+    """The float32 (0-d tensor on ``device``) of an integer :func:`_key`."""
     bits = key if key >= 0 else 0x80000000 | -key
-    return torch.tensor(struct.unpack("<f", struct.pack("<I", bits))[0], dtype=torch.float32)
+    return torch.tensor(struct.unpack("<f", struct.pack("<I", bits))[0], dtype=torch.float32, device=device)
 
 
 def _kth_largest(ascending: Tensor, k: int) -> Tensor:
@@ -88,12 +88,12 @@ def _kth_largest(ascending: Tensor, k: int) -> Tensor:
     low, high = _key(float(_extreme(ascending, "min"))), _key(float(_extreme(ascending, "max")))
     while low < high:  # invariant: count(>= low) >= k, count(>= high + 1) < k
         middle = (low + high + 1) // 2
-        at_least = ascending.numel() - int(torch.searchsorted(ascending, _value(middle).view(1)))
-        if _sum(at_least) >= k:
+        at_least = ascending.numel() - int(torch.searchsorted(ascending, _value(middle, ascending.device).view(1)))
+        if _sum(at_least, ascending.device) >= k:
             low = middle
         else:
             high = middle - 1
-    return _value(low)
+    return _value(low, ascending.device)
 
 
 def _kth_smallest(ascending: Tensor, k: int) -> int:
@@ -101,7 +101,7 @@ def _kth_smallest(ascending: Tensor, k: int) -> int:
     low, high = int(_extreme(ascending, "min")), int(_extreme(ascending, "max"))
     while low < high:  # invariant: count(<= high) >= k, count(<= low - 1) < k
         middle = (low + high) // 2
-        if _sum(int(torch.searchsorted(ascending, middle, right=True))) >= k:
+        if _sum(int(torch.searchsorted(ascending, middle, right=True)), ascending.device) >= k:
             high = middle
         else:
             low = middle + 1
@@ -115,18 +115,18 @@ def _extreme(values: Tensor, how: str) -> Tensor:
     if values.numel():
         local = (values.max() if largest else values.min()).reshape(1).clone()
     elif values.dtype.is_floating_point:
-        local = torch.tensor([float("-inf") if largest else float("inf")], dtype=values.dtype)
+        local = torch.tensor([float("-inf") if largest else float("inf")], dtype=values.dtype, device=values.device)
     else:
         bound = torch.iinfo(values.dtype)
-        local = torch.tensor([bound.min if largest else bound.max], dtype=values.dtype)
+        local = torch.tensor([bound.min if largest else bound.max], dtype=values.dtype, device=values.device)
     if _world() > 1:
         torch.distributed.all_reduce(local, op=_ALL.MAX if largest else _ALL.MIN)
     return local[0]
 
 
-def _sum(count: int) -> int:
+def _sum(count: int, device: torch.device) -> int:
     """Sum of an int over the ranks."""
-    value = torch.tensor([count], dtype=torch.int64)
+    value = torch.tensor([count], dtype=torch.int64, device=device)  # NCCL reduces device tensors
     if _world() > 1:
         torch.distributed.all_reduce(value)
     return int(value)

@@ -83,11 +83,6 @@ class Part:
     width: int
 
     @property
-    def halo_rows(self) -> Tensor:
-        """[|H|] local rows of the halo (received at every exchange)."""
-        return torch.arange(self.num_owned, self.num_owned + self.num_halo, device=self.nodes.device)
-
-    @property
     def owned(self) -> Tensor:
         """[|O|] global ids of the owned nodes (id order)."""
         return self.nodes[:self.num_owned]

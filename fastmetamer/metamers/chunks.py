@@ -54,8 +54,9 @@ def split_targets(costs: Tensor, targets: Tensor, budget: int) -> list[Tensor]:
     return list(targets.split(sizes.tolist()))
 
 
-def _concat_graphs(graphs: list[Data], problems: list[int]) -> Data:
-    """Disjoint union of the chunks' problem graphs: node ids, problem ids and centres shifted."""
+def _concat_graphs(graphs: list[Data], problems: list[int], graph_level: bool = False) -> Data:
+    """Disjoint union of the chunks' problem graphs: node ids, problem ids and centres shifted
+    (``graph_level``: centres are graph indices, shifted by the problems before)."""
     node_offsets = torch.tensor([0] + [g.num_nodes for g in graphs]).cumsum(0)
     problem_offsets = torch.tensor([0] + problems).cumsum(0)
     merged = Data(
@@ -63,7 +64,8 @@ def _concat_graphs(graphs: list[Data], problems: list[int]) -> Data:
         edge_index=torch.cat([g.edge_index + node_offsets[i] for i, g in enumerate(graphs)], dim=1),
         n_id=torch.cat([g.n_id for g in graphs]), free_mask=torch.cat([g.free_mask for g in graphs]),
         batch=torch.cat([g.batch + problem_offsets[i] for i, g in enumerate(graphs)]),
-        center=torch.cat([g.center + node_offsets[i] for i, g in enumerate(graphs)]))
+        center=torch.cat([g.center + (problem_offsets if graph_level else node_offsets)[i]
+                          for i, g in enumerate(graphs)]))
     if getattr(graphs[0], "edge_weight", None) is not None:
         merged.edge_weight = torch.cat([g.edge_weight for g in graphs])
     if getattr(graphs[0], "y", None) is not None:
@@ -109,16 +111,20 @@ def _merged_metrics(parts: list[dict]) -> dict:
 
 def merge_results(results: list[MetamerResult]) -> MetamerResult:
     """One result for the chunks' targets in order, as one batched call returns it (every chunk
-    solved with per-target outputs: tensors [T_chunk], histories [steps, T_chunk])."""
+    solved with per-target outputs: tensors [T_chunk], histories [steps, T_chunk]). Chunks of a
+    batch of graphs (``nodes`` None) hold whole graphs, with node ids already global."""
     first = results[0]
+    graph_level = first.nodes is None
     problems = [r.center.numel() for r in results]
     history, gradient = _merged_history(results)
-    graph = _concat_graphs([r.graph for r in results], problems)
+    graph = _concat_graphs([r.graph for r in results], problems, graph_level)
     cat = lambda name: torch.cat([getattr(r, name) for r in results])  # noqa: E731
     return MetamerResult(
-        graph=graph, reference=_concat_graphs([r.reference for r in results], problems), center=graph.center,
+        graph=graph, reference=_concat_graphs([r.reference for r in results], problems, graph_level),
+        center=graph.center,
         loss=cat("loss"), history=history, passed=cat("passed"), trivial=cat("trivial"), distance=cat("distance"),
         null_threshold=cat("null_threshold"), twins=cat("twins"),
         metrics=_merged_metrics([r.metrics for r in results]),
-        kind=first.kind, layer=first.layer, hops=first.hops, nodes=[v for r in results for v in r.nodes],
+        kind=first.kind, layer=first.layer, hops=first.hops,
+        nodes=None if graph_level else [v for r in results for v in r.nodes],
         seconds=sum(r.seconds for r in results), settings=first.settings, gradient_steps=gradient)

@@ -194,6 +194,8 @@ def _generate_in_chunks(model, graph, targets, layer, kind, schedule, seed, back
     process group of several ranks, each rank solves its share of the targets and every rank
     returns the merged result (:mod:`fastmetamer.distributed`)."""
     hops = count_hops(model, layer, graph.x, extra) if opts.hops is None else opts.hops
+    if targets is None and distributed.is_sharing() and _shareable_batch(graph, extra):
+        return _shared_graphs(model, graph, layer, kind, schedule, seed, backend, opts, extra, hops)
     if targets is None and distributed.is_sharing():
         reason = partitioned.not_partitioned(model, layer, graph, kind, opts, extra)
         if reason is None:
@@ -212,6 +214,54 @@ def _generate_in_chunks(model, graph, targets, layer, kind, schedule, seed, back
         return chunks.merge_results([r for r in distributed.all_gather(part) if r is not None])
     return _solve_chunks(model, graph, targets, costs, budget, layer, kind, schedule, seed, backend, opts, extra,
                          hops, single=None)
+
+
+def _shareable_batch(graph, extra) -> bool:
+    """Whether ``graph`` is a batch of at least two graphs whose graphs can be shared out (no
+    forward_kwargs to cut per graph)."""
+    batch = getattr(graph, "batch", None)
+    return batch is not None and not extra and check_graph_ids(batch, graph.num_nodes) > 1
+
+
+def _shared_graphs(model, graph, layer, kind, schedule, seed, backend, opts, extra, hops) -> MetamerResult:
+    """A batch of graphs inside a process group: each rank solves a run of consecutive graphs
+    (balanced by nodes plus edges) as a batch of its own and the ranks exchange their results.
+    Each graph draws from its own random stream as if alone, so the merged result is the one
+    one process returns."""
+    batch, device = graph.batch, graph.x.device
+    num_graphs = int(batch[-1]) + 1
+    starts = torch.cat([batch.new_zeros(1), torch.bincount(batch, minlength=num_graphs).cumsum(0)])
+    costs = torch.bincount(batch, minlength=num_graphs) + torch.bincount(batch[graph.edge_index[1]],
+                                                                         minlength=num_graphs)
+    mine = distributed.my_share(costs)
+    part = None
+    if mine.start < mine.stop:
+        first, last = int(starts[mine.start]), int(starts[mine.stop])
+        part = _generate(model, _graphs_between(graph, first, last, mine.start), None, layer, kind, schedule, seed,
+                         backend, opts, extra, hops)
+        _as_batch_part(part, first)
+    return chunks.merge_results([r for r in distributed.all_gather(part) if r is not None])
+
+
+def _graphs_between(graph, first: int, last: int, first_graph: int) -> Data:
+    """The graphs of ``graph`` (a batch) whose nodes are ``first:last``, as a batch of their own."""
+    inside = (graph.edge_index[1] >= first) & (graph.edge_index[1] < last)
+    part = Data(x=graph.x[first:last], edge_index=graph.edge_index[:, inside] - first,
+                batch=graph.batch[first:last] - first_graph)
+    weight = getattr(graph, "edge_weight", None)
+    if weight is not None:
+        part.edge_weight = weight[inside]
+    return part
+
+
+def _as_batch_part(result: MetamerResult, first: int) -> None:
+    """A part's result as one chunk of the whole batch's: node ids shifted by ``first`` (the
+    part's first node) and per-graph outputs kept per graph when the part holds one graph."""
+    for data in (result.graph, result.reference):
+        data.n_id = data.n_id + first
+    if not isinstance(result.loss, Tensor):
+        result.loss = torch.tensor([result.loss])
+        result.history = result.history.unsqueeze(1)
 
 
 def _partitioned(model, graph, layer, kind, schedule, seed, backend, opts, hops) -> MetamerResult:

@@ -54,6 +54,8 @@ def not_partitioned(model: nn.Module, layer: str, graph, kind: str, opts, extra)
         return "size_independent=True (its parameters are shared by every node)"
     if extra:
         return "forward_kwargs"
+    if opts.refine_steps:
+        return "refine_steps (the swap search is not partitioned)"
     return None
 
 
@@ -227,7 +229,7 @@ def generate_partitioned(model: nn.Module, graph, layer: str, schedule, seed: in
 
     started = time.perf_counter()
     history = run_schedule([feats], step_losses, schedule, 1, progress=opts.progress,
-                           stop_below=torch.full((1,), schedule.tol), best=best, sync_every=opts.sync_every)
+                           stop_below=torch.full((1,), schedule.tol, device=graph.x.device), best=best, sync_every=opts.sync_every)
     seconds = time.perf_counter() - started
     rows = best.dense_states()[0]
     del feats, best
@@ -239,7 +241,7 @@ def generate_partitioned(model: nn.Module, graph, layer: str, schedule, seed: in
                                     graph.num_nodes)
     loss = float((metamer_acts.double() - whole.double()).pow(2).sum() / loss_scale(whole, joint=True).double())
     passed, distance, null = whole_graph_passes(whole, metamer_acts)
-    trivial = torch.tensor([bool(torch.equal(x, graph.x))])
+    trivial = torch.tensor([bool(torch.equal(x, graph.x))], device=graph.x.device)
     full = whole_graph(graph.x, graph.edge_index, weight)
     return dict(x=x, history=history, seconds=seconds, reference_acts=whole, metamer_acts=metamer_acts, loss=loss,
                 passed=passed & ~trivial, distance=distance, null=null, trivial=trivial, binary=binary, sub=full,

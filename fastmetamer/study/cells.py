@@ -10,7 +10,9 @@ the base grid without mitigation, for the cross-architecture matrix and the draw
 from __future__ import annotations
 
 import json
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -76,8 +78,9 @@ def load_or_train(spec: ModelSpec, data, config: StudyConfig, folder: Path) -> t
         info.update(robust_test_acc=robust_accuracy(result.model, data, config.adversarial, spec.seed),
                     attack={**config.adversarial, "steps": ROBUST_PGD_STEPS})
     path.parent.mkdir(parents=True, exist_ok=True)
-    models.save_checkpoint(result.model, path)
-    meta.write_text(json.dumps(info))
+    with _atomic(path) as partial:
+        models.save_checkpoint(result.model, partial)
+    write_atomically(meta, json.dumps(info))
     return result.model, info
 
 
@@ -122,6 +125,25 @@ def graph_targets(graphs: list, count: int, nulls: int, seed: int) -> tuple[list
     return order[:count], order[count:count + nulls]
 
 
+@contextmanager
+def _atomic(path: Path):
+    """A temporary path next to ``path`` to write to; moved onto ``path`` in one step when the
+    block ends without error, so that a reader (another rank of a shared study) never sees a
+    partly written file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``path.write_text(text)`` in one step for readers (see :func:`_atomic`)."""
+    with _atomic(Path(path)) as partial:
+        partial.write_text(text)
+
+
 def run_cell(cell: Cell, config: StudyConfig, data_cache: DataCache, folder: Path) -> dict:
     """Run one cell and return its JSON-friendly record (``status`` "ok")."""
     spec = cell.model
@@ -131,7 +153,8 @@ def run_cell(cell: Cell, config: StudyConfig, data_cache: DataCache, folder: Pat
     results, targets, dimension = run(cell, model, data, config)
     if cell.is_output and spec.mitigation == "none" and is_base(spec):
         (folder / "metamers").mkdir(parents=True, exist_ok=True)
-        torch.save({"targets": targets, "results": results}, folder / "metamers" / f"{cell.key}.pt")
+        with _atomic(folder / "metamers" / f"{cell.key}.pt") as partial:
+            torch.save({"targets": targets, "results": results}, partial)
     return {"key": cell.key, "cell": cell.to_dict(), "model": accuracy, "status": "ok",
             "targets": targets, **_records(results, dimension)}
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .. import distributed
 from . import crossarch
-from .cells import DataCache, run_cell
+from .cells import DataCache, run_cell, write_atomically
 from .config import Cell, StudyConfig, cells, full_config, quick_config
 from .outputs import write_study_report
 
@@ -58,17 +59,35 @@ def run_config(config: StudyConfig, out_dir, report_only: bool = False) -> Path:
     the cells finished there); returns the report path."""
     folder = Path(out_dir)
     (folder / "cells").mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    write_atomically(folder / "config.json", json.dumps(config.to_dict(), indent=2))
     data = DataCache(config)
     unavailable = _unavailable(config, data)
     todo = [c for c in cells(config) if c.model.dataset not in unavailable]
-    if report_only:
-        records = [r for r in (_finished(c, folder) for c in todo) if r is not None]
-    else:
-        records = [_cell(c, config, data, folder)
-                   for c in tqdm(todo, desc="study cells", disable=_tqdm_disable(config))]
-    predictions = _cross(config, data, folder, unavailable, restore=not report_only)
-    return write_study_report(config, folder, records, predictions, unavailable)
+    if not report_only:
+        with distributed.alone():
+            for c in tqdm(my_cells(todo), desc="study cells", disable=_tqdm_disable(config)):
+                _cell(c, config, data, folder)
+        distributed.wait_for_all()
+    records = [r for r in (_recorded(c, folder) for c in todo)
+               if r is not None and (not report_only or r.get("status") == "ok")]
+    if not distributed.is_main_rank():
+        return folder / "study.md"
+    with distributed.alone():
+        predictions = _cross(config, data, folder, unavailable, restore=not report_only)
+        return write_study_report(config, folder, records, predictions, unavailable)
+
+
+def my_cells(todo: list[Cell]) -> list[Cell]:
+    """The cells this rank runs: all of them outside a process group; inside one, the cells of
+    every model (cells that share a trained model stay together), dealt out to the ranks in
+    turn. A rank that dies loses only the cell it was running: finished cells are files, and a
+    rerun skips them."""
+    rank, size = distributed.world()
+    if size == 1:
+        return todo
+    keys = list(dict.fromkeys(c.model.key for c in todo))
+    mine = set(keys[rank::size])
+    return [c for c in todo if c.model.key in mine]
 
 
 def _tqdm_disable(config: StudyConfig) -> bool | None:
@@ -87,14 +106,16 @@ def _unavailable(config: StudyConfig, data: DataCache) -> dict[str, str]:
     return missing
 
 
+def _recorded(cell: Cell, folder: Path) -> dict | None:
+    """The cell's record (any status) if one was written, else None."""
+    path = folder / "cells" / f"{cell.key}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _finished(cell: Cell, folder: Path) -> dict | None:
     """The cell's record if it finished before (status "ok"), else None."""
-    path = folder / "cells" / f"{cell.key}.json"
-    if path.is_file():
-        record = json.loads(path.read_text())
-        if record.get("status") == "ok":
-            return record
-    return None
+    record = _recorded(cell, folder)
+    return record if record is not None and record.get("status") == "ok" else None
 
 
 def _cell(cell: Cell, config: StudyConfig, data: DataCache, folder: Path) -> dict:
@@ -112,7 +133,7 @@ def _cell(cell: Cell, config: StudyConfig, data: DataCache, folder: Path) -> dic
         record = {"key": cell.key, "cell": cell.to_dict(), "status": "skipped" if graph_level else "error",
                   "reason": f"{type(err).__name__}: {err}",
                   "traceback": traceback.format_exc(limit=-3)}
-    path.write_text(json.dumps(record))
+    write_atomically(path, json.dumps(record))
     return record
 
 

@@ -1,7 +1,8 @@
 """A scale-out job, run by ``tests/test_distributed.py`` under ``torchrun`` (2 gloo ranks of one
 thread each) and once as a plain process: node metamers (features and structure), metamer
 dimensions and whole-graph feature metamers (partitioned on the ranks) of the built-in synthetic
-graph, and the distributed top-k selection on values with ties. Every rank saves what it
+graph, graph-level metamers of a batch of synthetic graphs (shared out by graph), and the
+distributed top-k selection on values with ties. Every rank saves what it
 returns to ``<out>/rank<r>.pt`` (the plain process: rank0.pt).
 
     python tests/distributed/job.py OUT          # one process
@@ -46,6 +47,21 @@ def whole_graphs(graph) -> dict:
                                    "passed": res.passed, "trivial": res.trivial,
                                    "partition": res.settings.get("partition")}
     return saved
+
+
+def graph_batch() -> dict:
+    """Graph-level metamers of a batch of 7 synthetic graphs (a zoo GCN's pooled readout)."""
+    from torch_geometric.data import Batch, Data
+
+    graphs = fm.datasets.synthetic_graphs(num_graphs=30, seed=1)
+    torch.manual_seed(0)
+    model = fm.models.GCN(graphs[0].num_features, 2, hidden=16, pool="add").eval()
+    batch = Batch.from_data_list([Data(x=g.x, edge_index=g.edge_index) for g in graphs[:7]])
+    res = fm.generate(model, batch, None, layer="readout", steps=60, refine_steps=20, seed=3,
+                      null_graphs=graphs[10:], progress=False)
+    return {"x": res.graph.x, "n_id": res.graph.n_id, "center": res.center, "batch": res.graph.batch,
+            "loss": res.loss, "history": res.history, "passed": res.passed, "trivial": res.trivial,
+            "null_threshold": res.null_threshold, "metrics": res.metrics}
 
 
 def selections(rank: int, world: int) -> dict:
@@ -95,6 +111,7 @@ def main(out: str) -> None:
                                      "singular_values": dim.singular_values, "nodes": dim.nodes}
     saved["solved"] = solved
     saved["whole"] = whole_graphs(graph)
+    saved["graphs"] = graph_batch()
     saved["top_k"] = selections(*distributed.world())
     torch.save(saved, f"{out}/rank{distributed.world()[0]}.pt")
     if started:
