@@ -124,14 +124,6 @@ def test_command_line_under_torchrun_writes_the_single_process_outputs(tmp_path)
     assert got["rank"] == want["rank"] and got["nodes"] == want["nodes"] == [3, 5, 40, 41]
 
 
-def test_study_refuses_to_run_on_several_ranks(monkeypatch, capsys):
-    from fastmetamer.cli.main import main
-
-    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
-    assert main(["study", "--quick", "--out", "unused"]) == 2
-    assert "does not share its cells" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("model", ["pyg_gcn", "appnp", "gat"])
 def test_two_ranks_partition_a_whole_graph_and_return_the_single_process_metamer(runs, model):
     """A whole-graph feature metamer on two ranks (each owning half the nodes and a halo) follows

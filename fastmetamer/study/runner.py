@@ -64,8 +64,9 @@ def run_config(config: StudyConfig, out_dir, report_only: bool = False) -> Path:
     unavailable = _unavailable(config, data)
     todo = [c for c in cells(config) if c.model.dataset not in unavailable]
     if not report_only:
+        mine = my_cells(todo)
         with distributed.alone():
-            for c in tqdm(my_cells(todo), desc="study cells", disable=_tqdm_disable(config)):
+            for c in tqdm(mine, desc="study cells", disable=_tqdm_disable(config)):
                 _cell(c, config, data, folder)
         distributed.wait_for_all()
     records = [r for r in (_recorded(c, folder) for c in todo)
