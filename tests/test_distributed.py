@@ -124,7 +124,7 @@ def test_command_line_under_torchrun_writes_the_single_process_outputs(tmp_path)
     assert got["rank"] == want["rank"] and got["nodes"] == want["nodes"] == [3, 5, 40, 41]
 
 
-@pytest.mark.parametrize("model", ["pyg_gcn", "appnp", "gat"])
+@pytest.mark.parametrize("model", ["pyg_gcn-auto", "appnp-auto", "gat-auto", "pyg_gcn-reference"])
 def test_two_ranks_partition_a_whole_graph_and_return_the_single_process_metamer(runs, model):
     """A whole-graph feature metamer on two ranks (each owning half the nodes and a halo) follows
     the single process's optimisation: continuous features within float tolerance all along;

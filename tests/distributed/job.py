@@ -20,7 +20,8 @@ from fastmetamer.metamers import generator
 
 NODES = [3, 50, 4, 120, 7, 300, 11, 15, 420]  # receptive fields of unequal size
 DIMENSION_NODES = list(range(0, 64, 4))
-WHOLE_GRAPH_MODELS = ("pyg_gcn", "appnp", "gat")  # one propagate per layer; K per layer; attention
+# one propagate per layer; K per layer; attention (fast engine); the model's own forward with hooks
+WHOLE_GRAPHS = (("pyg_gcn", "auto"), ("appnp", "auto"), ("gat", "auto"), ("pyg_gcn", "reference"))
 TOP_K = (0, 1, 17, 250, 499, 500)  # of 500 values
 
 
@@ -36,14 +37,14 @@ def model_for(graph, name: str = "pyg_gcn"):
 
 
 def whole_graphs(graph) -> dict:
-    """Whole-graph feature metamers (binary features and continuous ones) of each model."""
+    """Whole-graph feature metamers (binary features and continuous ones) of each model and backend."""
     noisy = graph.clone()
     noisy.x = graph.x + 0.1 * torch.randn(graph.x.shape, generator=torch.Generator().manual_seed(3))
     saved = {}
-    for name in WHOLE_GRAPH_MODELS:
+    for name, backend in WHOLE_GRAPHS:
         for binary, g in ((True, graph), (False, noisy)):
-            res = fm.generate(model_for(graph, name), g, None, steps=40, progress=False)
-            saved[name, binary] = {"x": res.graph.x, "history": res.history, "loss": res.loss,
+            res = fm.generate(model_for(graph, name), g, None, steps=40, progress=False, backend=backend)
+            saved[f"{name}-{backend}", binary] = {"x": res.graph.x, "history": res.history, "loss": res.loss,
                                    "passed": res.passed, "trivial": res.trivial,
                                    "partition": res.settings.get("partition")}
     return saved
