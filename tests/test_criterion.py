@@ -109,13 +109,15 @@ def brute_force(acts, metamer_acts, rtol=1e-6):
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 120), d=st.integers(1, 6), twins=st.integers(0, 10),
        scale=st.sampled_from([1e-4, 1e-2, 0.3, 3.0]), chunk=st.sampled_from([1, 13, 1 << 22]),
        dense_width=st.sampled_from([0, 8, 512]), all_pairs=st.booleans(),
-       tree=st.sampled_from([(), (1, 3), (32, 256, 2048)]))
-def test_whole_graph_range_query_equals_brute_force(seed, n, d, twins, scale, chunk, dense_width, all_pairs, tree):
+       tree=st.sampled_from([(), (1, 3), (32, 256, 2048)]), some=st.booleans())
+def test_whole_graph_range_query_equals_brute_force(seed, n, d, twins, scale, chunk, dense_width, all_pairs, tree,
+                                                    some):
     """Same flags and twin counts as brute force, with exact twins, ties in the projection, tiny
     and huge metamer distances, windows scanned by rounds (``dense_width``), then in k-d tree
     order (``tree``: neighbours asked per round; few leave nodes to the dense scan, none sends
     them all there), and the small-graph path that computes every pair (``all_pairs``); the
-    threshold certifies each flag."""
+    threshold certifies each flag. With ``some``, only a random subset of the nodes is decided
+    (``queries``, in random order: a rank's own nodes), against every node."""
     gen = torch.Generator().manual_seed(seed)
     acts = torch.randn(n, d, generator=gen).round(decimals=1)  # ties and clusters
     copies = torch.randint(0, n, (min(twins, n),), generator=gen)
@@ -124,12 +126,16 @@ def test_whole_graph_range_query_equals_brute_force(seed, n, d, twins, scale, ch
     defaults = criterion.DENSE_WIDTH, criterion.BRUTE_FORCE_PAIRS, criterion.TREE_NEIGHBOURS
     criterion.DENSE_WIDTH, criterion.BRUTE_FORCE_PAIRS = dense_width, n * n if all_pairs else 0
     criterion.TREE_NEIGHBOURS = tree
+    queries = torch.randperm(n, generator=gen)[:max(1, n // 3)] if some else None
     try:
-        passed, distance, null = whole_graph_passes(acts, metamer, chunk_entries=chunk)
+        passed, distance, null = whole_graph_passes(acts, metamer, chunk_entries=chunk, queries=queries)
     finally:
         criterion.DENSE_WIDTH, criterion.BRUTE_FORCE_PAIRS, criterion.TREE_NEIGHBOURS = defaults
     expected, threshold, twin_count = brute_force(acts, metamer)
-    assert torch.equal(passed, expected)
+    if some:
+        acts, metamer, expected, threshold, twin_count = (t[queries] for t in (acts, metamer, expected, threshold,
+                                                                             twin_count))
+    assert torch.equal(passed, expected) and passed.shape == distance.shape == expected.shape
     assert torch.equal(null.twins, twin_count)
     bound = null.threshold.double()
     dist64 = (metamer.double() - acts.double()).norm(dim=1)

@@ -110,7 +110,8 @@ def passes(metamer_acts: Tensor, target_acts: Tensor, null: NullDistances) -> tu
 
 
 def whole_graph_passes(acts: Tensor, metamer_acts: Tensor, rtol: float = 1e-6,
-                       chunk_entries: int = 1 << 21) -> tuple[Tensor, Tensor, NullDistances]:
+                       chunk_entries: int = 1 << 21,
+                       queries: Tensor | None = None) -> tuple[Tensor, Tensor, NullDistances]:
     """The criterion for every node of a whole-graph metamer as a range query (SPEC §2.3), in
     time O(n log n + n d + d * pairs examined) instead of the O(n² d) of all nearest neighbours
     (computed instead on graphs of at most 4,096 nodes, where they cost less: a bounded O(1)).
@@ -124,26 +125,31 @@ def whole_graph_passes(acts: Tensor, metamer_acts: Tensor, rtol: float = 1e-6,
     Args:
         acts: reference activations H [n, d]; metamer_acts: H' [n, d].
         chunk_entries: float64 entries (pairs x d) of one exact-distance chunk (memory bound).
+        queries: the nodes [q] to decide (default: all); every node still counts as a neighbour
+            (a partitioned whole graph decides each rank's own nodes).
 
     Returns:
-        (passed [n] bool, distance [n] = r_v, null): ``null.twins`` counts each node's twins
+        (passed [q] bool, distance [q] = r_v, null) for the queried nodes: ``null.twins`` counts each node's twins
         exactly; ``null.threshold`` is a certificate, not the nearest distance: for a node that
         fails, the distance of a witness (<= r_v); for a node that passes, a lower bound on the
         nearest non-twin's distance that exceeds r_v (the nearest distance itself on small
         graphs). The flags equal the brute-force ones.
     """
     h = acts.double()
+    nodes = torch.arange(h.shape[0], device=h.device) if queries is None else queries
     distance = (metamer_acts.double() - h).norm(dim=1)
     twin_radius = rtol * h.norm(dim=1).clamp_min(1e-30)
     if h.shape[0] ** 2 <= BRUTE_FORCE_PAIRS:
         nearest, twins = _all_nearest(h, twin_radius, chunk_entries)
+        nearest, twins, distance = nearest[nodes], twins[nodes], distance[nodes]
         return nearest > distance, distance.float(), NullDistances(nearest.float(), twins)
     position, order, projected, coords = _principal_order(h)
     chunk_entries = max(1, chunk_entries // max(h.shape[1], 1))  # pairs per chunk
-    twins = _count_twins(h, position, order, projected, twin_radius, chunk_entries)
-    bound = _witness_search(h, coords, position, order, projected, distance, twin_radius, chunk_entries)
-    passed = bound > distance
-    return passed, distance.float(), NullDistances(bound.float(), twins)
+    twins = _count_twins(h, position, order, projected, twin_radius, chunk_entries, nodes)
+    bound = _witness_search(h, coords, position, order, projected, distance, twin_radius, chunk_entries,
+                            nodes)[nodes]
+    distance = distance[nodes]
+    return bound > distance, distance.float(), NullDistances(bound.float(), twins)
 
 
 #: Below this many node pairs (n <= 4096) every distance is computed: on Cora (2,708 nodes) that
@@ -220,20 +226,22 @@ def _pairs(lo: Tensor, hi: Tensor, nodes: Tensor, chunk_entries: int):
         start = stop
 
 
-def _count_twins(h, position, order, projected, twin_radius, chunk_entries) -> Tensor:
-    """[n] number of other nodes within ``twin_radius`` of each node (exact)."""
+def _count_twins(h, position, order, projected, twin_radius, chunk_entries, nodes: Tensor) -> Tensor:
+    """[q] number of other nodes within ``twin_radius`` of each of ``nodes`` [q] (exact)."""
     lo, hi = _window(projected, position, twin_radius)
     twins = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
-    for owner, rank in _pairs(lo, hi, torch.arange(h.shape[0], device=h.device), chunk_entries):
+    for owner, rank in _pairs(lo, hi, nodes, chunk_entries):
         other = order[rank]
         close = (other != owner) & ((h[other] - h[owner]).norm(dim=1) <= twin_radius[owner])
         twins.index_add_(0, owner[close], torch.ones_like(owner[close]))
-    return twins
+    return twins[nodes]
 
 
-def _witness_search(h, coords, position, order, projected, radius, twin_radius, chunk_entries) -> Tensor:
-    """[n] for every node: the distance of a non-twin within ``radius`` (a witness) if there is
-    one, else a lower bound on the nearest non-twin's distance that exceeds ``radius``.
+def _witness_search(h, coords, position, order, projected, radius, twin_radius, chunk_entries,
+                    nodes: Tensor) -> Tensor:
+    """[n] for every node of ``nodes`` (the other entries are not searched): the distance of a
+    non-twin within ``radius`` (a witness) if there is one, else a lower bound on the nearest
+    non-twin's distance that exceeds ``radius``.
 
     Windows are scanned in rounds of growing width around each node's rank (nearest projections
     first), so a node that fails mostly stops at its first witness and a node that passes scans
@@ -247,7 +255,7 @@ def _witness_search(h, coords, position, order, projected, radius, twin_radius, 
     lo, hi = _window(projected, position, reach)
     reach = reach * (1 + 1e-9) + 1e-12 * (coords.abs().max() + reach)  # rounding margin of the bound
     best = torch.full((n,), float("inf"), dtype=h.dtype, device=h.device)  # nearest examined non-twin
-    open_nodes, width = torch.arange(n, device=h.device), 8
+    open_nodes, width = nodes, 8
     while open_nodes.numel() and width <= DENSE_WIDTH:
         here = position[open_nodes]
         lo_round = torch.maximum(lo[open_nodes], here - width)

@@ -9,8 +9,8 @@ The loss is an ``all_reduce`` of the ranks' squared errors over the global ||H||
 top-rho selection a distributed selection (:mod:`fastmetamer.distributed.select`); the feature
 statistics and the initial draw are the single process's (each rank keeps its rows), so the
 optimisation is the one a single process runs, up to float rounding. At the end the ranks
-exchange their best rows and activations, and every rank scores and returns the complete
-result.
+exchange their best rows and activations; each rank decides the pass criterion for its own
+nodes (against every node), and every rank scores and returns the complete result.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from ..graph.layers import layer_output
 from ..graph.partition import Part, build_part, owners
 from ..graph.subgraph import Subgraph, whole_graph
 from ..validation import is_binary
-from .criterion import whole_graph_passes
+from .criterion import NullDistances, whole_graph_passes
 from .features import FeatureParam, FeatureStats, FusedBinaryFeatures, draw_noise, feature_stats
 from .optimize import BestStates, run_schedule
 
@@ -240,7 +240,7 @@ def generate_partitioned(model: nn.Module, graph, layer: str, schedule, seed: in
         metamer_acts = _gather_rows(engine.activations(local_x, sub.edge_index, sub.edge_weight), part,
                                     graph.num_nodes)
     loss = float((metamer_acts.double() - whole.double()).pow(2).sum() / loss_scale(whole, joint=True).double())
-    passed, distance, null = whole_graph_passes(whole, metamer_acts)
+    passed, distance, null = _shared_criterion(whole, metamer_acts, part)
     trivial = torch.tensor([bool(torch.equal(x, graph.x))], device=graph.x.device)
     full = whole_graph(graph.x, graph.edge_index, weight)
     return dict(x=x, history=history, seconds=seconds, reference_acts=whole, metamer_acts=metamer_acts, loss=loss,
@@ -250,6 +250,15 @@ def generate_partitioned(model: nn.Module, graph, layer: str, schedule, seed: in
                            "halo_rows": distributed.all_gather(part.num_halo),
                            "owned_rows": distributed.all_gather(part.num_owned),
                            "exchange_bytes_per_forward": exchange_bytes})
+
+
+def _shared_criterion(whole: Tensor, metamer_acts: Tensor, part: Part) -> tuple[Tensor, Tensor, NullDistances]:
+    """The whole-graph criterion (every node against every node), each rank deciding its owned
+    nodes; the flags, distances and certificates of all n nodes on every rank."""
+    passed, distance, null = whole_graph_passes(whole, metamer_acts, queries=part.owned)
+    n = whole.shape[0]
+    return (_gather_rows(passed.to(torch.uint8), part, n).bool(), _gather_rows(distance, part, n),
+            NullDistances(_gather_rows(null.threshold, part, n), _gather_rows(null.twins, part, n)))
 
 
 def _part_problem(graph, part: Part, weight: Tensor | None) -> Subgraph:
