@@ -67,7 +67,9 @@ def graph_batch() -> dict:
 
 def selections(rank: int, world: int) -> dict:
     """top_k of 500 values with many ties (100 rows of 5, the rows dealt out to the ranks in turn):
-    the global positions each rank selects and the threshold, for each k of TOP_K."""
+    the global positions each rank selects and the threshold, for each k of TOP_K, with the
+    candidates found by the sampled pivot and by ``torch.topk``."""
+    from fastmetamer.distributed import select
     from fastmetamer.distributed.select import top_k
 
     values = torch.randint(0, 40, (100, 5), generator=torch.Generator().manual_seed(5)).float() / 40
@@ -77,7 +79,12 @@ def selections(rank: int, world: int) -> dict:
         return rows[selected // 5] * 5 + selected % 5
 
     chosen = {k: top_k(values[rows], rows, k, chunk=7) for k in TOP_K}  # small chunks: cut ties found in parts
-    return {k: (positions(selected), threshold) for k, (selected, threshold) in chosen.items()}
+    margin, select.PIVOT_MARGIN = select.PIVOT_MARGIN, 0.0  # a pivot near the top: mostly torch.topk instead
+    try:
+        coarse = {k: top_k(values[rows], rows, k) for k in TOP_K}
+    finally:
+        select.PIVOT_MARGIN = margin
+    return {k: [(positions(selected), threshold) for selected, threshold in (chosen[k], coarse[k])] for k in TOP_K}
 
 
 def recording(module, name: str, solved: list, position: int):
