@@ -69,6 +69,7 @@ class Part:
         halo_slot: [|H|] where each halo row lies in the exchanged buffer [world * width, ...]
             (its owner's block, then its position there).
         width: rows of one rank's block (the largest |B| of any rank).
+        owner: [n] the rank that owns each node (every rank's owned ids follow from it).
     """
 
     rank: int
@@ -81,6 +82,7 @@ class Part:
     send_rows: Tensor
     halo_slot: Tensor
     width: int
+    owner: Tensor
 
     @property
     def owned(self) -> Tensor:
@@ -114,7 +116,7 @@ def build_part(edge_index: Tensor, owner: Tensor, rank: int, world: int) -> Part
         position[at] = torch.searchsorted(sent[q], halo[at])
     return Part(rank=rank, world=world, nodes=nodes, num_owned=int(mine.sum()), num_halo=int(halo.numel()),
                 edges=edges, edge_index=local[edge_index[:, edges]], send_rows=local[sent[rank]],
-                halo_slot=halo_owner * width + position, width=width)
+                halo_slot=halo_owner * width + position, width=width, owner=owner)
 
 
 def _sources_into(src: Tensor, dst: Tensor, into: Tensor, exclude: Tensor) -> Tensor:

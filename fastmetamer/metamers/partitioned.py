@@ -200,7 +200,9 @@ def generate_partitioned(model: nn.Module, graph, layer: str, schedule, seed: in
     Returns the pieces of the complete result, equal on every rank: ``x`` (X' [n, d]),
     ``history`` [steps, 1], ``reference_acts`` / ``metamer_acts`` [n, d_l], ``loss`` (float),
     ``passed`` / ``distance`` [n] and ``null`` of the criterion, ``trivial`` [1], ``seconds`` (the
-    optimisation), ``binary``, ``backend`` (the engine's), ``sub`` (the whole graph as a problem, for scoring) and ``partition`` (ranks, order, halo rows and bytes exchanged per forward, per rank)."""
+    optimisation), ``binary``, ``backend`` (the engine's), ``sub`` (the whole graph as a problem,
+    for scoring) and ``partition`` (ranks, order, halo and owned rows per rank, bytes exchanged
+    per forward)."""
     rank, world = distributed.world()
     weight = getattr(graph, "edge_weight", None)
     part = build_part(graph.edge_index, owners(graph.edge_index, graph.num_nodes, world), rank, world)
@@ -210,7 +212,8 @@ def generate_partitioned(model: nn.Module, graph, layer: str, schedule, seed: in
         reference = engine.activations(sub.x, sub.edge_index, sub.edge_weight)
     exchange_bytes, engine.traffic = sum(engine.traffic), None
     whole = _gather_rows(reference, part, graph.num_nodes)
-    engine.set_target(reference, loss_scale(whole, joint=True))
+    scale = loss_scale(whole, joint=True)
+    engine.set_target(reference, scale)
     binary = is_binary(graph.x) if opts.binary is None else opts.binary
     if binary and opts.binary is not None and not is_binary(graph.x):
         raise ValueError("binary=True but the reference features are not all 0/1")
@@ -228,8 +231,9 @@ def generate_partitioned(model: nn.Module, graph, layer: str, schedule, seed: in
         return engine.losses(x, sub.edge_index, sub.edge_weight), penalty
 
     started = time.perf_counter()
-    history = run_schedule([feats], step_losses, schedule, 1, progress=opts.progress,
-                           stop_below=torch.full((1,), schedule.tol, device=graph.x.device), best=best, sync_every=opts.sync_every)
+    stop_below = torch.full((1,), schedule.tol, device=graph.x.device)
+    history = run_schedule([feats], step_losses, schedule, 1, progress=opts.progress, stop_below=stop_below,
+                           best=best, sync_every=opts.sync_every)
     seconds = time.perf_counter() - started
     rows = best.dense_states()[0]
     del feats, best
@@ -239,7 +243,7 @@ def generate_partitioned(model: nn.Module, graph, layer: str, schedule, seed: in
         local_x[sub.free] = rows
         metamer_acts = _gather_rows(engine.activations(local_x, sub.edge_index, sub.edge_weight), part,
                                     graph.num_nodes)
-    loss = float((metamer_acts.double() - whole.double()).pow(2).sum() / loss_scale(whole, joint=True).double())
+    loss = float((metamer_acts.double() - whole.double()).pow(2).sum() / scale.double())
     passed, distance, null = _shared_criterion(whole, metamer_acts, part)
     trivial = torch.tensor([bool(torch.equal(x, graph.x))], device=graph.x.device)
     full = whole_graph(graph.x, graph.edge_index, weight)
@@ -248,7 +252,7 @@ def generate_partitioned(model: nn.Module, graph, layer: str, schedule, seed: in
                 backend=engine.name,
                 partition={"ranks": world, "order": ORDER,
                            "halo_rows": distributed.all_gather(part.num_halo),
-                           "owned_rows": distributed.all_gather(part.num_owned),
+                           "owned_rows": torch.bincount(part.owner, minlength=world).tolist(),
                            "exchange_bytes_per_forward": exchange_bytes})
 
 
@@ -272,18 +276,14 @@ def _part_problem(graph, part: Part, weight: Tensor | None) -> Subgraph:
 
 
 def _gather_rows(rows: Tensor, part: Part, num_nodes: int) -> Tensor:
-    """[n, ...] every rank's owned ``rows`` [|O|, ...] put at their global ids, on every rank."""
-    counts = distributed.all_gather(part.num_owned)
-    width = max(counts)
-    block = rows.new_zeros(width, *rows.shape[1:])
+    """[n, ...] every rank's owned ``rows`` [|O|, ...] (in id order) put at their global ids, on every
+    rank: one ``all_gather`` of blocks padded to the largest part (the ids follow from ``part.owner``)."""
+    counts = torch.bincount(part.owner, minlength=part.world).tolist()
+    block = rows.new_zeros(max(counts), *rows.shape[1:])
     block[:rows.shape[0]] = rows
     blocks = [torch.empty_like(block) for _ in counts]
     torch.distributed.all_gather(blocks, block)
-    ids = [torch.empty(width, dtype=torch.long, device=rows.device) for _ in counts]
-    mine = torch.zeros(width, dtype=torch.long, device=rows.device)
-    mine[:part.num_owned] = part.owned
-    torch.distributed.all_gather(ids, mine)
     out = rows.new_empty(num_nodes, *rows.shape[1:])
-    for block, index, count in zip(blocks, ids, counts):
-        out[index[:count]] = block[:count]
+    for q, (block, count) in enumerate(zip(blocks, counts)):
+        out[(part.owner == q).nonzero().flatten()] = block[:count]
     return out
