@@ -18,10 +18,12 @@ the calls (the slowest rank), each rank's peak resident memory above what it hel
 and model were ready, the share of the targets each rank solved, and for ``whole`` the halo rows
 and the bytes the halo exchanges move per forward pass (the backward moves as much again).
 
-    python benchmarks/scale_out.py [--jobs cora random many1000 whole] [--nodes N]
+    python benchmarks/scale_out.py [--jobs cora random many1000 whole] [--nodes N] [--update]
 
 writes ``results/scale_out.json`` and ``results/scale_out.md``, and the model of a partitioned
 whole-graph metamer of ogbn-papers100M on 8 GPUs (:func:`papers100m_model`) into the latter.
+``--update`` keeps the other jobs' rows of the JSON file and the notes section (``## Notes``
+onwards) of the Markdown file.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ def _peak_gb() -> float:
 
 NODES = {"random": 200_000, "many1000": 1_000_000, "whole": 1_000_000}
 TARGETS = {"cora": 16, "random": 200, "many1000": 1000}  # node targets (whole: None)
+JOBS = ("cora", "random", "many1000", "whole")
 
 
 def local_graph(n: int, seed: int = 0, degree: int = 20, reach: int = 100):
@@ -205,10 +208,10 @@ def papers100m_model(world: int = 8, halo_shares=(0.05, 0.25, 1.0), hidden: int 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", nargs="+", default=["cora", "random", "many1000", "whole"],
-                        choices=["cora", "random", "many1000", "whole"])
+    parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=JOBS)
     parser.add_argument("--nodes", type=int, default=None, help="graph size of the random/many1000/whole jobs")
     parser.add_argument("--out", default=str(HERE / "results" / "scale_out"), help="output path without suffix")
+    parser.add_argument("--update", action="store_true", help="keep the other jobs' rows and the notes")
     args = parser.parse_args()
     from run_benchmarks import machine
 
@@ -218,8 +221,14 @@ def main() -> None:
             rows.append(measure(job, ranks, args.nodes))
             print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
+    notes = ""
+    if args.update:
+        kept = [r for r in json.loads(out.with_suffix(".json").read_text())["rows"] if r["job"] not in args.jobs]
+        rows = sorted(kept + rows, key=lambda r: (JOBS.index(r["job"]), r["ranks"]))
+        text = out.with_suffix(".md").read_text()
+        notes = text[text.index("## Notes"):] if "## Notes" in text else ""
     out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
-    out.with_suffix(".md").write_text(markdown(rows, machine()) + "\n" + papers100m_model())
+    out.with_suffix(".md").write_text(markdown(rows, machine()) + "\n" + papers100m_model() + ("\n" + notes if notes else ""))
 
 
 if __name__ == "__main__":

@@ -452,6 +452,22 @@ def test_chunked_targets_equal_one_unchunked_call(synthetic, pyg_gcn, kind):
         assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12, nan_ok=True), key
 
 
+@pytest.mark.parametrize("kind", ["features", "structure", "joint"])
+def test_a_result_without_its_copied_rows_is_restored_exactly(synthetic, pyg_gcn, kind):
+    """Chunks and ranks keep a result without the feature rows it copies from the input graph:
+    every row outside the free rows, in the metamer and the reference, is the input's row."""
+    from fastmetamer.metamers import chunks
+
+    result = fm.generate(pyg_gcn, synthetic, [0, 9, 31], kind=kind, steps=10, refine_steps=5, progress=False)
+    metamer, reference = result.graph.x.clone(), result.reference.x.clone()
+    stripped = chunks.without_copied_rows(result)
+    free = int(result.graph.free_mask.sum())
+    assert stripped.reference.x is None and stripped.graph.x.shape == (free, synthetic.x.shape[1])
+    assert free < result.graph.n_id.numel() / 2, "the frozen rows are most of a problem graph"
+    restored = chunks.with_copied_rows(stripped, synthetic)
+    assert torch.equal(restored.graph.x, metamer) and torch.equal(restored.reference.x, reference)
+
+
 def test_merged_history_pads_a_chunk_whose_search_did_not_run():
     """A chunk that stopped before the swap search (no search rows) shows its final losses
     through the other chunks' search; gradient phases pad with their last row."""

@@ -3,7 +3,10 @@ result one call over all of them gives (SPEC §9).
 
 Every target is an independent problem with its own random stream, learning-rate schedule,
 early stop and swap search, so solving the targets in chunks changes nothing but the peak
-memory. A chunk's memory is estimated from its receptive fields (found by one vectorised
+memory. The chunks' results are kept (and exchanged between ranks) without the feature rows
+they copy from the input graph (:func:`without_copied_rows`), and those rows are put back once,
+in the merged result (:func:`with_copied_rows`): a problem graph's frozen boundary ring is most
+of its rows, so the merged result is built once and not held twice. A chunk's memory is estimated from its receptive fields (found by one vectorised
 frontier expansion): nodes × features and the edges they touch, at a fixed number of bytes each
 (the optimiser's copies of a feature entry, a sparse pattern with its transpose per edge).
 """
@@ -54,13 +57,35 @@ def split_targets(costs: Tensor, targets: Tensor, budget: int) -> list[Tensor]:
     return list(targets.split(sizes.tolist()))
 
 
+def without_copied_rows(result: MetamerResult) -> MetamerResult:
+    """``result`` (changed in place) without the feature rows that equal the input graph's:
+    the metamer keeps only its free rows (``graph.x`` [free rows, d], in order), the reference
+    none (``reference.x`` None). Every other row of both is ``input.x[n_id]``;
+    :func:`with_copied_rows` puts them back."""
+    result.graph.x = result.graph.x[result.graph.free_mask]
+    result.reference.x = None
+    return result
+
+
+def with_copied_rows(result: MetamerResult, graph: Data) -> MetamerResult:
+    """``result`` (changed in place) as :func:`without_copied_rows` left it, with the rows it
+    copies from ``graph`` (the input graph) put back: reference ``graph.x[n_id]``, metamer the
+    same with its free rows."""
+    result.reference.x = graph.x[result.reference.n_id]
+    metamer = graph.x[result.graph.n_id]
+    metamer[result.graph.free_mask] = result.graph.x
+    result.graph.x = metamer
+    return result
+
+
 def _concat_graphs(graphs: list[Data], problems: list[int], graph_level: bool = False) -> Data:
     """Disjoint union of the chunks' problem graphs: node ids, problem ids and centres shifted
-    (``graph_level``: centres are graph indices, shifted by the problems before)."""
-    node_offsets = torch.tensor([0] + [g.num_nodes for g in graphs]).cumsum(0)
+    (``graph_level``: centres are graph indices, shifted by the problems before); features
+    None when the chunks hold none (:func:`without_copied_rows`)."""
+    node_offsets = torch.tensor([0] + [g.n_id.numel() for g in graphs]).cumsum(0)
     problem_offsets = torch.tensor([0] + problems).cumsum(0)
     merged = Data(
-        x=torch.cat([g.x for g in graphs]),
+        x=None if graphs[0].x is None else torch.cat([g.x for g in graphs]),
         edge_index=torch.cat([g.edge_index + node_offsets[i] for i, g in enumerate(graphs)], dim=1),
         n_id=torch.cat([g.n_id for g in graphs]), free_mask=torch.cat([g.free_mask for g in graphs]),
         batch=torch.cat([g.batch + problem_offsets[i] for i, g in enumerate(graphs)]),
@@ -112,7 +137,8 @@ def _merged_metrics(parts: list[dict]) -> dict:
 def merge_results(results: list[MetamerResult]) -> MetamerResult:
     """One result for the chunks' targets in order, as one batched call returns it (every chunk
     solved with per-target outputs: tensors [T_chunk], histories [steps, T_chunk]). Chunks of a
-    batch of graphs (``nodes`` None) hold whole graphs, with node ids already global."""
+    batch of graphs (``nodes`` None) hold whole graphs, with node ids already global. Chunks
+    without their copied rows (:func:`without_copied_rows`) merge into a result without them."""
     first = results[0]
     graph_level = first.nodes is None
     problems = [r.center.numel() for r in results]

@@ -210,10 +210,13 @@ def _generate_in_chunks(model, graph, targets, layer, kind, schedule, seed, back
         mine = distributed.my_share(costs)
         part = None if mine.start == mine.stop else \
             _solve_chunks(model, graph, targets[mine], costs[mine], budget, layer, kind, schedule, seed, backend,
-                          opts, extra, hops, single=False)
-        return chunks.merge_results([r for r in distributed.all_gather(part) if r is not None])
-    return _solve_chunks(model, graph, targets, costs, budget, layer, kind, schedule, seed, backend, opts, extra,
-                         hops, single=None)
+                          opts, extra, hops)
+        return _merged_parts(part, graph)
+    parts = chunks.split_targets(costs, targets, budget)
+    if len(parts) == 1:
+        return _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts, extra, hops)
+    return chunks.with_copied_rows(_solve_chunks(model, graph, targets, costs, budget, layer, kind, schedule, seed,
+                                                 backend, opts, extra, hops), graph)
 
 
 def _shareable_batch(graph, extra) -> bool:
@@ -240,7 +243,15 @@ def _shared_graphs(model, graph, layer, kind, schedule, seed, backend, opts, ext
         part = _generate(model, _graphs_between(graph, first, last, mine.start), None, layer, kind, schedule, seed,
                          backend, opts, extra, hops)
         _as_batch_part(part, first)
-    return chunks.merge_results([r for r in distributed.all_gather(part) if r is not None])
+        chunks.without_copied_rows(part)
+    return _merged_parts(part, graph)
+
+
+def _merged_parts(part: MetamerResult | None, graph: Data) -> MetamerResult:
+    """Every rank's ``part`` (without its copied rows, or None where a rank had nothing to
+    solve) merged in rank order, with the rows copied from ``graph`` put back."""
+    return chunks.with_copied_rows(chunks.merge_results([r for r in distributed.all_gather(part) if r is not None]),
+                                   graph)
 
 
 def _graphs_between(graph, first: int, last: int, first_graph: int) -> Data:
@@ -285,14 +296,14 @@ def _partitioned(model, graph, layer, kind, schedule, seed, backend, opts, hops)
         gradient_steps=history.shape[0])
 
 
-def _solve_chunks(model, graph, targets, costs, budget, layer, kind, schedule, seed, backend, opts, extra, hops,
-                  single) -> MetamerResult:
-    """The targets [T] (estimated bytes ``costs`` [T]) in chunks within ``budget``, merged."""
-    parts = chunks.split_targets(costs, targets, budget)
-    if len(parts) == 1:
-        return _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts, extra, hops, single)
-    return chunks.merge_results([_generate(model, graph, part, layer, kind, schedule, seed, backend, opts, extra,
-                                           hops, single=False) for part in parts])
+def _solve_chunks(model, graph, targets, costs, budget, layer, kind, schedule, seed, backend, opts, extra,
+                  hops) -> MetamerResult:
+    """The targets [T] (estimated bytes ``costs`` [T]) in chunks within ``budget``, merged
+    without the rows copied from ``graph`` (:func:`~.chunks.without_copied_rows`)."""
+    return chunks.merge_results([
+        chunks.without_copied_rows(_generate(model, graph, part, layer, kind, schedule, seed, backend, opts, extra,
+                                             hops, single=False))
+        for part in chunks.split_targets(costs, targets, budget)])
 
 
 def _generate(model, graph, targets, layer, kind, schedule, seed, backend, opts, extra, hops,
