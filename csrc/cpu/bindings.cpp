@@ -34,6 +34,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("append_node_entries", &fm::append_node_entries,
         "CSR (rowptr, col, order) of a graph's in-edges with one entry per node appended to each row",
         py::arg("rowptr"), py::arg("source"), py::arg("edge_id"), py::arg("node_col"));
+  m.def("linear_input_grad", &fm::linear_input_grad, "out (+)= grad @ weight^T in row tiles (in place)",
+        py::arg("out"), py::arg("grad"), py::arg("weight"), py::arg("accumulate"));
   m.def("adam_ste_update", &fm::adam_ste_update, "fused margin + straight-through + Adam step (in place)",
         py::arg("theta"), py::arg("grad_x"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"),
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("slope"),

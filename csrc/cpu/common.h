@@ -143,6 +143,8 @@ void adam_ste_update(at::Tensor theta, const at::Tensor& grad_x, at::Tensor exp_
                      const at::Tensor& threshold, double margin, const at::Tensor& margin_scale,
                      const at::Tensor& active, double bound);
 
+void linear_input_grad(at::Tensor out, const at::Tensor& grad, const at::Tensor& weight, bool accumulate);
+
 // Saved-state checks shared by backward ops: validates `saved` for activation `act` and rows x f.
 inline void check_saved(const at::Tensor& saved, int64_t act, i64 rows, i64 f) {
   TORCH_CHECK_VALUE(saved.device().is_cpu(), "saved must be a CPU tensor");

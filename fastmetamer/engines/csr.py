@@ -190,9 +190,10 @@ class BinaryRows:
         rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         return BinaryRows(keep.numel(), self.width, rowptr, col, position, self.grad, self.token, parent=self)
 
-    def add_grad(self, grad_rows: Tensor, weight: Tensor | None = None) -> None:
+    def add_grad(self, grad_rows: Tensor, weight: Tensor | None = None, update=None) -> None:
         """Add dL/dX'[rows] given either directly (``grad_rows`` [m, d]) or as the gradient
-        [m, f] of X' @ ``weight`` [d, f] (one GEMM into the buffer)."""
+        [m, f] of X' @ ``weight`` [d, f] (one GEMM into the buffer, by ``update``, the backend's
+        update op module: its ``linear_input_grad``)."""
         owner = self if self.parent is None else self.parent
         if self.rows is not None:
             grad_rows = grad_rows.index_select(0, self.rows)
@@ -201,10 +202,8 @@ class BinaryRows:
                 self.grad.add_(grad_rows)
             else:
                 self.grad.copy_(grad_rows)
-        elif owner.written:
-            self.grad.addmm_(grad_rows, weight.t())
         else:
-            torch.mm(grad_rows, weight.t(), out=self.grad)
+            update.linear_input_grad(self.grad, grad_rows.contiguous(), weight.contiguous(), owner.written)
         owner.written = True
 
     def dense(self) -> Tensor:

@@ -106,13 +106,13 @@ class _BinaryLinear(torch.autograd.Function):
         out, _ = kernels["aggregate"].aggregate_forward(ones.rowptr, ones.col, unit, weight.contiguous(), None,
                                                         "none", None)
         ctx.save_for_backward(weight)
-        ctx.x = x
+        ctx.x, ctx.update = x, kernels["update"]
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         (weight,) = ctx.saved_tensors
-        ctx.x.add_grad(grad_out, weight)
+        ctx.x.add_grad(grad_out, weight, ctx.update)
         return None, None, None, None
 
 

@@ -6,9 +6,11 @@ early stop and swap search, so solving the targets in chunks changes nothing but
 memory. The chunks' results are kept (and exchanged between ranks) without the feature rows
 they copy from the input graph (:func:`without_copied_rows`), and those rows are put back once,
 in the merged result (:func:`with_copied_rows`): a problem graph's frozen boundary ring is most
-of its rows, so the merged result is built once and not held twice. A chunk's memory is estimated from its receptive fields (found by one vectorised
-frontier expansion): nodes × features and the edges they touch, at a fixed number of bytes each
-(the optimiser's copies of a feature entry, a sparse pattern with its transpose per edge).
+of its rows, so the merged result is built once and not held twice.
+
+A chunk's memory is estimated from its receptive fields (found by one vectorised frontier
+expansion): nodes × features and the edges they touch, at a fixed number of bytes each (the
+optimiser's copies of a feature entry, a sparse pattern with its transpose per edge).
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ def without_copied_rows(result: MetamerResult) -> MetamerResult:
     the metamer keeps only its free rows (``graph.x`` [free rows, d], in order), the reference
     none (``reference.x`` None). Every other row of both is ``input.x[n_id]``;
     :func:`with_copied_rows` puts them back."""
-    result.graph.x = result.graph.x[result.graph.free_mask]
+    result.graph.x = result.graph.x.index_select(0, result.graph.free_mask.nonzero().flatten())
     result.reference.x = None
     return result
 
@@ -71,10 +73,9 @@ def with_copied_rows(result: MetamerResult, graph: Data) -> MetamerResult:
     """``result`` (changed in place) as :func:`without_copied_rows` left it, with the rows it
     copies from ``graph`` (the input graph) put back: reference ``graph.x[n_id]``, metamer the
     same with its free rows."""
-    result.reference.x = graph.x[result.reference.n_id]
-    metamer = graph.x[result.graph.n_id]
-    metamer[result.graph.free_mask] = result.graph.x
-    result.graph.x = metamer
+    result.reference.x = graph.x.index_select(0, result.reference.n_id)
+    metamer = graph.x.index_select(0, result.graph.n_id)
+    result.graph.x = metamer.index_copy_(0, result.graph.free_mask.nonzero().flatten(), result.graph.x)
     return result
 
 

@@ -343,6 +343,32 @@ def test_top_mask_huge_block(kind):
     assert (hard[F - 10:] == 0).all() and (thr[F - 10:] == 0).all()
 
 
+# ----------------------------------------------------------------------------- linear_input_grad
+@pytest.mark.parametrize("F, f, d", [(0, 4, 9), (1, 1, 1), (5, 0, 7), (37, 64, 12_288), (250, 16, 1_000),
+                                     (1_500, 3, 70)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_linear_input_grad(F, f, d, accumulate):
+    """out (+)= grad @ W^T against the float64 product, with row counts that fill one tile, end in
+    a partial tile (d = 12,288: tiles of 8 rows; d = 1,000: 98 rows) or hold no row, and an
+    inner size of zero (the product is zero)."""
+    gen = torch.Generator().manual_seed(F + 7 * d)
+    grad, weight = torch.randn(F, f, generator=gen), torch.randn(d, f, generator=gen)
+    start = torch.randn(F, d, generator=gen)
+    outs = [start.clone(), start.clone(), start.double()]
+    upd_cpu.linear_input_grad(outs[0], grad, weight, accumulate)
+    upd_ref.linear_input_grad(outs[1], grad, weight, accumulate)
+    upd_ref.linear_input_grad(outs[2], grad.double(), weight.double(), accumulate)
+    magnitude = grad.double().abs() @ weight.double().abs().t() + (start.double().abs() if accumulate else 0)
+    assert_close_to_float64(outs[0], outs[1], outs[2], 2, magnitude, name="linear_input_grad")
+
+
+@pytest.mark.parametrize("out_shape, grad_shape, weight_shape, match", [
+    ((4, 9), (4, 3), (9, 2), "weight"), ((5, 9), (4, 3), (9, 3), "out"), ((4, 9), (4,), (9, 3), "grad")])
+def test_linear_input_grad_rejects_bad_shapes(out_shape, grad_shape, weight_shape, match):
+    with pytest.raises(ValueError, match=match):
+        upd_cpu.linear_input_grad(torch.zeros(out_shape), torch.zeros(grad_shape), torch.zeros(weight_shape), False)
+
+
 # ----------------------------------------------------------------------------- adam_ste_update
 @FAST
 @given(F=st.integers(1, 40), d=st.integers(1, 70), seed=st.integers(0, 2**31 - 1),

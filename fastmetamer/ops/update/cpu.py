@@ -4,7 +4,9 @@ Same functions and signatures as :mod:`fastmetamer.ops.update.reference` (the co
 ``top_mask`` selects with ``std::nth_element`` on a scratch copy per row block (blocks in
 parallel; one huge block uses all threads for the sigmoid and marking passes) and sets exactly
 k[c] ones per block (ties at the k-th value broken in memory order). ``adam_ste_update`` is one
-fused, parallel elementwise pass, in place. float32 / int64 / bool contiguous CPU tensors; bad
+fused, parallel elementwise pass, in place. ``linear_input_grad`` runs the GEMM in tiles of rows
+that stay in cache, in parallel (twice as fast as one GEMM of this shape, see
+``csrc/cpu/linear.cpp``). float32 / int64 / bool contiguous CPU tensors; bad
 inputs raise ValueError.
 """
 from __future__ import annotations
@@ -42,6 +44,15 @@ def _check_blocks(theta: Tensor, ptr: Tensor, k: Tensor) -> None:
     if ptr.numel() < 1:
         raise ValueError("ptr must have C + 1 >= 1 entries")
     _check(k, "k", torch.int64, 1, (ptr.numel() - 1,))
+
+
+def linear_input_grad(out: Tensor, grad: Tensor, weight: Tensor, accumulate: bool) -> None:
+    """``out`` [F, d] (+)= ``grad`` [F, f] @ ``weight``^T (``weight`` [d, f]), in place, as
+    :func:`fastmetamer.ops.update.reference.linear_input_grad`."""
+    _check(grad, "grad", torch.float32, 2)
+    _check(weight, "weight", torch.float32, 2, (weight.shape[0], grad.shape[1]))
+    _check(out, "out", torch.float32, 2, (grad.shape[0], weight.shape[0]))
+    _C.linear_input_grad(out, grad, weight, bool(accumulate))
 
 
 def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,

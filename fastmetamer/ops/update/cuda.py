@@ -64,7 +64,7 @@ from torch import Tensor
 from .. import cuda_library
 from ..checks import check_tensor
 from ..memo import Memo
-from .reference import check_bound
+from .reference import check_bound, linear_input_grad  # noqa: F401 (cuBLAS GEMM: the reference is the kernel)
 
 AVAILABLE = cuda_library.available()
 

@@ -1,7 +1,8 @@
 """Reference fused update of binary straight-through features: top-rho selection and Adam.
 
 Features are parameterised by logits theta [F, d]; P = sigmoid(slope * theta); the model sees
-the hard top-k mask of P per block of rows (a problem, or a single row in per-row mode).
+the hard top-k mask of P per block of rows (a problem, or a single row in per-row mode). The
+gradient the update reads comes from the first layer x @ W (:func:`linear_input_grad`).
 """
 from __future__ import annotations
 
@@ -57,6 +58,15 @@ def mask_to_csr(hard: Tensor) -> tuple[Tensor, Tensor]:
     rowptr = torch.zeros(hard.shape[0] + 1, dtype=torch.long, device=hard.device)
     rowptr[1:] = torch.bincount(row, minlength=hard.shape[0]).cumsum(0)
     return rowptr, col
+
+
+def linear_input_grad(out: Tensor, grad: Tensor, weight: Tensor, accumulate: bool) -> None:
+    """The gradient of the first layer x @ ``weight`` with respect to x, in place: ``out`` [F, d]
+    = ``grad`` [F, f] @ ``weight``^T (``weight`` [d, f]), or added to ``out`` when ``accumulate``."""
+    if accumulate:
+        out.addmm_(grad, weight.t())
+    else:
+        torch.mm(grad, weight.t(), out=out)
 
 
 def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..aggregate import triton as _agg
-from .reference import check_bound
+from .reference import check_bound, linear_input_grad  # noqa: F401 (cuBLAS GEMM: the reference is the kernel)
 
 try:  # pragma: no cover - depends on the environment
     import triton
