@@ -36,9 +36,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rowptr"), py::arg("source"), py::arg("edge_id"), py::arg("node_col"));
   m.def("linear_input_grad", &fm::linear_input_grad, "out (+)= grad @ weight^T in row tiles (in place)",
         py::arg("out"), py::arg("grad"), py::arg("weight"), py::arg("accumulate"));
-  m.def("adam_ste_update", &fm::adam_ste_update, "fused margin + straight-through + Adam step (in place)",
+  m.def("adam_ste_update", &fm::adam_ste_update,
+        "fused margin + straight-through + Adam step (in place) with the gradient grad_x + grad_rows @ weight^T",
         py::arg("theta"), py::arg("grad_x"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"),
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("slope"),
         py::arg("threshold"), py::arg("margin"), py::arg("margin_scale"), py::arg("active"),
-        py::arg("bound") = std::numeric_limits<double>::infinity());
+        py::arg("bound") = std::numeric_limits<double>::infinity(), py::arg("grad_rows") = py::none(),
+        py::arg("weight") = py::none());
 }

@@ -1,33 +1,29 @@
 // The gradient of a first layer x @ W with respect to x: out [F, d] (+)= grad [F, f] @ W^T
-// (W [d, f]). The inner size f is the hidden width (tens) and d the feature width (thousands),
-// so the product is as large as x; one GEMM over all F rows streams it out to memory at about
-// half the speed of the same GEMM done in tiles of rows whose slice of out stays in the core's
-// cache (measured on AMD EPYC with MKL: 21 against 44 GFLOPS a thread, F = 19,200, f = 64,
-// d = 1,433). The tiles run in parallel, one thread each.
+// (W [d, f]), in row tiles of product_tile_rows(d) (common.h) that run in parallel, one thread
+// each. The inner size f is the hidden width (tens) and d the feature width (thousands).
 #include "common.h"
 
 namespace fm {
-namespace {
 
-// Bytes of out a tile writes: about half of a core's L2 cache.
-constexpr i64 TILE_BYTES = 384 * 1024;
-
-}  // namespace
+void check_input_grad(const at::Tensor& grad, const at::Tensor& weight, i64 F, i64 d) {
+  check_tensor(grad, "grad", at::kFloat, 2);
+  check_tensor(weight, "weight", at::kFloat, 2);
+  const i64 f = grad.size(1);
+  TORCH_CHECK_VALUE(grad.size(0) == F, "grad must have ", F, " rows, got ", grad.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) == d && weight.size(1) == f, "weight must be [", d, ", ", f, "], got ",
+                    weight.sizes());
+}
 
 void linear_input_grad(at::Tensor out, const at::Tensor& grad, const at::Tensor& weight, bool accumulate) {
   check_tensor(out, "out", at::kFloat, 2);
-  check_tensor(grad, "grad", at::kFloat, 2);
-  check_tensor(weight, "weight", at::kFloat, 2);
-  const i64 F = grad.size(0), f = grad.size(1), d = weight.size(0);
-  TORCH_CHECK_VALUE(weight.size(1) == f, "weight must be [d, ", f, "] (grad is [F, ", f, "]), got ",
-                    weight.sizes());
-  TORCH_CHECK_VALUE(out.size(0) == F && out.size(1) == d, "out must be [", F, ", ", d, "], got ", out.sizes());
+  const i64 F = out.size(0), d = out.size(1);
+  check_input_grad(grad, weight, F, d);
   if (F == 0 || d == 0) return;
-  if (f == 0) {
+  if (grad.size(1) == 0) {
     if (!accumulate) out.zero_();
     return;
   }
-  const i64 tile = std::max<i64>(8, TILE_BYTES / (static_cast<i64>(sizeof(float)) * d));
+  const i64 tile = product_tile_rows(d);
   const at::Tensor transposed = weight.t();
   at::parallel_for(0, (F + tile - 1) / tile, 1, [&](i64 t0, i64 t1) {
     for (i64 t = t0; t < t1; ++t) {

@@ -416,18 +416,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> top_mask_csr(const at::Tensor& th
   return {rowptr, col, threshold};
 }
 
-void adam_ste_update(at::Tensor theta, const at::Tensor& grad_x, at::Tensor exp_avg, at::Tensor exp_avg_sq,
-                     int64_t step, double lr, double beta1, double beta2, double eps, double slope,
-                     const at::Tensor& threshold, double margin, const at::Tensor& margin_scale,
-                     const at::Tensor& active, double bound) {
+void adam_ste_update(at::Tensor theta, const c10::optional<at::Tensor>& grad_x, at::Tensor exp_avg,
+                     at::Tensor exp_avg_sq, int64_t step, double lr, double beta1, double beta2, double eps,
+                     double slope, const at::Tensor& threshold, double margin, const at::Tensor& margin_scale,
+                     const at::Tensor& active, double bound, const c10::optional<at::Tensor>& grad_rows,
+                     const c10::optional<at::Tensor>& weight) {
   check_tensor(theta, "theta", at::kFloat, 2);
   const i64 F = theta.size(0), d = theta.size(1);
-  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&grad_x, "grad_x"},
-                                {&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}}) {
+  const bool product = grad_rows.has_value();
+  TORCH_CHECK_VALUE(product == weight.has_value(), "grad_rows and weight come together (the product grad_rows @ "
+                    "weight^T is added to grad_x)");
+  TORCH_CHECK_VALUE(product || grad_x.has_value(), "grad_x is needed unless grad_rows and weight are given");
+  std::vector<std::pair<const at::Tensor*, const char*>> same_shape{{&exp_avg, "exp_avg"},
+                                                                    {&exp_avg_sq, "exp_avg_sq"}};
+  if (grad_x) same_shape.emplace_back(&*grad_x, "grad_x");
+  for (const auto& [t, name] : same_shape) {
     check_tensor(*t, name, at::kFloat, 2);
     TORCH_CHECK_VALUE(t->size(0) == F && t->size(1) == d, name, " must have the shape of theta ", theta.sizes(),
                       ", got ", t->sizes());
   }
+  if (product) check_input_grad(*grad_rows, *weight, F, d);
   check_tensor(threshold, "threshold", at::kFloat, 1);
   check_tensor(margin_scale, "margin_scale", at::kFloat, 1);
   check_tensor(active, "active", at::kBool, 1);
@@ -437,7 +445,6 @@ void adam_ste_update(at::Tensor theta, const at::Tensor& grad_x, at::Tensor exp_
   TORCH_CHECK_VALUE(bound >= 0, "bound must be >= 0 (inf for no clamp), got ", bound);
   if (F == 0 || d == 0) return;
   float* th = theta.data_ptr<float>();
-  const float* gx = grad_x.data_ptr<float>();
   float* m1 = exp_avg.data_ptr<float>();
   float* m2 = exp_avg_sq.data_ptr<float>();
   const float* tr = threshold.data_ptr<float>();
@@ -451,9 +458,32 @@ void adam_ste_update(at::Tensor theta, const at::Tensor& grad_x, at::Tensor exp_
   const float ibc2 = 1.f / static_cast<float>(1.0 - std::pow(beta2, double(step)));
   const float ep = static_cast<float>(eps), lrf = static_cast<float>(lr);
   const float bd = static_cast<float>(bound);  // rounded as torch.clamp_ rounds a scalar limit
-  const i64 grain = std::max<i64>(1, SERIAL_WORK / d);
-  at::parallel_for(0, F, grain, [&](i64 r0, i64 r1) {
-    adam_rows(r0, r1, d, th, gx, m1, m2, tr, ms, act, s, mg, b1, c1, b2, c2, ibc1, ibc2, ep, lrf, bd);
+  auto rows_with = [&](i64 r0, i64 r1, const float* gx) {  // gx: the gradient of rows [r0, r1)
+    adam_rows(0, r1 - r0, d, th + r0 * d, gx, m1 + r0 * d, m2 + r0 * d, tr + r0, ms + r0, act + r0, s, mg, b1, c1,
+              b2, c2, ibc1, ibc2, ep, lrf, bd);
+  };
+  if (!product) {
+    const float* gx = grad_x->data_ptr<float>();
+    at::parallel_for(0, F, std::max<i64>(1, SERIAL_WORK / d),
+                     [&](i64 r0, i64 r1) { rows_with(r0, r1, gx + r0 * d); });
+    return;
+  }
+  // The gradient grad_x + grad_rows @ weight^T, one tile of rows at a time into a buffer that
+  // stays in cache for the update (the tiles of linear_input_grad: the same products).
+  const i64 tile = product_tile_rows(d);
+  const at::Tensor transposed = weight->t();
+  at::parallel_for(0, (F + tile - 1) / tile, 1, [&](i64 t0, i64 t1) {
+    at::Tensor buffer = at::empty({tile, d}, theta.options());
+    for (i64 t = t0; t < t1; ++t) {
+      const i64 r0 = t * tile, rows = std::min(F, r0 + tile) - r0;
+      at::Tensor slice = buffer.narrow(0, 0, rows);
+      if (grad_x) {
+        slice.copy_(grad_x->narrow(0, r0, rows)).addmm_(grad_rows->narrow(0, r0, rows), transposed);
+      } else {
+        at::mm_out(slice, grad_rows->narrow(0, r0, rows), transposed);
+      }
+      rows_with(r0, r0 + rows, slice.data_ptr<float>());
+    }
   });
 }
 

@@ -129,7 +129,9 @@ class BinaryRows:
     Attributes: num_rows (m), width (d); rowptr, col: the CSR of the ones, over all m rows, or
     over ``rows`` alone when ``compact`` (every other row is zero: nothing of size m is built
     until :attr:`ones` asks for it); rows, grad, token; written (False until a backward wrote
-    ``grad``; later contributions add to it).
+    ``grad``; later contributions add to it); defer, pending (with ``defer``, the first
+    contribution given as a product grad @ W^T is only recorded in ``pending`` = (grad [F, f], W
+    [d, f], update op module), for the fused update to form one cache-sized tile at a time).
     """
 
     num_rows: int
@@ -142,6 +144,8 @@ class BinaryRows:
     compact: bool = False
     written: bool = False
     parent: "BinaryRows | None" = None
+    defer: bool = False
+    pending: tuple | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -159,19 +163,19 @@ class BinaryRows:
 
     @classmethod
     def from_csr(cls, rowptr: Tensor, col: Tensor, rows: Tensor | None, num_rows: int, grad: Tensor,
-                 token: Tensor, frozen: tuple[Tensor, Tensor] | None = None) -> "BinaryRows":
+                 token: Tensor, frozen: tuple[Tensor, Tensor] | None = None, defer: bool = False) -> "BinaryRows":
         """Wrap the ones of the F optimised rows (``rowptr`` [F + 1], ``col`` [nnz]) placed at
         local ``rows`` [F] of an m-row graph; ``frozen`` (row [n1], col [n1]) adds the ones of
         other rows, which get no gradient (needed when they can reach the matched rows, e.g.
-        when the edges change too)."""
+        when the edges change too). ``defer``: see the class."""
         width = grad.shape[1]
         if frozen is None:
-            return cls(num_rows, width, rowptr, col, rows, grad, token, compact=rows is not None)
+            return cls(num_rows, width, rowptr, col, rows, grad, token, compact=rows is not None, defer=defer)
         local = torch.arange(rowptr.numel() - 1, device=col.device) if rows is None else rows
         row = torch.repeat_interleave(local, rowptr.diff())
         row, col = torch.cat([row, frozen[0]]), torch.cat([col, frozen[1]])
         order = torch.argsort(row * width + col)
-        return cls(num_rows, width, row_offsets(row, num_rows), col[order], rows, grad, token)
+        return cls(num_rows, width, row_offsets(row, num_rows), col[order], rows, grad, token, defer=defer)
 
     def restrict(self, keep: Tensor) -> "BinaryRows | None":
         """Rows ``keep`` [k] (ascending local ids) as a k-row BinaryRows that writes into this
@@ -193,10 +197,15 @@ class BinaryRows:
     def add_grad(self, grad_rows: Tensor, weight: Tensor | None = None, update=None) -> None:
         """Add dL/dX'[rows] given either directly (``grad_rows`` [m, d]) or as the gradient
         [m, f] of X' @ ``weight`` [d, f] (one GEMM into the buffer, by ``update``, the backend's
-        update op module: its ``linear_input_grad``)."""
+        update op module: its ``linear_input_grad``). With ``defer``, a first contribution given
+        as a product is recorded in ``pending`` instead; any later contribution forms it first."""
         owner = self if self.parent is None else self.parent
         if self.rows is not None:
             grad_rows = grad_rows.index_select(0, self.rows)
+        if weight is not None and owner.defer and not owner.written and owner.pending is None:
+            owner.pending = (grad_rows.contiguous(), weight.contiguous(), update)
+            return
+        owner.form_pending()
         if weight is None:
             if owner.written:
                 self.grad.add_(grad_rows)
@@ -205,6 +214,14 @@ class BinaryRows:
         else:
             update.linear_input_grad(self.grad, grad_rows.contiguous(), weight.contiguous(), owner.written)
         owner.written = True
+
+    def form_pending(self) -> None:
+        """Form the recorded product gradient (:attr:`pending`) into the buffer."""
+        if self.pending is not None:
+            grad_rows, weight, update = self.pending
+            self.pending = None
+            update.linear_input_grad(self.grad, grad_rows, weight, False)
+            self.written = True
 
     def dense(self) -> Tensor:
         """X' as a dense [m, d] 0/1 tensor (for layers that need it, e.g. a residual)."""

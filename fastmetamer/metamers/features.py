@@ -259,7 +259,9 @@ class FusedBinaryFeatures:
         noise = draw_noise(ptr, sub.x.shape[1], generators, device=sub.x.device) if noise is None else noise
         self.theta = noise.mul_(stats.std[self.row_component]).add_(stats.mean[self.row_component])
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.theta), torch.zeros_like(self.theta)
-        self.grad = torch.zeros_like(self.theta)  # dL/dX'[free], filled by the engine's backward
+        # dL/dX'[free], written whole by the engine's backward when a contribution is not left as a
+        # product for the fused update (empty: its pages are only touched then)
+        self.grad = torch.empty_like(self.theta)
         self.token = torch.zeros((), requires_grad=True, device=self.theta.device)
         if per_row:
             self.ptr, self.k = torch.arange(self.theta.shape[0] + 1, device=self.theta.device), (sub.x[sub.free] > 0.5).sum(1)
@@ -279,7 +281,7 @@ class FusedBinaryFeatures:
         rowptr, col, self.threshold = self._select()
         self._ones = (rowptr, col)
         self._x = BinaryRows.from_csr(rowptr, col, self.rows, self.sub.num_nodes, self.grad, self.token,
-                                      self.frozen)
+                                      self.frozen, defer=True)
         return self._x, self.theta.new_zeros(())
 
     def _select(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -287,18 +289,18 @@ class FusedBinaryFeatures:
         return self.kernels.top_mask_csr(self.theta, self.ptr, self.k, self.slope)
 
     def fused_step(self, lr: float, active: Tensor) -> None:
-        """One fused straight-through + margin + Adam step from the gradient left in ``self.grad``,
-        then the projection of :meth:`FeatureParam.project` in the same pass: every row's logits
-        (active or not) clamped to |s * theta| <= LOGIT_BOUND."""
-        if not self._x.written:  # no path from these features to the loss
-            self.grad.zero_()
+        """One fused straight-through + margin + Adam step from the gradient the backward left
+        (in ``self.grad``, and as the first layer's product still to form; none: no path from
+        these features to the loss), then the projection of :meth:`FeatureParam.project` in the
+        same pass: every row's logits (active or not) clamped to |s * theta| <= LOGIT_BOUND."""
+        x = self._x
         self.steps += 1
         beta1, beta2 = self.schedule.betas
         self.kernels.adam_ste_update(
-            self.theta, self.grad, self.exp_avg, self.exp_avg_sq, step=self.steps, lr=lr,
+            self.theta, self.grad if x.written else None, self.exp_avg, self.exp_avg_sq, step=self.steps, lr=lr,
             beta1=beta1, beta2=beta2, eps=self.schedule.eps, slope=self.slope, threshold=self.threshold,
             margin=self.margin, margin_scale=self.margin_scale, active=active[self.row_component],
-            bound=LOGIT_BOUND / self.slope)
+            bound=LOGIT_BOUND / self.slope, grad_product=None if x.pending is None else x.pending[:2])
 
     def restart(self, stalled: Tensor) -> None:
         """Start the ``stalled`` [C] components again from a fresh draw, with fresh moments."""

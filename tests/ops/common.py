@@ -190,15 +190,17 @@ class AdamMagnitudes:
         self.theta, self.m, self.v = theta.double().abs(), exp_avg.double().abs(), exp_avg_sq.double().abs()
 
     def step(self, theta, grad_x, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, slope, threshold,
-             margin, margin_scale, active, bound=None) -> None:
-        """Advance by one step from the float64 state *before* the step (the arguments)."""
+             margin, margin_scale, active, bound=None, grad_mag=None) -> None:
+        """Advance by one step from the float64 state *before* the step (the arguments);
+        ``grad_mag``: the magnitude ``grad_x`` is computed from (default |grad_x|; for a product
+        G @ W^T, |G| @ |W|^T)."""
         s = abs(slope)
         p = torch.sigmoid(slope * theta.double())
         gap = p - threshold.double().unsqueeze(1)
         near = (gap.abs() < margin).double()
         ms = margin_scale.double().abs().unsqueeze(1)
         grad_p = grad_x.double() - ms * torch.sign(gap) * near
-        grad_p_mag = grad_x.double().abs() + ms * near
+        grad_p_mag = (grad_x.double().abs() if grad_mag is None else grad_mag.double()) + ms * near
         g = grad_p * slope * p * (1 - p)
         # P = sigmoid(s theta) rounds at the size of P and 1 - P inherits that rounding unscaled,
         # so g = grad_p s P (1 - P) moves by |grad_p| s P per rounding of P (not |g|: the step is

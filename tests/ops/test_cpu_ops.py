@@ -370,11 +370,34 @@ def test_linear_input_grad_rejects_bad_shapes(out_shape, grad_shape, weight_shap
 
 
 # ----------------------------------------------------------------------------- adam_ste_update
+def _gradient(form: str, F: int, d: int, gen: torch.Generator, big: bool = False):
+    """(grad_x or None, grad_product or None, float64 total, float64 magnitude) of a gradient
+    given densely, as the product grad_rows @ W^T (f = 5 hidden units), or both."""
+    f = 5
+    grad_x = torch.randn(F, d, generator=gen) * 0.1 if form in ("dense", "both") else None
+    product = None
+    if form in ("product", "both"):
+        product = (torch.randn(F, f, generator=gen) * 0.1, torch.randn(d, f, generator=gen) * (1 if big else 0.3))
+    total = torch.zeros(F, d, dtype=torch.float64)
+    magnitude = torch.zeros(F, d, dtype=torch.float64)
+    if grad_x is not None:
+        total, magnitude = total + grad_x.double(), magnitude + grad_x.double().abs()
+    if product is not None:
+        rows, weight = (t.double() for t in product)
+        total, magnitude = total + rows @ weight.t(), magnitude + rows.abs() @ weight.abs().t()
+    return grad_x, product, total, magnitude
+
+
 @FAST
 @given(F=st.integers(1, 40), d=st.integers(1, 70), seed=st.integers(0, 2**31 - 1),
-       slope=st.sampled_from([0.5, 1.0, 3.0]), bound=st.sampled_from([None, 4.0, "tight"]))
-@example(F=7, d=33, seed=5, slope=3.0, bound="tight")
-def test_adam_ste_update(F, d, seed, slope, bound):
+       slope=st.sampled_from([0.5, 1.0, 3.0]), bound=st.sampled_from([None, 4.0, "tight"]),
+       form=st.sampled_from(["dense", "product", "both"]))
+@example(F=7, d=33, seed=5, slope=3.0, bound="tight", form="dense")
+@example(F=7, d=12_288, seed=5, slope=1.0, bound=None, form="both")  # product tiles of 8 rows
+@example(F=37, d=12_288, seed=6, slope=3.0, bound=4.0, form="product")
+def test_adam_ste_update(F, d, seed, slope, bound, form):
+    """The fused step against the float32 and float64 references, with the gradient given
+    densely, as the first layer's product (formed tile by tile inside the update), or both."""
     gen = torch.Generator().manual_seed(seed)
     theta = torch.randn(F, d, generator=gen)
     if bound == "tight":  # the clamp is active on many entries (logits beyond it from the start)
@@ -389,19 +412,19 @@ def test_adam_ste_update(F, d, seed, slope, bound):
     hyper = dict(lr=0.05 if bound is None else 0.5, beta1=0.9, beta2=0.999, eps=1e-8, slope=slope, margin=0.1,
                  bound=bound)
     for step in range(1, 6):
-        grad = torch.randn(F, d, generator=gen) * 0.1
+        grad, product, total64, magnitude = _gradient(form, F, d, gen)
         threshold = torch.rand(F, generator=gen) * 0.4 + 0.3
         margin_scale = torch.rand(F, generator=gen)
         active = torch.rand(F, generator=gen) < 0.7
         before = state[0].clone()
-        upd_cpu.adam_ste_update(state[0], grad, *state[1:], step=step, threshold=threshold, margin_scale=margin_scale,
-                                active=active, **hyper)
-        upd_ref.adam_ste_update(state32[0], grad, *state32[1:], step=step, threshold=threshold, margin_scale=margin_scale,
-                                active=active, **hyper)
+        args = dict(step=step, threshold=threshold, margin_scale=margin_scale, active=active, grad_product=product,
+                    **hyper)
+        upd_cpu.adam_ste_update(state[0], grad, *state[1:], **args)
+        upd_ref.adam_ste_update(state32[0], grad, *state32[1:], **args)
         args64 = dict(step=step, threshold=threshold.double(), margin_scale=margin_scale.double(), active=active,
                       **hyper)
-        mags.step(state64[0], grad.double(), *state64[1:], **args64)
-        upd_ref.adam_ste_update(state64[0], grad.double(), *state64[1:], **args64)
+        mags.step(state64[0], total64, *state64[1:], grad_mag=magnitude, **args64)
+        upd_ref.adam_ste_update(state64[0], total64, *state64[1:], **args64)
         for name, a, b, c, mag in zip(("theta", "exp_avg", "exp_avg_sq"), state, state32, state64, mags.magnitudes()):
             assert_close_to_float64(a, b, c, 2, mag, name=f"{name} step {step}")
         if bound is None:

@@ -400,6 +400,26 @@ def test_adam_ste_update(dtype, bound):
     assert (host(states["fast"][1])[~active] != 0).any()
 
 
+@pytest.mark.parametrize("with_dense", [False, True])
+def test_adam_takes_the_gradient_as_a_product(with_dense):
+    """A gradient given as grad_rows @ W^T (formed by one GEMM first) gives exactly what its
+    dense value gives, alone or added to a dense part."""
+    gen = torch.Generator().manual_seed(4)
+    theta, rows = torch.randn(6, 9, generator=gen), torch.randn(6, 4, generator=gen)
+    weight = torch.randn(9, 4, generator=gen)
+    dense = torch.randn(6, 9, generator=gen) if with_dense else None
+    total = torch.mm(rows, weight.t()) if dense is None else torch.addmm(dense, rows, weight.t())
+    kw = dict(step=1, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, slope=1.0, threshold=dev(torch.full((6,), 0.5)),
+              margin=0.1, margin_scale=dev(torch.ones(6)), active=dev(torch.ones(6, dtype=torch.bool)), bound=0.6)
+    by_product = [dev(theta.clone()), dev(torch.zeros(6, 9)), dev(torch.zeros(6, 9))]
+    by_value = [dev(theta.clone()), dev(torch.zeros(6, 9)), dev(torch.zeros(6, 9))]
+    upd_tri.adam_ste_update(by_product[0], None if dense is None else dev(dense), *by_product[1:],
+                            grad_product=(dev(rows), dev(weight)), **kw)
+    upd_tri.adam_ste_update(by_value[0], dev(total), *by_value[1:], **kw)
+    for got, want in zip(by_product, by_value):
+        assert torch.equal(host(got), host(want))
+
+
 def test_adam_non_contiguous_in_place():
     theta = torch.randn(5, 8).t()  # [8, 5], not contiguous
     m, v = torch.zeros(8, 5), torch.zeros(8, 5)

@@ -4,9 +4,10 @@ Same functions and signatures as :mod:`fastmetamer.ops.update.reference` (the co
 ``top_mask`` selects with ``std::nth_element`` on a scratch copy per row block (blocks in
 parallel; one huge block uses all threads for the sigmoid and marking passes) and sets exactly
 k[c] ones per block (ties at the k-th value broken in memory order). ``adam_ste_update`` is one
-fused, parallel elementwise pass, in place. ``linear_input_grad`` runs the GEMM in tiles of rows
-that stay in cache, in parallel (twice as fast as one GEMM of this shape, see
-``csrc/cpu/linear.cpp``). float32 / int64 / bool contiguous CPU tensors; bad
+fused, parallel elementwise pass, in place; given the first layer's gradient as a product, it forms
+the product tile by tile right before each tile's update. ``linear_input_grad`` runs the GEMM in
+tiles of rows that stay in cache, in parallel (twice as fast as one GEMM of this shape, see
+``csrc/common.h``). float32 / int64 / bool contiguous CPU tensors; bad
 inputs raise ValueError.
 """
 from __future__ import annotations
@@ -55,15 +56,23 @@ def linear_input_grad(out: Tensor, grad: Tensor, weight: Tensor, accumulate: boo
     _C.linear_input_grad(out, grad, weight, bool(accumulate))
 
 
-def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
+def adam_ste_update(theta: Tensor, grad_x: Tensor | None, exp_avg: Tensor, exp_avg_sq: Tensor, *,
                     step: int, lr: float, beta1: float, beta2: float, eps: float, slope: float,
                     threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor,
-                    bound: float | None = None) -> None:
+                    bound: float | None = None, grad_product: tuple[Tensor, Tensor] | None = None) -> None:
     """One fused straight-through + margin + Adam step and the clamp of theta to [-bound, bound]
-    (None: no clamp), in place, in one pass (see the reference)."""
+    (None: no clamp), in place, in one pass (see the reference). With ``grad_product`` the
+    product is formed one cache-sized tile of rows at a time, right before the tile's update."""
     _check(theta, "theta", torch.float32, 2)
     shape = tuple(theta.shape)
-    _check(grad_x, "grad_x", torch.float32, 2, shape)
+    if grad_x is None and grad_product is None:
+        grad_x = torch.zeros_like(theta)
+    if grad_x is not None:
+        _check(grad_x, "grad_x", torch.float32, 2, shape)
+    grad_rows, weight = (None, None) if grad_product is None else grad_product
+    if grad_product is not None:
+        _check(grad_rows, "grad_rows", torch.float32, 2, (shape[0], grad_rows.shape[-1]))
+        _check(weight, "weight", torch.float32, 2, (shape[1], grad_rows.shape[1]))
     _check(exp_avg, "exp_avg", torch.float32, 2, shape)
     _check(exp_avg_sq, "exp_avg_sq", torch.float32, 2, shape)
     _check(threshold, "threshold", torch.float32, 1, shape[:1])
@@ -73,4 +82,4 @@ def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: 
         raise ValueError(f"step counts from 1, got {step}")
     _C.adam_ste_update(theta, grad_x, exp_avg, exp_avg_sq, int(step), float(lr), float(beta1),
                        float(beta2), float(eps), float(slope), threshold, float(margin),
-                       margin_scale, active, check_bound(bound))
+                       margin_scale, active, check_bound(bound), grad_rows, weight)

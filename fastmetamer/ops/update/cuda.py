@@ -64,7 +64,7 @@ from torch import Tensor
 from .. import cuda_library
 from ..checks import check_tensor
 from ..memo import Memo
-from .reference import check_bound, linear_input_grad  # noqa: F401 (cuBLAS GEMM: the reference is the kernel)
+from .reference import check_bound, linear_input_grad, total_grad  # noqa: F401 (cuBLAS GEMMs)
 
 AVAILABLE = cuda_library.available()
 
@@ -120,13 +120,15 @@ def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[T
     return rowptr, col, threshold
 
 
-def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
+def adam_ste_update(theta: Tensor, grad_x: Tensor | None, exp_avg: Tensor, exp_avg_sq: Tensor, *,
                     step: int, lr: float, beta1: float, beta2: float, eps: float, slope: float,
                     threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor,
-                    bound: float | None = None) -> None:
+                    bound: float | None = None, grad_product: tuple[Tensor, Tensor] | None = None) -> None:
     """One fused straight-through + margin + Adam step and the clamp of theta to [-bound, bound]
-    (None: no clamp), in place, in one kernel (see the reference). All tensors on theta's device."""
+    (None: no clamp), in place, in one kernel (see the reference; ``grad_product`` is formed by a
+    cuBLAS GEMM first). All tensors on theta's device."""
     device, shape = _check(theta, "theta", torch.float32, 2), tuple(theta.shape)
+    grad_x = total_grad(grad_x, grad_product, theta)
     _check(grad_x, "grad_x", torch.float32, 2, shape, device)
     _check(exp_avg, "exp_avg", torch.float32, 2, shape, device)
     _check(exp_avg_sq, "exp_avg_sq", torch.float32, 2, shape, device)

@@ -69,14 +69,25 @@ def linear_input_grad(out: Tensor, grad: Tensor, weight: Tensor, accumulate: boo
         torch.mm(grad, weight.t(), out=out)
 
 
-def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
+def total_grad(grad_x: Tensor | None, grad_product: tuple[Tensor, Tensor] | None, theta: Tensor) -> Tensor:
+    """dL/dX' [F, d] (theta's shape): ``grad_x`` (None: zero) plus grad_rows @ weight^T when
+    ``grad_product`` = (grad_rows [F, f], weight [d, f]) is given."""
+    if grad_product is None:
+        return torch.zeros_like(theta) if grad_x is None else grad_x
+    grad_rows, weight = grad_product
+    return torch.mm(grad_rows, weight.t()) if grad_x is None else torch.addmm(grad_x, grad_rows, weight.t())
+
+
+def adam_ste_update(theta: Tensor, grad_x: Tensor | None, exp_avg: Tensor, exp_avg_sq: Tensor, *,
                     step: int, lr: float, beta1: float, beta2: float, eps: float, slope: float,
                     threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor,
-                    bound: float | None = None) -> None:
+                    bound: float | None = None, grad_product: tuple[Tensor, Tensor] | None = None) -> None:
     """One fused straight-through + margin + Adam step, in place on theta, exp_avg, exp_avg_sq.
 
-    With P = sigmoid(s theta) and t the row's threshold:
-      dL/dP = grad_x + margin_scale[row] * (-sign(P - t)) * [|P - t| < margin]
+    With P = sigmoid(s theta), t the row's threshold and G = dL/dX' = grad_x (None: zero) +
+    grad_rows @ weight^T where ``grad_product`` = (grad_rows [F, f], weight [d, f]) is given (the
+    first layer's gradient, :func:`linear_input_grad`, left for the update to form):
+      dL/dP = G + margin_scale[row] * (-sign(P - t)) * [|P - t| < margin]
       g = dL/dP * s P (1 - P);  m, v <- Adam moments of g (every row);
       theta -= active[row] * lr * m_hat / (sqrt(v_hat) + eps), with bias-corrected m_hat, v_hat
       (``step`` counts from 1);
@@ -87,6 +98,7 @@ def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: 
         bound >= 0 (the value in theta's dtype is the clamp limit; None or inf: no clamp).
     """
     bound = check_bound(bound)
+    grad_x = total_grad(grad_x, grad_product, theta)
     prob = torch.sigmoid(slope * theta)
     gap = prob - threshold.unsqueeze(1)
     near = (gap.abs() < margin).to(theta.dtype)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..aggregate import triton as _agg
-from .reference import check_bound, linear_input_grad  # noqa: F401 (cuBLAS GEMM: the reference is the kernel)
+from .reference import check_bound, linear_input_grad, total_grad  # noqa: F401 (cuBLAS GEMMs)
 
 try:  # pragma: no cover - depends on the environment
     import triton
@@ -309,14 +309,16 @@ def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[T
     return rowptr, col, threshold
 
 
-def adam_ste_update(theta: Tensor, grad_x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
+def adam_ste_update(theta: Tensor, grad_x: Tensor | None, exp_avg: Tensor, exp_avg_sq: Tensor, *,
                     step: int, lr: float, beta1: float, beta2: float, eps: float, slope: float,
                     threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor,
-                    bound: float | None = None) -> None:
+                    bound: float | None = None, grad_product: tuple[Tensor, Tensor] | None = None) -> None:
     """One fused straight-through + margin + Adam step and the clamp of theta to [-bound, bound]
-    (None: no clamp), in place, in one kernel; see the reference."""
+    (None: no clamp), in place, in one kernel; see the reference (``grad_product`` is formed by
+    a cuBLAS GEMM first)."""
     _agg._check_available()
     bound = check_bound(bound)
+    grad_x = total_grad(grad_x, grad_product, theta)
     numel = theta.numel()
     if numel == 0:
         return
