@@ -228,7 +228,8 @@ def main() -> None:
         text = out.with_suffix(".md").read_text()
         notes = text[text.index("## Notes"):] if "## Notes" in text else ""
     out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
-    out.with_suffix(".md").write_text(markdown(rows, machine()) + "\n" + papers100m_model() + ("\n" + notes if notes else ""))
+    text = markdown(rows, machine()) + "\n" + papers100m_model()
+    out.with_suffix(".md").write_text(text + ("\n" + notes if notes else ""))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ k[c] ones per block (ties at the k-th value broken in memory order). ``adam_ste_
 fused, parallel elementwise pass, in place; given the first layer's gradient as a product, it forms
 the product tile by tile right before each tile's update. ``linear_input_grad`` runs the GEMM in
 tiles of rows that stay in cache, in parallel (twice as fast as one GEMM of this shape, see
-``csrc/common.h``). float32 / int64 / bool contiguous CPU tensors; bad
+``csrc/cpu/common.h``). float32 / int64 / bool contiguous CPU tensors; bad
 inputs raise ValueError.
 """
 from __future__ import annotations
