@@ -23,6 +23,7 @@ def _models(d: int) -> dict:
     return {
         "zoo-gcn-elu-res": fm.models.GCN(d, 3, hidden=8, act="elu", residual=True),
         "zoo-sage-tanh-3": fm.models.GraphSAGE(d, 3, hidden=8, depth=3, act="tanh"),
+        "zoo-sage-res": fm.models.GraphSAGE(d, 3, hidden=8, residual=True),
         "zoo-gin": fm.models.GIN(d, 3, hidden=8),
         "zoo-gcn-gelu-res-id": fm.models.GCN(d, 8, hidden=8, act="gelu", residual=True),
         "pyg-gcn": GCN(d, 8, 2, 3),
@@ -126,7 +127,8 @@ def _binary_rows(sub, include_frozen: bool) -> BinaryRows:
 def test_binary_rows_input_matches_dense(backend):
     """Binary features given by their ones (the fused feature path) give the dense input's
     losses and free-row gradients: with the frozen boundary ring counted as zero (exact while the
-    edges are fixed) and with its ones included; residual layers take the dense fallback."""
+    edges are fixed) and with its ones included. A residual matrix joins the products by ones
+    (one gather over [weight | root weight | residual]); an identity residual reads x densely."""
     graph = awkward_graph(num_nodes=30, num_features=7, seed=2)
     graph.x = (graph.x > graph.x.median()).float()
     for name, model, layer, sub, joint, target, fast in _engine_cases(graph, backend):

@@ -195,7 +195,7 @@ class FastEngine:
         out = self.kernels["aggregate"].propagate_forward(
             scales.rowptr, scales.col, inputs, scales.row_scale, own, scales.self_scale, stage.bias, stage.act,
             scales.skip_loops)
-        return self._with_teleport(stage, self._post(stage, out, h), teleport)
+        return self._with_teleport(stage, self._post(stage, out, self._residual(stage, h)), teleport)
 
     @torch.no_grad()
     def activations(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
@@ -223,23 +223,24 @@ class FastEngine:
     def _run(self, x: Tensor | BinaryRows, edge_index: Tensor, edge_weight: Tensor | None, loss: bool) -> Tensor:
         stages = self.program.stages
         plan = self._plan(edge_index, x.shape[0])
-        h, sparse = self._first_input(x, plan.inputs, _reads_dense_input(stages[0]))
+        h, sparse = self._first_input(x, plan.inputs, _reads_dense_input(stages[0], x))
         outputs = []
         matched = len(stages) - 1 if self.program.pool is None else len(stages)  # pooled: after the stages
         for i, stage in enumerate(stages):
             operator = self._restricted_operator(i, stage, plan, edge_index, edge_weight, x.shape[0])
-            inputs = self._transform(stage, h, sparse if i == 0 else None)
+            inputs, residual = self._transform_with_residual(stage, h, sparse if i == 0 else None)
             if stage.operator != "identity":
                 inputs = self._exchanged(inputs, stage)
             positions = plan.self_positions[i]
-            h_rows = h if h is None or positions is None else h.index_select(0, positions)
+            h_rows = _rows_of(h, positions)
+            residual = _rows_of(residual, positions)
             teleport = None if stage.teleport is None else _rows_of(outputs[stage.teleport[0]],
                                                                      plan.teleport_positions[i])
             if i == matched:
                 if loss:
-                    return self._matched(stage, h_rows, inputs, operator, teleport, positions)
-                return self._propagate(stage, h_rows, inputs, operator, teleport, positions)
-            h = self._propagate(stage, h_rows, inputs, operator, teleport, positions)
+                    return self._matched(stage, h_rows, inputs, operator, teleport, positions, residual)
+                return self._propagate(stage, h_rows, inputs, operator, teleport, positions, residual)
+            h = self._propagate(stage, h_rows, inputs, operator, teleport, positions, residual)
             outputs.append(h)
         pooled = self._pool(h, self.sub.pool_batch)
         if not loss:
@@ -323,23 +324,34 @@ class FastEngine:
     def _transform(self, stage: Stage, h: Tensor | None, sparse: BinaryRows | None) -> Tensor:
         """The aggregation's input: h @ weight (h itself where the weight is None, the identity;
         stacked with h @ root_weight when present)."""
-        if stage.weight is None:
-            return F.binary_dense(sparse) if h is None else h
-        if stage.root_weight is None:
-            return h @ stage.weight if sparse is None else F.binary_linear(sparse, stage.weight, self.kernels)
-        if sparse is None:
-            return torch.cat([h @ stage.weight, h @ stage.root_weight])
-        # one gather and one backward GEMM for both weights, then stack the halves
-        both = F.binary_linear(sparse, self._joined(stage), self.kernels)
-        width = stage.weight.shape[1]
-        return torch.cat([both[:, :width], both[:, width:]])
+        return self._transform_with_residual(stage, h, sparse)[0]
 
-    def _joined(self, stage: Stage) -> Tensor:
-        """[weight | root_weight] [d, 2f], cached per stage."""
+    def _transform_with_residual(self, stage: Stage, h: Tensor | None,
+                                 sparse: BinaryRows | None) -> tuple[Tensor, Tensor | None]:
+        """(the aggregation's input as :meth:`_transform`, x @ residual matrix at the input rows or
+        None). Binary features (``sparse``) take every product with x in one gather and one
+        backward GEMM over [weight | root_weight | residual]; otherwise the residual is left to
+        :meth:`_residual` (None)."""
+        if stage.weight is None:
+            return (F.binary_dense(sparse) if h is None else h), None
+        if sparse is None:
+            if stage.root_weight is None:
+                return h @ stage.weight, None
+            return torch.cat([h @ stage.weight, h @ stage.root_weight]), None
+        weights = _products_by_ones(stage)
+        if len(weights) == 1:
+            return F.binary_linear(sparse, stage.weight, self.kernels), None
+        products = F.binary_linear(sparse, self._joined(stage, weights), self.kernels)
+        parts = products.split([w.shape[1] for w in weights], dim=1)
+        inputs = parts[0].contiguous() if stage.root_weight is None else torch.cat(parts[:2])
+        return inputs, (parts[-1].contiguous() if _residual_by_ones(stage) else None)
+
+    def _joined(self, stage: Stage, weights: list[Tensor]) -> Tensor:
+        """The stage's ``weights`` side by side [d, sum f], cached per stage."""
         key = ("joined", id(stage))
         known = self._patterns.get(key)
         if known is None or known[0] is not stage:
-            known = (stage, torch.cat([stage.weight, stage.root_weight], dim=1).contiguous())
+            known = (stage, torch.cat(weights, dim=1).contiguous())
             self._patterns[key] = known
         return known[1]
 
@@ -349,42 +361,47 @@ class FastEngine:
         return h if isinstance(stage.residual, str) else h @ stage.residual
 
     def _propagate(self, stage: Stage, h: Tensor, inputs: Tensor, operator: Operator,
-                   teleport: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+                   teleport: Tensor | None = None, positions: Tensor | None = None,
+                   residual: Tensor | None = None) -> Tensor:
         """The stage's output at its rows (``h``: its input there; ``inputs``: the transformed
-        input at the input rows; ``positions``: the stage's rows among those, None: the same)."""
+        input at the input rows; ``positions``: the stage's rows among those, None: the same;
+        ``residual``: the residual term at the stage's rows, None: computed from ``h``)."""
+        if residual is None:
+            residual = self._residual(stage, h)
         if stage.attention is not None:
             xw = attention.source_features(stage, inputs)
             xr = attention.destination_features(stage, xw, h, positions)
-            out = attention.attend(stage, xw, xr, operator, self._entries, self.kernels, self._residual(stage, h))
+            out = attention.attend(stage, xw, xr, operator, self._entries, self.kernels, residual)
             return self._with_teleport(stage, out, teleport)
         if stage.fused_epilogue and teleport is None:
-            return F.aggregate(inputs, operator, self.kernels, stage.bias, stage.act, self._residual(stage, h))
+            return F.aggregate(inputs, operator, self.kernels, stage.bias, stage.act, residual)
         out = F.aggregate(inputs, operator, self.kernels, stage.bias, stage.act)
-        return self._with_teleport(stage, self._post(stage, out, h), teleport)
+        return self._with_teleport(stage, self._post(stage, out, residual), teleport)
 
     @staticmethod
     def _with_teleport(stage: Stage, out: Tensor, teleport: Tensor | None) -> Tensor:
         """``out`` plus the stage's teleport term alpha * h_src (``teleport``: h_src at its rows)."""
         return out if teleport is None else out + stage.teleport[1] * teleport
 
-    def _post(self, stage: Stage, out: Tensor, h: Tensor) -> Tensor:
+    @staticmethod
+    def _post(stage: Stage, out: Tensor, residual: Tensor | None) -> Tensor:
+        """The stage's dense tail on the aggregation ``out``, plus ``residual`` (None: none)."""
         from ..ops.activations import apply
 
         for dense in stage.post:
             product = out @ dense.weight if dense.bias is None else torch.addmm(dense.bias, out, dense.weight)
             out = apply(product, dense.act, inplace=True)
-        residual = self._residual(stage, h)
         return out if residual is None else out + residual
 
     def _matched(self, stage: Stage, h: Tensor | None, inputs: Tensor, rows: Operator,
-                 teleport: Tensor | None, positions: Tensor | None) -> Tensor:
+                 teleport: Tensor | None, positions: Tensor | None, residual: Tensor | None) -> Tensor:
         """The matched stage at the targets (``rows``: its operator restricted to them; ``h``: the
-        stage input at the targets; ``teleport``: the teleport source there) fused with the loss
-        where the epilogue allows."""
+        stage input at the targets; ``teleport``: the teleport source there; ``residual``: as
+        :meth:`_propagate`) fused with the loss where the epilogue allows."""
         if stage.fused_epilogue and stage.residual is None and teleport is None:
             return F.matched_loss(inputs, rows, self.kernels, self.target, self.component,
                                   self.scale, stage.bias, stage.act)
-        out = self._propagate(stage, h, inputs, rows, teleport, positions)
+        out = self._propagate(stage, h, inputs, rows, teleport, positions, residual)
         diff = (out - self.target).pow(2).sum(1)
         return torch.zeros_like(self.scale).index_add(0, self.component, diff) / self.scale
 
@@ -426,15 +443,30 @@ class _RowPlan:
                    [None if src is None else torch.searchsorted(rows[src], r) for src, r in zip(teleports, rows)])
 
 
-def _reads_dense_input(stage: Stage) -> bool:
-    """Whether the first stage reads its input densely besides x @ weight (a residual, GATv2's
-    destination transform)."""
-    return stage.residual is not None or (stage.attention is not None and stage.attention.dst_weight is not None)
+def _reads_dense_input(stage: Stage, x: Tensor | BinaryRows) -> bool:
+    """Whether the first stage reads its input ``x`` densely besides its products with matrices
+    (an identity residual, GATv2's destination transform; a residual matrix unless ``x`` is
+    binary, see :func:`_residual_by_ones`)."""
+    if stage.attention is not None and stage.attention.dst_weight is not None:
+        return True
+    return stage.residual is not None and not (isinstance(x, BinaryRows) and _residual_by_ones(stage))
 
 
-def _rows_of(h: Tensor, positions: Tensor | None) -> Tensor:
-    """``h`` at ``positions`` (all of it for None)."""
-    return h if positions is None else h.index_select(0, positions)
+def _residual_by_ones(stage: Stage) -> bool:
+    """Whether binary features reach the stage's residual as one more product by their ones
+    (a residual matrix beside a weight)."""
+    return isinstance(stage.residual, Tensor) and stage.weight is not None
+
+
+def _products_by_ones(stage: Stage) -> list[Tensor]:
+    """The matrices a stage multiplies binary features by: weight, root weight, residual."""
+    weights = [stage.weight] + ([] if stage.root_weight is None else [stage.root_weight])
+    return weights + ([stage.residual] if _residual_by_ones(stage) else [])
+
+
+def _rows_of(h: Tensor | None, positions: Tensor | None) -> Tensor | None:
+    """``h`` at ``positions`` (all of it for None; None for None)."""
+    return h if h is None or positions is None else h.index_select(0, positions)
 
 
 def _is_everything(pattern: Pattern, rows: Tensor, cols: Tensor, stacked: bool) -> bool:
