@@ -16,6 +16,7 @@ without communication.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -88,6 +89,12 @@ class Part:
     def owned(self) -> Tensor:
         """[|O|] global ids of the owned nodes (id order)."""
         return self.nodes[:self.num_owned]
+
+    @cached_property
+    def ids_by_owner(self) -> Tensor:
+        """[n] every node's global id grouped by owning rank (rank 0's first), id order within a
+        rank: the order of the ranks' owned rows laid end to end."""
+        return torch.argsort(self.owner, stable=True)
 
 
 def build_part(edge_index: Tensor, owner: Tensor, rank: int, world: int) -> Part:

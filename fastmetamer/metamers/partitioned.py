@@ -284,6 +284,5 @@ def _gather_rows(rows: Tensor, part: Part, num_nodes: int) -> Tensor:
     blocks = [torch.empty_like(block) for _ in counts]
     torch.distributed.all_gather(blocks, block)
     out = rows.new_empty(num_nodes, *rows.shape[1:])
-    for q, (block, count) in enumerate(zip(blocks, counts)):
-        out[(part.owner == q).nonzero().flatten()] = block[:count]
+    out[part.ids_by_owner] = torch.cat([block[:count] for block, count in zip(blocks, counts)])
     return out
