@@ -156,6 +156,21 @@ inline i64 product_tile_rows(i64 d) {
   return std::max<i64>(8, (384 * 1024) / (static_cast<i64>(sizeof(float)) * std::max<i64>(d, 1)));
 }
 
+// Runs body(r0, rows, scratch) for every tile of product_tile_rows(d) rows of [0, F), the tiles
+// in parallel (at::parallel_for, one grain per tile). `scratch` starts undefined and lasts over
+// the tiles of one thread's chunk: a buffer the body allocates once there.
+template <class Body>
+void for_product_tiles(i64 F, i64 d, const Body& body) {
+  const i64 tile = product_tile_rows(d);
+  at::parallel_for(0, (F + tile - 1) / tile, 1, [&](i64 t0, i64 t1) {
+    at::Tensor scratch;
+    for (i64 t = t0; t < t1; ++t) {
+      const i64 r0 = t * tile;
+      body(r0, std::min(F, r0 + tile) - r0, scratch);
+    }
+  });
+}
+
 // Saved-state checks shared by backward ops: validates `saved` for activation `act` and rows x f.
 inline void check_saved(const at::Tensor& saved, int64_t act, i64 rows, i64 f) {
   TORCH_CHECK_VALUE(saved.device().is_cpu(), "saved must be a CPU tensor");

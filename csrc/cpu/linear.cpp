@@ -23,17 +23,13 @@ void linear_input_grad(at::Tensor out, const at::Tensor& grad, const at::Tensor&
     if (!accumulate) out.zero_();
     return;
   }
-  const i64 tile = product_tile_rows(d);
   const at::Tensor transposed = weight.t();
-  at::parallel_for(0, (F + tile - 1) / tile, 1, [&](i64 t0, i64 t1) {
-    for (i64 t = t0; t < t1; ++t) {
-      const i64 r0 = t * tile, rows = std::min(F, r0 + tile) - r0;
-      at::Tensor slice = out.narrow(0, r0, rows);
-      if (accumulate) {
-        slice.addmm_(grad.narrow(0, r0, rows), transposed);
-      } else {
-        at::mm_out(slice, grad.narrow(0, r0, rows), transposed);
-      }
+  for_product_tiles(F, d, [&](i64 r0, i64 rows, at::Tensor&) {
+    at::Tensor slice = out.narrow(0, r0, rows);
+    if (accumulate) {
+      slice.addmm_(grad.narrow(0, r0, rows), transposed);
+    } else {
+      at::mm_out(slice, grad.narrow(0, r0, rows), transposed);
     }
   });
 }

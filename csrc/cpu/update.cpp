@@ -470,20 +470,16 @@ void adam_ste_update(at::Tensor theta, const c10::optional<at::Tensor>& grad_x, 
   }
   // The gradient grad_x + grad_rows @ weight^T, one tile of rows at a time into a buffer that
   // stays in cache for the update (the tiles of linear_input_grad: the same products).
-  const i64 tile = product_tile_rows(d);
   const at::Tensor transposed = weight->t();
-  at::parallel_for(0, (F + tile - 1) / tile, 1, [&](i64 t0, i64 t1) {
-    at::Tensor buffer = at::empty({tile, d}, theta.options());
-    for (i64 t = t0; t < t1; ++t) {
-      const i64 r0 = t * tile, rows = std::min(F, r0 + tile) - r0;
-      at::Tensor slice = buffer.narrow(0, 0, rows);
-      if (grad_x) {
-        slice.copy_(grad_x->narrow(0, r0, rows)).addmm_(grad_rows->narrow(0, r0, rows), transposed);
-      } else {
-        at::mm_out(slice, grad_rows->narrow(0, r0, rows), transposed);
-      }
-      rows_with(r0, r0 + rows, slice.data_ptr<float>());
+  for_product_tiles(F, d, [&](i64 r0, i64 rows, at::Tensor& buffer) {
+    if (!buffer.defined()) buffer = at::empty({product_tile_rows(d), d}, theta.options());
+    at::Tensor slice = buffer.narrow(0, 0, rows);
+    if (grad_x) {
+      slice.copy_(grad_x->narrow(0, r0, rows)).addmm_(grad_rows->narrow(0, r0, rows), transposed);
+    } else {
+      at::mm_out(slice, grad_rows->narrow(0, r0, rows), transposed);
     }
+    rows_with(r0, r0 + rows, slice.data_ptr<float>());
   });
 }
 
