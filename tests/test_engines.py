@@ -124,6 +124,26 @@ def _binary_rows(sub, include_frozen: bool) -> BinaryRows:
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fixed_features_kept_between_calls_follow_changes(backend):
+    """Features without a gradient (a structure metamer's) keep their first-stage products between
+    calls: each call still equals the reference for new edge weights, for the same tensor changed in
+    place and for a new tensor."""
+    graph = awkward_graph(num_nodes=30, num_features=7, seed=3)
+    for name, model, layer, sub, joint, target, fast in _engine_cases(graph, backend):
+        ref = ReferenceEngine(model, layer, sub, target, joint)
+        x, generator = sub.x.clone(), torch.Generator().manual_seed(3)
+        for change in ("weights", "in place", "new tensor"):
+            if change == "in place":
+                x.mul_(-0.5)
+            elif change == "new tensor":
+                x = x + 1.0
+            weight = torch.rand(sub.edge_index.shape[1], generator=generator)
+            with torch.no_grad():
+                got, want = fast.losses(x, sub.edge_index, weight), ref.losses(x, sub.edge_index, weight)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{name} {layer} {change}")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_binary_rows_input_matches_dense(backend):
     """Binary features given by their ones (the fused feature path) give the dense input's
     losses and free-row gradients: with the frozen boundary ring counted as zero (exact while the

@@ -223,17 +223,19 @@ class FastEngine:
     def _run(self, x: Tensor | BinaryRows, edge_index: Tensor, edge_weight: Tensor | None, loss: bool) -> Tensor:
         stages = self.program.stages
         plan = self._plan(edge_index, x.shape[0])
-        h, sparse = self._first_input(x, plan.inputs, _reads_dense_input(stages[0], x))
-        outputs = []
+        outputs, values = [], {}
         matched = len(stages) - 1 if self.program.pool is None else len(stages)  # pooled: after the stages
         for i, stage in enumerate(stages):
-            operator = self._restricted_operator(i, stage, plan, edge_index, edge_weight, x.shape[0])
-            inputs, residual = self._transform_with_residual(stage, h, sparse if i == 0 else None)
+            operator = self._restricted_operator(i, stage, plan, edge_index, edge_weight, x.shape[0], values)
+            if i == 0:
+                h, inputs, residual = self._first_stage_inputs(x, plan)
+            else:
+                inputs, residual = self._transform_with_residual(stage, h, None)
             if stage.operator != "identity":
                 inputs = self._exchanged(inputs, stage)
             positions = plan.self_positions[i]
-            h_rows = _rows_of(h, positions)
             residual = _rows_of(residual, positions)
+            h_rows = _rows_of(h, positions) if _reads_own_rows(stage, residual) else None
             teleport = None if stage.teleport is None else _rows_of(outputs[stage.teleport[0]],
                                                                      plan.teleport_positions[i])
             if i == matched:
@@ -260,6 +262,21 @@ class FastEngine:
 
         pool = {"add": global_add_pool, "mean": global_mean_pool, "max": global_max_pool}[self.program.pool]
         return pool(h, batch)
+
+    def _first_stage_inputs(self, x: Tensor | BinaryRows, plan: "_RowPlan"):
+        """(dense rows of x the first stage reads or None, its transformed input, its residual or
+        None; see :meth:`_transform_with_residual`). Kept while ``x`` is the same unchanged tensor
+        and nothing needs a gradient (fixed features: structure metamers, their swap search)."""
+        known = self._patterns.get("first stage")
+        if known is not None and known[0] is x and known[1] == x._version and known[2] is plan:
+            return known[3]
+        stage = self.program.stages[0]
+        h, sparse = self._first_input(x, plan.inputs, _reads_dense_input(stage, x))
+        inputs, residual = self._transform_with_residual(stage, h, sparse)
+        out = (h, inputs, residual)
+        if isinstance(x, Tensor) and not any(t is not None and t.requires_grad for t in (x, *out)):
+            self._patterns["first stage"] = (x, x._version, plan, out)
+        return out
 
     def _first_input(self, x: Tensor | BinaryRows, rows: Tensor, dense_needed: bool):
         """(dense rows of x or None, BinaryRows or None) restricted to the rows the first stage reads."""
@@ -302,16 +319,19 @@ class FastEngine:
         return known[1]
 
     def _restricted_operator(self, i: int, stage: Stage, plan: "_RowPlan", edge_index: Tensor,
-                             edge_weight: Tensor | None, n: int) -> Operator:
+                             edge_weight: Tensor | None, n: int, values: dict) -> Operator:
         """Stage i's operator on the plan's rows and columns, with this step's values (cached
-        while they carry no gradient)."""
+        while they carry no gradient). ``values``: the values of this pass by kind of stage,
+        filled here (stages of one kind, e.g. APPNP's K steps, share them)."""
         if not stage.weighted:
             edge_weight = None
         cached = self._operators.get(i)
         if cached is not None and cached[0] is plan and cached[1] is edge_weight:
             return cached[2]
-        value = _values(stage, edge_index, edge_weight, n)
-        operator = Operator.build(plan.patterns[i], value.float())
+        kind = (stage.operator, stage.eps, stage.operator_scale, stage.weighted)
+        if kind not in values:
+            values[kind] = _values(stage, edge_index, edge_weight, n).float()
+        operator = Operator.build(plan.patterns[i], values[kind])
         if edge_weight is None or not edge_weight.requires_grad:
             self._operators[i] = (plan, edge_weight, operator)
         return operator
@@ -450,6 +470,12 @@ def _reads_dense_input(stage: Stage, x: Tensor | BinaryRows) -> bool:
     if stage.attention is not None and stage.attention.dst_weight is not None:
         return True
     return stage.residual is not None and not (isinstance(x, BinaryRows) and _residual_by_ones(stage))
+
+
+def _reads_own_rows(stage: Stage, residual: Tensor | None) -> bool:
+    """Whether the stage reads its input at its own rows: attention's destination side, or a
+    residual not given as ``residual``."""
+    return stage.attention is not None or (stage.residual is not None and residual is None)
 
 
 def _residual_by_ones(stage: Stage) -> bool:
