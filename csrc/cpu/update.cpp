@@ -8,6 +8,8 @@
 #include <functional>
 #include <algorithm>
 #include <limits>
+#include <cstring>
+#include <vector>
 
 namespace fm {
 namespace {
@@ -23,36 +25,27 @@ FM_SIMD_CLONES void mark_ge(const float* key, float* out, i64 cnt, float v) {
   for (i64 i = 0; i < cnt; ++i) out[i] = key[i] >= v ? 1.f : 0.f;
 }
 
-FM_SIMD_CLONES i64 count_ge(const float* p, i64 cnt, float bound) {
-  i64 n = 0;
-#pragma omp simd reduction(+ : n)
-  for (i64 i = 0; i < cnt; ++i) n += p[i] >= bound;
-  return n;
-}
-
-// Copies the entries >= bound to out (not overlapping p), in order; returns how many. Groups of 16
-// entries are first tested with a vectorised count; only groups holding a candidate are copied,
-// branch-free (so out needs one spare entry past the count).
-FM_SIMD_CLONES i64 compact_ge(const float* __restrict p, i64 cnt, float bound, float* __restrict out) {
+// Appends the entries of p[lo, hi) >= bound to `value` and their positions to `index`, in memory
+// order. Groups of 16 entries are first tested with a vectorised count; only groups holding a
+// candidate are visited one by one (feature densities are a few percent).
+FM_SIMD_CLONES void collect_ge(const float* p, i64 lo, i64 hi, float bound, std::vector<float>& value,
+                               std::vector<i64>& index) {
   constexpr int G = 16;
-  i64 j = 0, i = 0;
-  for (; i + G <= cnt; i += G) {
+  auto take = [&](i64 i) {
+    if (p[i] >= bound) {
+      value.push_back(p[i]);
+      index.push_back(i);
+    }
+  };
+  i64 i = lo;
+  for (; i + G <= hi; i += G) {
     int hits = 0;
 #pragma omp simd reduction(+ : hits)
     for (int r = 0; r < G; ++r) hits += p[i + r] >= bound;
     if (hits == 0) continue;
-    for (int r = 0; r < G; ++r) {
-      const float v = p[i + r];
-      out[j] = v;
-      j += v >= bound;
-    }
+    for (int r = 0; r < G; ++r) take(i + r);
   }
-  for (; i < cnt; ++i) {
-    const float v = p[i];
-    out[j] = v;
-    j += v >= bound;
-  }
-  return j;
+  for (; i < hi; ++i) take(i);
 }
 
 // One row chunk of the fused margin + straight-through + Adam step and the clamp to [-bound, bound].
@@ -111,63 +104,81 @@ void chunked(i64 cnt, int team, Body&& body) {
   }
 }
 
-// The k-th and (k+1)-th largest of p[0:cnt), 0 < k < cnt, with std::nth_element on a scratch
-// copy (no sort). When k is a small share of the block (feature densities are a few percent), a
-// strided sample gives a bound L that the k+1 largest very probably reach; only the entries >= L
-// are copied (in parallel for big blocks) and selected among. If the sample misled (fewer than
-// k+1 entries >= L), all entries are copied. Exact either way.
+// The k-th and (k+1)-th largest of a block and how many entries exceed the k-th.
 struct Kth {
   float vk;      // k-th largest
   float next;    // (k+1)-th largest
   i64 greater;   // how many entries exceed vk
 };
 
-Kth kth_pair(const float* p, i64 cnt, i64 k, std::vector<float>& scratch, int team) {
-  i64 ncand = -1;
-  if (cnt >= 512 && (k + 1) * 8 <= cnt) {
-    // sample size ~ c sqrt(cnt): balances selecting in the sample against copying and selecting
-    // among the candidates it lets through (c tuned on Cora-sized blocks: 1433 .. 3.9M entries)
-    const double c = cnt < (1 << 15) ? 4.0 : 12.0;
-    const i64 S = std::min<i64>(cnt / 4, std::clamp<i64>(static_cast<i64>(c * std::sqrt(double(cnt))), 64, 1 << 15));
-    if (static_cast<i64>(scratch.size()) < S) scratch.resize(S);
-    float* sc = scratch.data();
-    for (i64 i = 0; i < S; ++i) sc[i] = p[static_cast<i64>((static_cast<double>(i) + 0.5) * cnt / S)];
-    const double expect = static_cast<double>(k + 1) * S / cnt;
-    const i64 r = static_cast<i64>(std::ceil(expect + 4.0 * std::sqrt(expect) + 8.0));  // 1-based rank
-    if (r < S) {
-      std::nth_element(sc, sc + (r - 1), sc + S, std::greater<float>());
-      const float bound = sc[r - 1];
-      std::vector<i64> found(team + 1, 0);
-      chunked(cnt, team, [&](i64 lo, i64 hi, int tid) { found[tid + 1] = count_ge(p + lo, hi - lo, bound); });
-      i64 total = 0;
-      for (int q = 0; q < team; ++q) total += found[q + 1];
-      if (total >= k + 1) {
-        // slot of chunk q starts at (candidates before it) + q: one spare entry per slot for the
-        // branch-free copy's final store
-        if (static_cast<i64>(scratch.size()) < total + team) scratch.resize(total + team);
-        sc = scratch.data();
-        for (int q = 0; q < team; ++q) found[q + 1] += found[q];
-        chunked(cnt, team, [&](i64 lo, i64 hi, int tid) { compact_ge(p + lo, hi - lo, bound, sc + found[tid] + tid); });
-        for (int q = 1; q < team; ++q)  // close the gaps
-          std::memmove(sc + found[q], sc + found[q] + q, sizeof(float) * (found[q + 1] - found[q]));
-        ncand = total;
-      }
-    }
+// The entries of a block that can be among its k + 1 largest (value, position in the block), in
+// memory order; `all`: every entry of the block (then value and index stay empty: read the block).
+struct Candidates {
+  std::vector<float> value;
+  std::vector<i64> index;
+  bool all = true;
+};
+
+// Kth of values[0:n), 0 < k < n, with std::nth_element (values are reordered; no sort).
+Kth kth_among(float* values, i64 n, i64 k) {
+  std::nth_element(values, values + k, values + n, std::greater<float>());
+  const float next = values[k];  // (k+1)-th largest
+  float vk = values[0];          // k-th largest = the minimum of the k largest
+  for (i64 i = 1; i < k; ++i) vk = values[i] < vk ? values[i] : vk;
+  i64 greater = 0;               // every entry > vk is among the k largest
+  for (i64 i = 0; i < k; ++i) greater += values[i] > vk;
+  return {vk, next, greater};
+}
+
+// The candidates of p[0:cnt) for its k + 1 largest, 0 < k < cnt, in one pass over p. When k is a
+// small share of the block, a strided sample gives a bound L that the k + 1 largest very probably
+// reach, and only the entries >= L are kept (team threads each collect a chunk). If the sample
+// misled (fewer than k + 1 entries >= L), or k is not small, every entry is a candidate.
+Candidates candidates_of(const float* p, i64 cnt, i64 k, std::vector<float>& scratch, int team) {
+  Candidates found;
+  if (cnt < 512 || (k + 1) * 8 > cnt) return found;
+  // sample size ~ c sqrt(cnt): balances selecting in the sample against selecting among the
+  // candidates it lets through (c tuned on Cora-sized blocks: 1433 .. 3.9M entries)
+  const double c = cnt < (1 << 15) ? 4.0 : 12.0;
+  const i64 S = std::min<i64>(cnt / 4, std::clamp<i64>(static_cast<i64>(c * std::sqrt(double(cnt))), 64, 1 << 15));
+  if (static_cast<i64>(scratch.size()) < S) scratch.resize(S);
+  float* sc = scratch.data();
+  for (i64 i = 0; i < S; ++i) sc[i] = p[static_cast<i64>((static_cast<double>(i) + 0.5) * cnt / S)];
+  const double expect = static_cast<double>(k + 1) * S / cnt;
+  const i64 r = static_cast<i64>(std::ceil(expect + 4.0 * std::sqrt(expect) + 8.0));  // 1-based rank
+  if (r >= S) return found;
+  std::nth_element(sc, sc + (r - 1), sc + S, std::greater<float>());
+  const float bound = sc[r - 1];
+  std::vector<Candidates> parts(team);
+  chunked(cnt, team, [&](i64 lo, i64 hi, int tid) {
+    Candidates& part = parts[tid];
+    const i64 guess = 2 * (k + 1) * (hi - lo) / cnt + 64;
+    part.value.reserve(guess);
+    part.index.reserve(guess);
+    collect_ge(p, lo, hi, bound, part.value, part.index);
+  });
+  for (Candidates& part : parts) {
+    found.value.insert(found.value.end(), part.value.begin(), part.value.end());
+    found.index.insert(found.index.end(), part.index.begin(), part.index.end());
   }
-  if (ncand < 0) {
+  found.all = static_cast<i64>(found.value.size()) < k + 1;
+  if (found.all) {
+    found.value.clear();
+    found.index.clear();
+  }
+  return found;
+}
+
+// Kth of p[0:cnt), 0 < k < cnt, selected among its candidates (copied to scratch).
+Kth kth_of(const float* p, i64 cnt, i64 k, const Candidates& candidates, std::vector<float>& scratch, int team) {
+  if (candidates.all) {
     if (static_cast<i64>(scratch.size()) < cnt) scratch.resize(cnt);
     float* sc = scratch.data();
     chunked(cnt, team, [&](i64 lo, i64 hi, int) { std::memcpy(sc + lo, p + lo, sizeof(float) * (hi - lo)); });
-    ncand = cnt;
+    return kth_among(sc, cnt, k);
   }
-  float* sc = scratch.data();
-  std::nth_element(sc, sc + k, sc + ncand, std::greater<float>());
-  const float next = sc[k];  // (k+1)-th largest
-  float vk = sc[0];          // k-th largest = the minimum of the k largest
-  for (i64 i = 1; i < k; ++i) vk = sc[i] < vk ? sc[i] : vk;
-  i64 greater = 0;           // every entry > vk is among the k largest
-  for (i64 i = 0; i < k; ++i) greater += sc[i] > vk;
-  return {vk, next, greater};
+  scratch.assign(candidates.value.begin(), candidates.value.end());
+  return kth_among(scratch.data(), static_cast<i64>(scratch.size()), k);
 }
 
 // Selects in one block of theta and writes its hard mask to `out`; returns the block threshold.
@@ -193,7 +204,7 @@ float select_block(float* out, const float* th, i64 cnt, i64 kc, float s, std::v
     chunked(cnt, team, [&](i64 lo, i64 hi, int) { std::fill(out + lo, out + hi, fill); });
     return kc <= 0 ? to_p(hi_v) + 1e-6f : to_p(lo_v) - 1e-6f;
   }
-  const auto [vk, next, greater] = kth_pair(key, cnt, kc, scratch, team);
+  const auto [vk, next, greater] = kth_of(key, cnt, kc, candidates_of(key, cnt, kc, scratch, team), scratch, team);
   if (next < vk) {  // no tie across the boundary: exactly the entries >= vk
     chunked(cnt, team, [&](i64 lo, i64 hi, int) { mark_ge(key + lo, out + lo, hi - lo, vk); });
   } else {
@@ -343,6 +354,20 @@ void block_ones(const float* key, i64 rows, i64 d, float vk, i64 ties, i64* coun
   });
 }
 
+// The ones of one block from its candidates (positions in the block, memory order): those > vk
+// and the first `ties` == vk, as columns, with each row's count added to counts (zero before).
+void candidate_ones(const Candidates& candidates, i64 d, float vk, i64 ties, i64* counts, i64* cols) {
+  i64 out = 0, seen = 0;
+  for (size_t j = 0; j < candidates.value.size(); ++j) {
+    const float v = candidates.value[j];
+    if (v > vk || (v == vk && seen++ < ties)) {
+      const i64 at = candidates.index[j];
+      ++counts[at / d];
+      cols[out++] = at % d;
+    }
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> top_mask(const at::Tensor& theta, const at::Tensor& ptr, const at::Tensor& k,
@@ -404,9 +429,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> top_mask_csr(const at::Tensor& th
                                          : -std::numeric_limits<float>::infinity(),
                    0, cp + r0, colp + start[c], team);
       } else {
-        const auto [vk, next, greater] = kth_pair(key, cnt, kc, scratch, team);
+        const Candidates candidates = candidates_of(key, cnt, kc, scratch, team);
+        const auto [vk, next, greater] = kth_of(key, cnt, kc, candidates, scratch, team);
         t = 0.5f * (to_p(vk) + to_p(next));
-        block_ones(key, rows, d, vk, kc - greater, cp + r0, colp + start[c], team);
+        if (candidates.all) {
+          block_ones(key, rows, d, vk, kc - greater, cp + r0, colp + start[c], team);
+        } else {
+          candidate_ones(candidates, d, vk, kc - greater, cp + r0, colp + start[c]);
+        }
       }
       for (i64 r = r0; r < pp[c + 1]; ++r) tp[r] = t;
     });

@@ -343,6 +343,21 @@ def test_top_mask_huge_block(kind):
     assert (hard[F - 10:] == 0).all() and (thr[F - 10:] == 0).all()
 
 
+@pytest.mark.parametrize("k", [300, 20_000])
+def test_top_mask_sample_misled(k):
+    """The kernel guesses a bound for the k largest from a strided sample of the block; here the
+    sampled entries hold the block's largest values and the true k largest mostly lie between
+    them, so the guess lets too few entries through for k = 20,000 (the kernel must select among
+    all entries) and just enough for k = 300. Either way the ones are the reference's."""
+    F, d = 500, 701
+    cnt = F * d
+    samples = min(cnt // 4, max(64, min(int(12.0 * cnt ** 0.5), 1 << 15)))
+    gen = torch.Generator().manual_seed(5)
+    theta = torch.rand(cnt, generator=gen)
+    theta[((torch.arange(samples, dtype=torch.float64) + 0.5) * cnt / samples).long()] = 2.0
+    _check_top_mask(theta.reshape(F, d), torch.tensor([0, F]), torch.tensor([k]), 1.0, name=f"misled k={k}")
+
+
 # ----------------------------------------------------------------------------- linear_input_grad
 @pytest.mark.parametrize("F, f, d", [(0, 4, 9), (1, 1, 1), (5, 0, 7), (37, 64, 12_288), (250, 16, 1_000),
                                      (1_500, 3, 70)])
