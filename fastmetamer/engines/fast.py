@@ -7,7 +7,7 @@ feature metamer does no sorting, transposing or normalising of the graph.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -135,6 +135,22 @@ def _full(n: int, value: float, device) -> Tensor | None:
     return None if value == 1.0 else torch.full((n,), value, device=device)
 
 
+@dataclass
+class _Caches:
+    """What a :class:`FastEngine` keeps between calls, each entry with what it is valid for.
+
+    ``patterns``: {operator kind: (edge_index, full Pattern)}; ``plan``: (edge_index, _RowPlan);
+    ``operators``: {stage index: (plan, edge_weight, restricted Operator)}; ``joined``: {id(stage):
+    (stage, [weight | root_weight | residual])}; ``first_stage``: (x, x._version, plan, (h, inputs,
+    residual)) for fixed features."""
+
+    patterns: dict = field(default_factory=dict)
+    plan: tuple | None = None
+    operators: dict = field(default_factory=dict)
+    joined: dict = field(default_factory=dict)
+    first_stage: tuple | None = None
+
+
 class FastEngine:
     """Fused-kernel engine for a lowered program (see ReferenceEngine for the arguments)."""
 
@@ -147,8 +163,7 @@ class FastEngine:
         self.component = (torch.zeros if joint else torch.arange)(target.shape[0], dtype=torch.long,
                                                                   device=target.device)
         self.scale = loss_scale(target, joint)
-        self._patterns: dict = {}
-        self._operators: dict = {}
+        self._caches = _Caches()
         self._entries = attention.EntryIndex()
         self._transposes = True  # patterns carry their transpose (the backward needs it)
 
@@ -158,7 +173,7 @@ class FastEngine:
         engine = cls.__new__(cls)
         engine.program, engine.name, engine.model, engine.layer = program, backend, model, program.layer
         engine.kernels = {op: dispatch.get(op, backend) for op in dispatch.OPS}
-        engine._patterns, engine._operators, engine._transposes = {}, {}, False
+        engine._caches, engine._transposes = _Caches(), False
         engine._entries = attention.EntryIndex()
         return engine
 
@@ -267,7 +282,7 @@ class FastEngine:
         """(dense rows of x the first stage reads or None, its transformed input, its residual or
         None; see :meth:`_transform_with_residual`). Kept while ``x`` is the same unchanged tensor
         and nothing needs a gradient (fixed features: structure metamers, their swap search)."""
-        known = self._patterns.get("first stage")
+        known = self._caches.first_stage
         if known is not None and known[0] is x and known[1] == x._version and known[2] is plan:
             return known[3]
         stage = self.program.stages[0]
@@ -275,7 +290,7 @@ class FastEngine:
         inputs, residual = self._transform_with_residual(stage, h, sparse)
         out = (h, inputs, residual)
         if isinstance(x, Tensor) and not any(t is not None and t.requires_grad for t in (x, *out)):
-            self._patterns["first stage"] = (x, x._version, plan, out)
+            self._caches.first_stage = (x, x._version, plan, out)
         return out
 
     def _first_input(self, x: Tensor | BinaryRows, rows: Tensor, dense_needed: bool):
@@ -292,7 +307,7 @@ class FastEngine:
 
     def _plan(self, edge_index: Tensor, n: int) -> "_RowPlan":
         """The rows each stage computes for these edges (cached while the edge tensor is reused)."""
-        known = self._patterns.get("plan")
+        known = self._caches.plan
         if known is not None and known[0] is edge_index:
             return known[1]
         stages = self.program.stages
@@ -300,22 +315,22 @@ class FastEngine:
         plan = _RowPlan.build([self._pattern(stage, edge_index, n) for stage in stages],
                               [stage.root_weight is not None for stage in stages], rows,
                               [None if stage.teleport is None else stage.teleport[0] for stage in stages])
-        self._patterns["plan"] = (edge_index, plan)
+        self._caches.plan = (edge_index, plan)
         return plan
 
     def _pattern(self, stage: Stage, edge_index: Tensor, n: int) -> Pattern:
         """The stage's full pattern for these edges, one cached per kind of stage."""
-        known = self._patterns.get(stage.operator)
+        known = self._caches.patterns.get(stage.operator)
         if known is None or known[0] is not edge_index:
             if stage.operator == "identity":
                 known = (edge_index, Pattern.identity(n, self._transposes, edge_index.device))
-                self._patterns[stage.operator] = known
+                self._caches.patterns[stage.operator] = known
                 return known[1]
             node_col, num_cols = _node_columns(stage, n, edge_index.device)
             coordinates = _coordinates(edge_index, node_col) if self._transposes else None
             pattern = Pattern.from_in_edges(in_edges(edge_index, n), node_col, num_cols, coordinates)
             known = (edge_index, pattern)
-            self._patterns[stage.operator] = known
+            self._caches.patterns[stage.operator] = known
         return known[1]
 
     def _restricted_operator(self, i: int, stage: Stage, plan: "_RowPlan", edge_index: Tensor,
@@ -325,7 +340,7 @@ class FastEngine:
         filled here (stages of one kind, e.g. APPNP's K steps, share them)."""
         if not stage.weighted:
             edge_weight = None
-        cached = self._operators.get(i)
+        cached = self._caches.operators.get(i)
         if cached is not None and cached[0] is plan and cached[1] is edge_weight:
             return cached[2]
         kind = (stage.operator, stage.eps, stage.operator_scale, stage.weighted)
@@ -333,7 +348,7 @@ class FastEngine:
             values[kind] = _values(stage, edge_index, edge_weight, n).float()
         operator = Operator.build(plan.patterns[i], values[kind])
         if edge_weight is None or not edge_weight.requires_grad:
-            self._operators[i] = (plan, edge_weight, operator)
+            self._caches.operators[i] = (plan, edge_weight, operator)
         return operator
 
     def _operator(self, stage: Stage, edge_index: Tensor, edge_weight: Tensor | None, n: int) -> Operator:
@@ -368,11 +383,10 @@ class FastEngine:
 
     def _joined(self, stage: Stage, weights: list[Tensor]) -> Tensor:
         """The stage's ``weights`` side by side [d, sum f], cached per stage."""
-        key = ("joined", id(stage))
-        known = self._patterns.get(key)
+        known = self._caches.joined.get(id(stage))
         if known is None or known[0] is not stage:
             known = (stage, torch.cat(weights, dim=1).contiguous())
-            self._patterns[key] = known
+            self._caches.joined[id(stage)] = known
         return known[1]
 
     def _residual(self, stage: Stage, h: Tensor) -> Tensor | None:
