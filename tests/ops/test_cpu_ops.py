@@ -346,9 +346,10 @@ def test_top_mask_huge_block(kind):
 @pytest.mark.parametrize("k", [300, 20_000])
 def test_top_mask_sample_misled(k):
     """The kernel guesses a bound for the k largest from a strided sample of the block; here the
-    sampled entries hold the block's largest values and the true k largest mostly lie between
-    them, so the guess lets too few entries through for k = 20,000 (the kernel must select among
-    all entries) and just enough for k = 300. Either way the ones are the reference's."""
+    sampled entries (7,104 of them) hold the block's largest value, 2.0. For k = 20,000 the guess
+    lets too few entries through (the kernel must select among all entries); for k = 300 it lets
+    exactly the sampled entries through and the k largest are all ties at 2.0 (the first k in
+    memory order win). Either way the ones are the reference's."""
     F, d = 500, 701
     cnt = F * d
     samples = min(cnt // 4, max(64, min(int(12.0 * cnt ** 0.5), 1 << 15)))
