@@ -21,7 +21,8 @@ def cpp_extensions():
     ext = CppExtension(
         "fastmetamer._C",
         sources,
-        extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+        # -fno-math-errno: std::sqrt becomes the vector square-root instruction (csrc/cpu/fast_math.h)
+        extra_compile_args=["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"],
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}

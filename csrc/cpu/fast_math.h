@@ -9,8 +9,10 @@
 //    with portable flags (x86-64 baseline = SSE2); on x86-64 Linux with GCC each marked function
 //    is also compiled for x86-64-v3 (AVX2+FMA) and x86-64-v4 (AVX-512), and the dynamic loader
 //    picks the best one the CPU supports (ifunc). Elsewhere it expands to nothing.
-// 3. Branch-free exp / expm1 / tanh / erf / sqrt for float that vectorise (libm calls do not);
-//    tanh and its derivative are evaluated in double so that they round (almost) correctly.
+// 3. Branch-free exp / expm1 / tanh / erf for float that vectorise (libm calls do not); tanh and
+//    its derivative are evaluated in double so that they round (almost) correctly. std::sqrt
+//    vectorises to the hardware's correctly rounded square root because setup.py compiles with
+//    -fno-math-errno (the optimize pragma alone leaves errno handling around it).
 #pragma once
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -130,21 +132,6 @@ inline float fast_erf(float x) {
   r = r * t + 0.254829592f;
   const float y = 1.f - r * t * fast_exp(-ax * ax);
   return x < 0.f ? -y : y;
-}
-
-// sqrt(x) for x >= 0 without a libm call (GCC keeps errno handling around std::sqrt even under
-// the optimize pragma, which stops vectorisation): reciprocal square root by the bit trick, two
-// Newton steps, one Newton correction of the root (~1 ulp). Subnormals are scaled first.
-inline float fast_sqrt(float x) {
-  const bool tiny = x < 1.17549435e-38f;
-  const float xs = tiny ? x * 281474976710656.f : x;  // 2^48
-  float y = bits_to_float(0x5f375a86 - (float_to_bits(xs) >> 1));
-  const float hx = 0.5f * xs;
-  y = y * (1.5f - hx * y * y);
-  y = y * (1.5f - hx * y * y);
-  float r = xs * y;
-  r = r + 0.5f * y * (xs - r * r);
-  return tiny ? r * 5.9604644775390625e-8f : r;  // 2^-24
 }
 
 inline float fast_sigmoid(float z) { return 1.f / (1.f + fast_exp(-z)); }

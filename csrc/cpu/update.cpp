@@ -71,7 +71,7 @@ FM_SIMD_CLONES void adam_rows(i64 r0, i64 r1, i64 d, float* th, const float* gx,
       const float vv = vr[c] * b2 + c2 * g * g;
       ar[c] = mv;
       vr[c] = vv;
-      const float denom = fast_sqrt(vv * ibc2) + ep;
+      const float denom = std::sqrt(vv * ibc2) + ep;
       const float next = tr[c] - lra * ((mv * ibc1) / denom);
       // the projection of every row (active or not): clamp to [-bound, bound]; NaN stays NaN
       tr[c] = next < -bound ? -bound : (next > bound ? bound : next);
