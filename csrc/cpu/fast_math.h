@@ -37,11 +37,6 @@ inline float bits_to_float(int32_t i) {
   std::memcpy(&f, &i, sizeof(f));
   return f;
 }
-inline int32_t float_to_bits(float f) {
-  int32_t i;
-  std::memcpy(&i, &f, sizeof(i));
-  return i;
-}
 
 // exp(x) (Cephes expf polynomial, ~1 ulp); inputs are clamped to [-87.34, 88.72] (so exp(x)
 // underflows to ~1.2e-38, not 0, and is +inf above).
