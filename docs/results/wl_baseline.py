@@ -7,10 +7,11 @@ cannot be compared across receptive-field sizes (APPNP's 10-hop fields against t
 fields) without a baseline of the same size.
 
 For every non-trivial target of every structure cell of ``study/`` (Cora and CiteSeer), this
-script takes the target's receptive field R (its ``hops``-hop neighbourhood: 10 for APPNP's
-propagation layer, 2 for the other architectures' output layers), moves the share of R's edges
-that the metamer moved (from its edge Jaccard J, a share 2J / (1 + J) of the edges is kept) to
-uniformly random node pairs of R (the edge count kept), and computes the WL similarity of that
+script takes the edges among the target's receptive field R (the free nodes of the library's
+:func:`~fastmetamer.graph.subgraph.receptive_field`, ``hops`` hops: 10 for APPNP's propagation
+layer, 2 for the other architectures' output layers), moves as many of them as the metamer moved
+(with the edge count kept, edge Jaccard J keeps round(E 2J / (1 + J)) of the E edges) to distinct
+uniformly random node pairs of R that are not edges, and computes the WL similarity of that
 random rewiring to the reference, averaged over ``DRAWS`` draws. It writes ``wl_baseline.md``
 beside itself: per cell, the mean WL similarity of the metamers and of their random rewirings.
 
@@ -25,10 +26,11 @@ import sys
 from pathlib import Path
 
 import torch
-from torch_geometric.utils import k_hop_subgraph, to_undirected
+from torch_geometric.utils import subgraph, to_undirected
 
 import fastmetamer as fm
 from fastmetamer.analysis import wl_similarity
+from fastmetamer.graph.subgraph import receptive_field
 
 HERE = Path(__file__).resolve().parent
 DATA_ROOT = sys.argv[1] if len(sys.argv) > 1 else "../shared/data"
@@ -38,30 +40,36 @@ HOPS = {"gcn": 2, "graphsage": 2, "gin": 2, "gat": 2, "sgc": 2, "appnp": 10}
 DRAWS = 5
 
 
-def random_rewiring(edges: torch.Tensor, nodes: int, moved: float, generator: torch.Generator) -> torch.Tensor:
-    """``edges`` [2, E] (undirected, each pair once) with a share ``moved`` of them replaced by
-    uniformly random pairs of distinct nodes among ``nodes``; returned in both directions."""
-    count = edges.shape[1]
-    keep = torch.rand(count, generator=generator) >= moved
-    replaced = int(count - keep.sum())
-    pairs = torch.randint(0, nodes, (2, 4 * replaced + 4), generator=generator)
-    pairs = pairs[:, pairs[0] != pairs[1]][:, :replaced]
-    return to_undirected(torch.cat([edges[:, keep], pairs], dim=1), num_nodes=nodes)
+def random_rewiring(edges: torch.Tensor, nodes: int, kept: int, generator: torch.Generator) -> torch.Tensor:
+    """``edges`` [2, E] (undirected, each pair once, u < v) with ``kept`` of them, chosen at random,
+    kept and the others replaced by distinct uniformly random pairs of distinct nodes among
+    ``nodes`` that are not among the kept edges (as many as exist); returned in both directions."""
+    order = torch.randperm(edges.shape[1], generator=generator)
+    keep = edges[:, order[:kept]]
+    wanted = edges.shape[1] - kept
+    pairs = torch.combinations(torch.arange(nodes)).t()  # every pair u < v of R
+    taken = torch.isin(pairs[0] * nodes + pairs[1], keep[0] * nodes + keep[1])
+    free = pairs[:, ~taken]
+    new = free[:, torch.randperm(free.shape[1], generator=generator)[:wanted]]
+    return to_undirected(torch.cat([keep, new], dim=1), num_nodes=nodes)
 
 
-def baseline_wl(edge_index: torch.Tensor, target: int, hops: int, jaccard: float, seed: int) -> float:
-    """Mean WL similarity of ``DRAWS`` random rewirings of ``target``'s receptive field that move
-    as many of its edges as a metamer with edge Jaccard ``jaccard``."""
-    subset, local, _, _ = k_hop_subgraph(target, hops, edge_index, relabel_nodes=True)
+def baseline_wl(graph, target: int, hops: int, jaccard: float, seed: int) -> float:
+    """Mean WL similarity to the reference of ``DRAWS`` random rewirings of the edges among
+    ``target``'s receptive field that move as many of them as a metamer with edge Jaccard
+    ``jaccard``."""
+    sub = receptive_field(graph.x, graph.edge_index, None, torch.tensor([target]), hops)
+    nodes = sub.free.nonzero().flatten()
+    local, _ = subgraph(nodes, sub.edge_index, relabel_nodes=True, num_nodes=sub.x.shape[0])
     undirected = local[:, local[0] < local[1]]
-    moved = 1.0 - 2.0 * jaccard / (1.0 + jaccard)
+    kept = round(undirected.shape[1] * 2.0 * jaccard / (1.0 + jaccard))
     generator = torch.Generator().manual_seed(seed)
     return statistics.fmean(
-        wl_similarity(random_rewiring(undirected, subset.numel(), moved, generator), local, subset.numel())
+        wl_similarity(random_rewiring(undirected, nodes.numel(), kept, generator), local, nodes.numel())
         for _ in range(DRAWS))
 
 
-def cell_rows(dataset: str, edge_index: torch.Tensor) -> list[str]:
+def cell_rows(dataset: str, graph) -> list[str]:
     """One table row per structure cell of ``dataset`` (seeds pooled)."""
     rows = []
     for arch, hops in HOPS.items():
@@ -73,7 +81,7 @@ def cell_rows(dataset: str, edge_index: torch.Tensor) -> list[str]:
                 if per_target["trivial"][i]:
                     continue
                 metamer.append(per_target["wl_similarity"][i])
-                random.append(baseline_wl(edge_index, target, hops, per_target["edge_jaccard"][i], seed=target))
+                random.append(baseline_wl(graph, target, hops, per_target["edge_jaccard"][i], seed=target))
         if metamer:
             rows.append(f"| {dataset} | {arch} | {hops} | {len(metamer)} | {statistics.fmean(metamer):.2f} | "
                         f"{statistics.fmean(random):.2f} |")
@@ -83,11 +91,10 @@ def cell_rows(dataset: str, edge_index: torch.Tensor) -> list[str]:
 def main() -> Path:
     lines = ["# WL similarity of structure metamers against a size-matched random rewiring", "",
              "Written by `docs/results/wl_baseline.py` from the structure cells of `study/` (non-trivial",
-             f"targets, seeds pooled; random rewiring: the metamer's share of moved edges, {DRAWS} draws each).", "",
+             f"targets, seeds pooled; random rewiring: as many edges moved as the metamer moved, to non-edges, {DRAWS} draws each).", "",
              "| dataset | arch | hops | targets | WL, metamers | WL, random rewiring |", "|---|---|---|---|---|---|"]
     for dataset in ("Cora", "CiteSeer"):
-        graph = fm.datasets.load(dataset, root=DATA_ROOT)
-        lines += cell_rows(dataset, to_undirected(graph.edge_index, num_nodes=graph.num_nodes))
+        lines += cell_rows(dataset, fm.datasets.load(dataset, root=DATA_ROOT))
     out = HERE / "wl_baseline.md"
     out.write_text("\n".join(lines) + "\n")
     return out
