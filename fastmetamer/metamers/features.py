@@ -30,6 +30,32 @@ class FeatureStats:
 
 
 MIN_STAT_NODES = 8  # receptive fields smaller than this take mean, std and range from the graph
+ROW_BLOCK = 1024  # rows per block of the passes over [rows, d] that need a temporary of that shape
+
+
+def _row_blocks(rows: int):
+    """(start, stop) of consecutive blocks of at most ROW_BLOCK rows covering [0, rows)."""
+    return ((a, min(rows, a + ROW_BLOCK)) for a in range(0, rows, ROW_BLOCK))
+
+
+def ones_per_row(x: Tensor) -> Tensor:
+    """[rows] int64: how many entries of each row of x [rows, d] are > 0.5 (the ones of binary
+    features), a block of rows at a time (no [rows, d] temporary to allocate)."""
+    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    buf = x.new_empty(min(ROW_BLOCK, x.shape[0]), x.shape[1], dtype=torch.float32)
+    for a, b in _row_blocks(x.shape[0]):
+        out[a:b] = torch.gt(x[a:b], 0.5, out=buf[:b - a]).sum(1)  # 0/1 sums: exact below 2^24 features
+    return out
+
+
+def _sums_of_squares(x: Tensor, comp: Tensor, c: int) -> Tensor:
+    """[c, d] sums of x * x [rows, d] over the rows of each component ``comp`` [rows] (added in row
+    order, as one index_add_), a block of rows at a time."""
+    total = x.new_zeros(c, x.shape[1])
+    buf = x.new_empty(min(ROW_BLOCK, x.shape[0]), x.shape[1])
+    for a, b in _row_blocks(x.shape[0]):
+        total.index_add_(0, comp[a:b], torch.mul(x[a:b], x[a:b], out=buf[:b - a]))
+    return total
 
 
 def feature_stats(sub: Subgraph, population: Tensor | None = None) -> FeatureStats:
@@ -44,11 +70,11 @@ def feature_stats(sub: Subgraph, population: Tensor | None = None) -> FeatureSta
     nodes = torch.bincount(comp, minlength=c)
     count = nodes.clamp_min(1).unsqueeze(1).to(x.dtype)
     mean = x.new_zeros(c, d).index_add_(0, comp, x) / count
-    sq = x.new_zeros(c, d).index_add_(0, comp, x * x) / count
+    sq = _sums_of_squares(x, comp, c) / count
     index = comp.unsqueeze(1).expand_as(x)
     low = x.new_full((c, d), float("inf")).scatter_reduce(0, index, x, "amin")
     high = x.new_full((c, d), float("-inf")).scatter_reduce(0, index, x, "amax")
-    ones = torch.zeros(c, dtype=torch.long, device=x.device).index_add_(0, comp, (x > 0.5).sum(1))
+    ones = torch.zeros(c, dtype=torch.long, device=x.device).index_add_(0, comp, ones_per_row(x))
     stats = FeatureStats(mean, (sq - mean * mean).clamp_min(0).sqrt(), low, high, ones)
     small = nodes < MIN_STAT_NODES
     if population is not None and small.any():
@@ -100,7 +126,7 @@ class FeatureParam:
         self.free_component = sub.component[sub.free]
         self.ptr = sub.free_ptr()
         self.component_rows = self.ptr.diff()  # free rows per component (the margin term's mean)
-        self.row_ones = (sub.x[sub.free] > 0.5).sum(1)
+        self.row_ones = ones_per_row(sub.x[sub.free])
         self.noise = (draw_noise(self.ptr, sub.x.shape[1], generators, device=sub.x.device) if noise is None
                       else noise).to(sub.x.dtype)
         if size_independent:
@@ -225,6 +251,16 @@ def _row_top_mask(prob: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     return hard, threshold
 
 
+def _scaled_by_component(noise: Tensor, stats: FeatureStats, ptr: Tensor) -> Tensor:
+    """``noise`` [F, d] (in place) times the std and plus the mean of each row's component, the
+    rows of component c being ``ptr[c]:ptr[c+1]`` (one broadcast per component, no [F, d] gather)."""
+    bounds = ptr.tolist()
+    for c in range(len(bounds) - 1):
+        rows = noise[bounds[c]:bounds[c + 1]]
+        rows.mul_(stats.std[c]).add_(stats.mean[c])
+    return noise
+
+
 class FusedBinaryFeatures:
     """Binary straight-through features stepped by the fused update kernels.
 
@@ -237,6 +273,7 @@ class FusedBinaryFeatures:
     """
 
     params: list[Tensor] = []
+    selects_among_candidates = True  # whether :meth:`_select` uses the update's collection
 
     def __init__(self, sub: Subgraph, generators: list[torch.Generator], kernels, schedule, *,
                  per_row: bool, slope: float, margin: float, margin_weight: float,
@@ -257,19 +294,23 @@ class FusedBinaryFeatures:
         ptr = sub.free_ptr()
         self.generators, self.stats, self.comp_ptr = generators, stats, ptr
         noise = draw_noise(ptr, sub.x.shape[1], generators, device=sub.x.device) if noise is None else noise
-        self.theta = noise.mul_(stats.std[self.row_component]).add_(stats.mean[self.row_component])
+        self.theta = _scaled_by_component(noise, stats, ptr)
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.theta), torch.zeros_like(self.theta)
         # dL/dX'[free], written whole by the engine's backward when a contribution is not left as a
         # product for the fused update (empty: its pages are only touched then)
         self.grad = torch.empty_like(self.theta)
         self.token = torch.zeros((), requires_grad=True, device=self.theta.device)
         if per_row:
-            self.ptr, self.k = torch.arange(self.theta.shape[0] + 1, device=self.theta.device), (sub.x[sub.free] > 0.5).sum(1)
+            self.ptr = torch.arange(self.theta.shape[0] + 1, device=self.theta.device)
+            self.k = ones_per_row(sub.x[sub.free])
         else:
             self.ptr, self.k = ptr, stats.ones
         entries = (ptr.diff() if component_rows is None else component_rows).clamp_min(1) * self.theta.shape[1]
         self.margin_scale = (margin_weight / entries.to(self.theta.dtype))[self.row_component].contiguous()
         self.steps = 0
+        # the next selection's candidates, collected by the last update, with theta's version then
+        # (any later in-place change of theta, e.g. a restart, makes them stale)
+        self._candidates, self._candidates_version = None, -1
 
     def features(self) -> tuple:
         """(X' as :class:`~fastmetamer.engines.csr.BinaryRows`: the ones of the free rows, with
@@ -285,22 +326,28 @@ class FusedBinaryFeatures:
         return self._x, self.theta.new_zeros(())
 
     def _select(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The ones of the top-rho selection (rowptr [F + 1], col [nnz]) and the rows' thresholds [F]."""
-        return self.kernels.top_mask_csr(self.theta, self.ptr, self.k, self.slope)
+        """The ones of the top-rho selection (rowptr [F + 1], col [nnz]) and the rows' thresholds [F],
+        among the candidates the last update collected when theta has not changed since."""
+        fresh = self._candidates is not None and self.theta._version == self._candidates_version
+        return self.kernels.top_mask_csr(self.theta, self.ptr, self.k, self.slope,
+                                         candidates=self._candidates if fresh else None)
 
     def fused_step(self, lr: float, active: Tensor) -> None:
         """One fused straight-through + margin + Adam step from the gradient the backward left
         (in ``self.grad``, and as the first layer's product still to form; none: no path from
         these features to the loss), then the projection of :meth:`FeatureParam.project` in the
-        same pass: every row's logits (active or not) clamped to |s * theta| <= LOGIT_BOUND."""
+        same pass: every row's logits (active or not) clamped to |s * theta| <= LOGIT_BOUND. The
+        pass also collects the next selection's candidates (backends that can)."""
         x = self._x
         self.steps += 1
         beta1, beta2 = self.schedule.betas
-        self.kernels.adam_ste_update(
+        self._candidates = self.kernels.adam_ste_update(
             self.theta, self.grad if x.written else None, self.exp_avg, self.exp_avg_sq, step=self.steps, lr=lr,
             beta1=beta1, beta2=beta2, eps=self.schedule.eps, slope=self.slope, threshold=self.threshold,
             margin=self.margin, margin_scale=self.margin_scale, active=active[self.row_component],
-            bound=LOGIT_BOUND / self.slope, grad_product=None if x.pending is None else x.pending[:2])
+            bound=LOGIT_BOUND / self.slope, grad_product=None if x.pending is None else x.pending[:2],
+            collect=self.selects_among_candidates)
+        self._candidates_version = self.theta._version
 
     def restart(self, stalled: Tensor) -> None:
         """Start the ``stalled`` [C] components again from a fresh draw, with fresh moments."""

@@ -39,6 +39,7 @@ FAST = settings(deadline=None, max_examples=12, derandomize=True)
 # (n, m, f, num_edges, seed) always checked: a single node (with and without its self loop), no
 # edges, and a hub-heavy square graph with a feature count that is not a multiple of 8
 SINGLE_NODE, SINGLE_LOOP, NO_EDGES, HUBS = (1, 1, 3, 0, 0), (1, 1, 9, 1, 1), (6, 4, 5, 0, 2), (30, 30, 17, 95, 3)
+NARROW = (40, 40, 7, 125, 4)  # hubs, 7 features: the fixed-width sums of a last layer's classes
 
 
 def _problem(n, m, f, num_edges, seed, with_bias, with_residual):
@@ -63,6 +64,7 @@ def _d(t):
 @example(case=SINGLE_LOOP, with_bias=True, with_residual=True)
 @example(case=NO_EDGES, with_bias=True, with_residual=False)
 @example(case=SINGLE_NODE, with_bias=False, with_residual=False)
+@example(case=NARROW, with_bias=False, with_residual=True)
 def test_aggregate_forward(act, case, with_bias, with_residual):
     n, m, f, num_edges, seed = case
     rowptr, col, weight, x, bias, residual, _ = _problem(n, m, f, num_edges, seed, with_bias, with_residual)
@@ -156,6 +158,7 @@ def _autograd64(rowptr, col, weight, x, bias, act, grad_out):
 @example(case=SINGLE_LOOP, with_bias=False)
 @example(case=NO_EDGES, with_bias=True)
 @example(case=SINGLE_NODE, with_bias=False)
+@example(case=NARROW, with_bias=True)
 def test_aggregate_backward_and_edge_grad(act, case, with_bias):
     n, m, f, num_edges, seed = case
     rowptr, col, weight, x, bias, _, grad_out = _problem(n, m, f, num_edges, seed, with_bias, False)
@@ -357,6 +360,107 @@ def test_top_mask_sample_misled(k):
     theta = torch.rand(cnt, generator=gen)
     theta[((torch.arange(samples, dtype=torch.float64) + 0.5) * cnt / samples).long()] = 2.0
     _check_top_mask(theta.reshape(F, d), torch.tensor([0, F]), torch.tensor([k]), 1.0, name=f"misled k={k}")
+
+
+def _collection_at(theta: torch.Tensor, bound: torch.Tensor) -> tuple:
+    """The candidates (index, value, bound) of ``theta`` for per-row bounds ``bound`` [F]."""
+    index = (theta >= bound.unsqueeze(1)).reshape(-1).nonzero().flatten()
+    return index, theta.reshape(-1)[index], bound
+
+
+@FAST
+@given(rows=st.integers(1, 40), d=st.integers(1, 60), blocks=st.integers(1, 5), seed=st.integers(0, 2**31 - 1),
+       ties=st.booleans(), slope=st.sampled_from([0.5, 2.0]), level=st.floats(-3.0, 3.0))
+@example(rows=40, d=60, blocks=1, seed=3, ties=True, slope=2.0, level=0.0)
+def test_top_mask_csr_among_candidates(rows, d, blocks, seed, ties, slope, level):
+    """Given a collection (every entry of row r >= bound[r], the bounds differing within a block,
+    some +inf or -inf), top_mask_csr selects exactly what it selects without one: among the
+    candidates where they hold a block's k + 1 largest, over the whole block where they do not."""
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.randn(rows, d, generator=gen)
+    if ties:
+        theta = torch.round(theta * 2) / 2
+    cuts = torch.sort(torch.randint(0, rows + 1, (blocks - 1,), generator=gen)).values
+    ptr = torch.cat([torch.tensor([0]), cuts, torch.tensor([rows])])
+    k = (torch.rand(blocks, generator=gen) * (ptr.diff() * d + 2)).long() - 1
+    bound = level + 0.5 * torch.randn(rows, generator=gen)
+    bound[torch.rand(rows, generator=gen) < 0.1] = float("inf")
+    bound[torch.rand(rows, generator=gen) < 0.1] = -float("inf")
+    want = upd_cpu.top_mask_csr(theta, ptr, k, slope)
+    got = upd_cpu.top_mask_csr(theta, ptr, k, slope, candidates=_collection_at(theta, bound))
+    for a, b, name in zip(got, want, ("rowptr", "col", "threshold")):
+        assert torch.equal(a, b), name
+    ref = upd_ref.top_mask_csr(theta, ptr, k, slope, candidates=_collection_at(theta, bound))
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_top_mask_csr_trusts_the_candidates():
+    """A block whose candidates number k + 1 or more is selected among them alone, without reading
+    the block: given k + 1 positions of small logits as the candidates (a collection that breaks
+    the contract), the ones are the k largest of those. The next block, whose candidates are too
+    few, is selected over all its entries."""
+    F, d, k = 600, 500, 3_000
+    theta = torch.rand(F, d, generator=torch.Generator().manual_seed(2))
+    ptr, ks = torch.tensor([0, F // 2, F]), torch.tensor([k, k])
+    half = F // 2 * d
+    index = torch.cat([theta.reshape(-1)[:half].argsort()[:k + 1].sort().values,  # the k + 1 smallest
+                       half + torch.arange(k)])                                  # too few for block 1
+    candidates = (index, theta.reshape(-1)[index], torch.full((F,), -float("inf")))
+    rowptr, col, _ = upd_cpu.top_mask_csr(theta, ptr, ks, 1.0, candidates=candidates)
+    ones = (torch.repeat_interleave(torch.arange(F), rowptr.diff()) * d + col).sort().values
+    small = index[:k + 1]
+    assert torch.equal(ones[:k], small[theta.reshape(-1)[small].argsort(descending=True)[:k]].sort().values)
+    whole = upd_ref.top_mask_csr(theta, ptr, ks, 1.0)
+    assert torch.equal(rowptr[F // 2:] - rowptr[F // 2], whole[0][F // 2:] - whole[0][F // 2])
+    assert torch.equal(col[k:], whole[1][k:])
+
+
+@pytest.mark.parametrize("case, match", [
+    ("unsorted", "increasing"), ("outside", "within"), ("value", "value"), ("bound", "bound"), ("part", "together")])
+def test_top_mask_csr_rejects_bad_candidates(case, match):
+    theta = torch.randn(4, 5)
+    index, value, bound = torch.tensor([1, 3, 7]), torch.zeros(3), torch.zeros(4)
+    candidates = {"unsorted": (index.flip(0), value, bound), "outside": (index + 13, value, bound),
+                  "value": (index, value[:2], bound), "bound": (index, value, bound[:3]),
+                  "part": (index, value, None)}[case]
+    with pytest.raises(ValueError, match=match):
+        upd_cpu.top_mask_csr(theta, torch.tensor([0, 4]), torch.tensor([3]), 1.0, candidates=candidates)
+
+
+@pytest.mark.parametrize("form", ["dense", "product"])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_adam_ste_update_collects_the_next_candidates(form, per_row):
+    """With collect=True the update returns every entry >= its row's bound, the bounds being the
+    reference's logit(t) / s - lr, and the next selection among them equals the selection over
+    all entries, step after step (the ones moving), in both block layouts of the fused features."""
+    F, d, slope = 900, 143, 2.0
+    gen = torch.Generator().manual_seed(11)
+    theta = torch.randn(F, d, generator=gen)
+    ptr = torch.arange(F + 1) if per_row else torch.tensor([0, 400, F])
+    k = torch.randint(1, 8, (F,), generator=gen) if per_row else torch.tensor([400 * 3, 500 * 3])
+    exp_avg, exp_avg_sq = torch.zeros(F, d), torch.zeros(F, d)
+    candidates, used = None, 0
+    for step in range(1, 7):
+        want = upd_cpu.top_mask_csr(theta, ptr, k, slope)
+        if candidates is not None:
+            got = upd_cpu.top_mask_csr(theta, ptr, k, slope, candidates=candidates)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), f"step {step}"
+        grad_x, product, _, _ = _gradient(form, F, d, gen)
+        lr = 0.2 / step
+        args = dict(step=step, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, slope=slope, threshold=want[2], margin=0.05,
+                    margin_scale=torch.full((F,), 1e-3), active=torch.rand(F, generator=gen) < 0.9,
+                    bound=4.0 / slope, grad_product=product)
+        candidates = upd_cpu.adam_ste_update(theta, grad_x, exp_avg, exp_avg_sq, **args, collect=True)
+        index, value, bound = candidates
+        ref_bound = upd_ref.collect_candidates(theta, want[2], slope, lr)[2]
+        torch.testing.assert_close(bound, ref_bound, rtol=1e-6, atol=1e-6)
+        assert torch.equal(index, _collection_at(theta, bound)[0]) and torch.equal(value, theta.reshape(-1)[index])
+        counts = torch.bincount(index // d, minlength=F)
+        per_block = torch.stack([counts[int(a):int(b)].sum() for a, b in zip(ptr[:-1], ptr[1:])])
+        used += int((per_block >= k + 1).sum())
+    assert used > 0  # the collections did hold blocks' k + 1 largest (the path above was taken)
+    assert upd_cpu.adam_ste_update(theta, grad_x, exp_avg, exp_avg_sq, **dict(args, slope=-1.0), collect=True) is None
+    assert upd_cpu.adam_ste_update(theta, grad_x, exp_avg, exp_avg_sq, **args) is None
 
 
 # ----------------------------------------------------------------------------- linear_input_grad
