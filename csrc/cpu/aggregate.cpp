@@ -9,6 +9,8 @@
 #include "activations.h"
 #include "common.h"
 
+#include <type_traits>
+
 namespace fm {
 namespace {
 
@@ -97,11 +99,13 @@ inline void pack_positive(const float* __restrict v, i64 f, uint8_t* __restrict 
 #endif
 }
 
-// Forward rows [r0, r1): pre = A x + bias (in acc), saved state, out = act(pre) + residual.
-template <int A>
+// Forward rows [r0, r1): pre = A x + bias (in acc), saved state, out = act(pre) + residual. W > 0:
+// f == W, known at compile time (see with_width).
+template <int A, int W = 0>
 FM_SIMD_CLONES void forward_rows(i64 r0, i64 r1, float* __restrict acc, const i64* rowptr, const i64* col,
                                  const float* w, const float* x, i64 f, const float* bias, const float* res,
                                  float* out, float* pre_out, uint8_t* bits) {
+  if constexpr (W > 0) f = W;
   const i64 nb = (f + 7) / 8;
   uint8_t* pos = reinterpret_cast<uint8_t*>(acc + f);  // scratch beyond the accumulator
   for (i64 i = r0; i < r1; ++i) {
@@ -130,11 +134,13 @@ FM_SIMD_CLONES void forward_rows(i64 r0, i64 r1, float* __restrict acc, const i6
 }
 
 // Backward rows [r0, r1) of A^T: out[j] = sum_e w[e] * (g[i] * act'(pre[i])) over i = col[e],
-// act' recomputed from the saved state of the gathered row (no grad_pre materialised).
-template <int A>
+// act' recomputed from the saved state of the gathered row (no grad_pre materialised). W as in
+// forward_rows.
+template <int A, int W = 0>
 FM_SIMD_CLONES void backward_rows(i64 r0, i64 r1, float* __restrict acc, const i64* rowptr, const i64* col,
                                   const float* w, const float* g, const float* pre, const uint8_t* bits, i64 f,
                                   float* out) {
+  if constexpr (W > 0) f = W;
   const i64 nb = (f + 7) / 8, full = f / 8;
   const BitMasks& lut = bit_masks();
   for (i64 j = r0; j < r1; ++j) {
@@ -266,6 +272,25 @@ FM_SIMD_CLONES void propagate_rows(i64 r0, i64 r1, float* __restrict acc, const 
   }
 }
 
+// Calls rows(std::integral_constant<int, W>) with W = f for 1 <= f <= 7 when A has no activation (the
+// propagation of a last layer's classes, where per-row loops over a runtime width of a few
+// features cost more than the sums), else W = 0 (f at run time).
+template <int A, class Rows>
+void with_width(i64 f, Rows&& rows) {
+  if constexpr (A == ACT_NONE) {
+    switch (f) {
+#define FM_FIXED(W) \
+  case W:           \
+    return rows(std::integral_constant<int, W>{});
+      FM_FIXED(1) FM_FIXED(2) FM_FIXED(3) FM_FIXED(4) FM_FIXED(5) FM_FIXED(6) FM_FIXED(7)
+#undef FM_FIXED
+      default:
+        break;
+    }
+  }
+  rows(std::integral_constant<int, 0>{});
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> aggregate_forward(const at::Tensor& rowptr, const at::Tensor& col,
@@ -314,8 +339,10 @@ std::tuple<at::Tensor, at::Tensor> aggregate_forward(const at::Tensor& rowptr, c
   const i64 scratch = f + 2 * ((f + 7) / 8) + 2;  // accumulator + relu byte mask
   FM_DISPATCH_ACT(act, parallel_csr_rows(rp, n, f, cheap_deriv<A>() ? 2 * f : 8 * f, scratch,
                                          [&](i64 r0, i64 r1, float* acc) {
-                                           forward_rows<A>(r0, r1, acc, rp, cp, wp, xp, f, bias_p, res_p, op,
-                                                           pre_p, bits_p);
+                                           with_width<A>(f, [&](auto width) {
+                                             forward_rows<A, decltype(width)::value>(r0, r1, acc, rp, cp, wp, xp, f,
+                                                                                     bias_p, res_p, op, pre_p, bits_p);
+                                           });
                                          }));
   return {out, saved};
 }
@@ -354,7 +381,10 @@ at::Tensor aggregate_backward(const at::Tensor& t_rowptr, const at::Tensor& t_co
   }
   FM_DISPATCH_ACT(act, parallel_csr_rows(rp, m, cheap_deriv<A>() ? 2 * f : 10 * f, f, f,
                                          [&](i64 r0, i64 r1, float* acc) {
-                                           backward_rows<A>(r0, r1, acc, rp, cp, wp, gp, pre, bits, f, out);
+                                           with_width<A>(f, [&](auto width) {
+                                             backward_rows<A, decltype(width)::value>(r0, r1, acc, rp, cp, wp, gp, pre,
+                                                                                      bits, f, out);
+                                           });
                                          }));
   return grad_x;
 }
