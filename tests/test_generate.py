@@ -153,6 +153,33 @@ def test_per_row_keeps_each_nodes_ones(synthetic, pyg_gcn):
     assert res.loss < res.history[0]
 
 
+@pytest.mark.parametrize("binary", [False, True])
+def test_feature_stats_per_component(binary):
+    """The statistics of each component's free rows (computed a block of rows at a time) against
+    direct reductions: mean, population std, range, count of ones, and each row's ones; rows
+    interleave components and span several blocks (ROW_BLOCK)."""
+    from fastmetamer.graph.subgraph import Subgraph
+    from fastmetamer.metamers.features import ROW_BLOCK, feature_stats, ones_per_row
+
+    gen = torch.Generator().manual_seed(4)
+    rows, d, c = 2 * ROW_BLOCK + 77, 13, 3
+    x = (torch.rand(rows, d, generator=gen) < 0.3).float() if binary else torch.randn(rows, d, generator=gen)
+    component = torch.randint(0, c, (rows,), generator=gen)
+    free = torch.rand(rows, generator=gen) < 0.8
+    sub = Subgraph(x=x, edge_index=torch.empty(2, 0, dtype=torch.long), edge_weight=None,
+                   node_ids=torch.arange(rows), free=free, component=component, center=torch.zeros(c, dtype=torch.long),
+                   num_components=c)
+    stats = feature_stats(sub)
+    for k in range(c):
+        part = x[free & (component == k)].double()
+        torch.testing.assert_close(stats.mean[k].double(), part.mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats.std[k].double(), part.std(0, unbiased=False), rtol=1e-4, atol=1e-5)
+        assert torch.equal(stats.low[k], part.min(0).values.float())
+        assert torch.equal(stats.high[k], part.max(0).values.float())
+        assert int(stats.ones[k]) == int((part > 0.5).sum())
+    assert torch.equal(ones_per_row(x), (x > 0.5).sum(1))
+
+
 def test_continuous_features_stay_in_range():
     graph = awkward_graph(num_nodes=50, num_features=6, seed=5)
     torch.manual_seed(0)

@@ -28,8 +28,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("top_mask", &fm::top_mask, "top-k hard mask and threshold per row block", py::arg("theta"),
         py::arg("ptr"), py::arg("k"), py::arg("slope"));
   m.def("top_mask_csr", &fm::top_mask_csr, "the ones of top_mask's mask as CSR (rowptr, col) and the threshold",
-        py::arg("theta"), py::arg("ptr"), py::arg("k"), py::arg("slope"), py::arg("cand_index") = py::none(),
-        py::arg("cand_value") = py::none(), py::arg("cand_bound") = py::none());
+        py::arg("theta"), py::arg("ptr"), py::arg("k"), py::arg("slope"));
   m.def("group_by", &fm::group_by, "stable counting sort: (rowptr, order) of the entries grouped by key",
         py::arg("keys"), py::arg("num_groups"));
   m.def("append_node_entries", &fm::append_node_entries,
@@ -38,11 +37,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_input_grad", &fm::linear_input_grad, "out (+)= grad @ weight^T in row tiles (in place)",
         py::arg("out"), py::arg("grad"), py::arg("weight"), py::arg("accumulate"));
   m.def("adam_ste_update", &fm::adam_ste_update,
-        "fused margin + straight-through + Adam step (in place) with the gradient grad_x + grad_rows @ weight^T; "
-        "returns the next selection's candidates (index, value, bound) when collect",
+        "fused margin + straight-through + Adam step (in place) with the gradient grad_x + grad_rows @ weight^T",
         py::arg("theta"), py::arg("grad_x"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"),
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("slope"),
         py::arg("threshold"), py::arg("margin"), py::arg("margin_scale"), py::arg("active"),
         py::arg("bound") = std::numeric_limits<double>::infinity(), py::arg("grad_rows") = py::none(),
-        py::arg("weight") = py::none(), py::arg("collect") = false);
+        py::arg("weight") = py::none());
 }

@@ -133,20 +133,16 @@ std::tuple<at::Tensor, at::Tensor> matched_loss(const at::Tensor& rowptr, const 
 std::tuple<at::Tensor, at::Tensor> top_mask(const at::Tensor& theta, const at::Tensor& ptr, const at::Tensor& k,
                                             double slope);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> top_mask_csr(const at::Tensor& theta, const at::Tensor& ptr,
-                                                            const at::Tensor& k, double slope,
-                                                            const c10::optional<at::Tensor>& cand_index,
-                                                            const c10::optional<at::Tensor>& cand_value,
-                                                            const c10::optional<at::Tensor>& cand_bound);
+                                                            const at::Tensor& k, double slope);
 std::tuple<at::Tensor, at::Tensor> group_by(const at::Tensor& keys, int64_t num_groups);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> append_node_entries(const at::Tensor& rowptr, const at::Tensor& source,
                                                                    const at::Tensor& edge_id,
                                                                    const at::Tensor& node_col);
-// Returns the collection (index, value, bound) when `collect` (else three empty tensors).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> adam_ste_update(
-    at::Tensor theta, const c10::optional<at::Tensor>& grad_x, at::Tensor exp_avg, at::Tensor exp_avg_sq,
-    int64_t step, double lr, double beta1, double beta2, double eps, double slope, const at::Tensor& threshold,
-    double margin, const at::Tensor& margin_scale, const at::Tensor& active, double bound,
-    const c10::optional<at::Tensor>& grad_rows, const c10::optional<at::Tensor>& weight, bool collect);
+void adam_ste_update(at::Tensor theta, const c10::optional<at::Tensor>& grad_x, at::Tensor exp_avg,
+                     at::Tensor exp_avg_sq, int64_t step, double lr, double beta1, double beta2, double eps,
+                     double slope, const at::Tensor& threshold, double margin, const at::Tensor& margin_scale,
+                     const at::Tensor& active, double bound, const c10::optional<at::Tensor>& grad_rows,
+                     const c10::optional<at::Tensor>& weight);
 
 void linear_input_grad(at::Tensor out, const at::Tensor& grad, const at::Tensor& weight, bool accumulate);
 // Checks grad [F, f] and weight [d, f] of a product grad @ weight^T into out [F, d].

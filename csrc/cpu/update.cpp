@@ -1,20 +1,14 @@
 // Binary straight-through feature update: top-k selection per row block (top_mask) and the fused
-// margin + straight-through + Adam step with the clamp of the logits (adam_ste_update), which can
-// also collect the next selection's candidates while it writes the logits. Contract:
+// margin + straight-through + Adam step with the clamp of the logits (adam_ste_update). Contract:
 // fastmetamer/ops/update/reference.py.
 #include "fast_math.h"  // first: FP options and SIMD clones
 #include "common.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 #include <cmath>
 #include <functional>
 #include <algorithm>
 #include <limits>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 namespace fm {
@@ -31,18 +25,17 @@ FM_SIMD_CLONES void mark_ge(const float* key, float* out, i64 cnt, float v) {
   for (i64 i = 0; i < cnt; ++i) out[i] = key[i] >= v ? 1.f : 0.f;
 }
 
-// Writes the entries of p[lo, hi) >= bound to value and their positions plus `base` to index (room
-// for hi - lo each), in memory order; returns how many. Groups of 16 entries are first tested with
-// a vectorised count; only groups holding a candidate are visited one by one (feature densities
-// are a few percent), without a branch per entry.
-FM_SIMD_CLONES i64 collect_span_portable(const float* p, i64 lo, i64 hi, float bound, float* value, i64* index,
-                                         i64 base) {
+// Appends the entries of p[lo, hi) >= bound to `value` and their positions to `index`, in memory
+// order. Groups of 16 entries are first tested with a vectorised count; only groups holding a
+// candidate are visited one by one (feature densities are a few percent).
+FM_SIMD_CLONES void collect_ge(const float* p, i64 lo, i64 hi, float bound, std::vector<float>& value,
+                               std::vector<i64>& index) {
   constexpr int G = 16;
-  i64 out = 0;
   auto take = [&](i64 i) {
-    value[out] = p[i];
-    index[out] = base + i;
-    out += p[i] >= bound;
+    if (p[i] >= bound) {
+      value.push_back(p[i]);
+      index.push_back(i);
+    }
   };
   i64 i = lo;
   for (; i + G <= hi; i += G) {
@@ -53,73 +46,7 @@ FM_SIMD_CLONES i64 collect_span_portable(const float* p, i64 lo, i64 hi, float b
     for (int r = 0; r < G; ++r) take(i + r);
   }
   for (; i < hi; ++i) take(i);
-  return out;
 }
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(FM_NO_CLONES)
-#define FM_COLLECT_AVX2 1
-// collect_span_portable with AVX2: 8 entries compared at once, the hits read from the comparison's
-// bit mask (no entry-by-entry pass over a group that holds one).
-__attribute__((target("avx2"))) i64 collect_span_avx2(const float* p, i64 lo, i64 hi, float bound, float* value,
-                                                      i64* index, i64 base) {
-  const __m256 limit = _mm256_set1_ps(bound);
-  i64 out = 0, i = lo;
-  for (; i + 8 <= hi; i += 8) {
-    unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + i), limit, _CMP_GE_OQ)));
-    for (; mask; mask &= mask - 1) {
-      const i64 at = i + __builtin_ctz(mask);
-      value[out] = p[at];
-      index[out++] = base + at;
-    }
-  }
-  for (; i < hi; ++i) {
-    value[out] = p[i];
-    index[out] = base + i;
-    out += p[i] >= bound;
-  }
-  return out;
-}
-#endif
-
-// Entries of a float array at or above a bound: values and positions, in memory order.
-struct Hits {
-  std::vector<float> value;
-  std::vector<i64> index;
-  i64 n = 0;
-
-  // Appends the entries of p[lo, hi) >= bound, at positions + base (the AVX2 kernel where the CPU
-  // has it: the same entries in the same order).
-  void collect(const float* p, i64 lo, i64 hi, float bound, i64 base) {
-    constexpr i64 SPAN = 4096;  // room is made for a span at a time
-    for (i64 a = lo; a < hi; a += SPAN) {
-      const i64 b = std::min(hi, a + SPAN);
-      if (static_cast<i64>(value.size()) < n + (b - a)) {
-        const i64 room = std::max<i64>(2 * static_cast<i64>(value.size()), n + (b - a));
-        value.resize(room);
-        index.resize(room);
-      }
-#ifdef FM_COLLECT_AVX2
-      static const bool avx2 = __builtin_cpu_supports("avx2");
-      if (avx2) {
-        n += collect_span_avx2(p, a, b, bound, value.data() + n, index.data() + n, base);
-        continue;
-      }
-#endif
-      n += collect_span_portable(p, a, b, bound, value.data() + n, index.data() + n, base);
-    }
-  }
-  // The vectors cut to the entries found.
-  void trim() {
-    value.resize(n);
-    index.resize(n);
-  }
-};
-
-// Entries of the logits collected for the next selection, from row `row` on.
-struct Piece {
-  i64 row = 0;
-  Hits hits;
-};
 
 // One row chunk of the fused margin + straight-through + Adam step and the clamp to [-bound, bound].
 FM_SIMD_CLONES void adam_rows(i64 r0, i64 r1, i64 d, float* th, const float* gx, float* m1, float* m2,
@@ -150,41 +77,6 @@ FM_SIMD_CLONES void adam_rows(i64 r0, i64 r1, i64 d, float* th, const float* gx,
       tr[c] = next < -bound ? -bound : (next > bound ? bound : next);
     }
   }
-}
-
-// The pieces of all threads, joined in memory order.
-class Collected {
- public:
-  void add(Piece&& piece) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    pieces_.push_back(std::move(piece));
-  }
-  // (index [n] int64, value [n] float32).
-  std::tuple<at::Tensor, at::Tensor> tensors(const at::TensorOptions& options) {
-    std::sort(pieces_.begin(), pieces_.end(), [](const Piece& a, const Piece& b) { return a.row < b.row; });
-    i64 n = 0;
-    for (const Piece& piece : pieces_) n += piece.hits.n;
-    at::Tensor index = at::empty({n}, options.dtype(at::kLong)), value = at::empty({n}, options);
-    i64* ip = index.data_ptr<i64>();
-    float* vp = value.data_ptr<float>();
-    for (const Piece& piece : pieces_) {
-      ip = std::copy_n(piece.hits.index.begin(), piece.hits.n, ip);
-      vp = std::copy_n(piece.hits.value.begin(), piece.hits.n, vp);
-    }
-    return {index, value};
-  }
-
- private:
-  std::mutex mutex_;
-  std::vector<Piece> pieces_;
-};
-
-// The collection bound of a row with threshold t (in P): the logit whose P is t, less one step's
-// learning rate (the entries of the next selection's top k + 1 are very probably above it; the
-// selection checks that they are). +inf (collect nothing) where t is not in (0, 1).
-float collect_bound(float t, float s, float lr) {
-  if (!(t > 0.f && t < 1.f)) return std::numeric_limits<float>::infinity();
-  return std::log(t / (1.f - t)) / s - lr;
 }
 
 // ---------------------------------------------------------------- selection
@@ -257,19 +149,17 @@ Candidates candidates_of(const float* p, i64 cnt, i64 k, std::vector<float>& scr
   if (r >= S) return found;
   std::nth_element(sc, sc + (r - 1), sc + S, std::greater<float>());
   const float bound = sc[r - 1];
-  std::vector<Hits> parts(team);
+  std::vector<Candidates> parts(team);
   chunked(cnt, team, [&](i64 lo, i64 hi, int tid) {
-    parts[tid].collect(p, lo, hi, bound, 0);
-    parts[tid].trim();
+    Candidates& part = parts[tid];
+    const i64 guess = 2 * (k + 1) * (hi - lo) / cnt + 64;
+    part.value.reserve(guess);
+    part.index.reserve(guess);
+    collect_ge(p, lo, hi, bound, part.value, part.index);
   });
-  if (team <= 1) {
-    found.value = std::move(parts[0].value);
-    found.index = std::move(parts[0].index);
-  } else {
-    for (Hits& part : parts) {
-      found.value.insert(found.value.end(), part.value.begin(), part.value.end());
-      found.index.insert(found.index.end(), part.index.begin(), part.index.end());
-    }
+  for (Candidates& part : parts) {
+    found.value.insert(found.value.end(), part.value.begin(), part.value.end());
+    found.index.insert(found.index.end(), part.index.begin(), part.index.end());
   }
   found.all = static_cast<i64>(found.value.size()) < k + 1;
   if (found.all) {
@@ -347,10 +237,9 @@ constexpr i64 BIG_BLOCK = 1 << 17;
 
 // Runs run(c, scratch, team) for every non-empty block c of the row offsets pp [C + 1] (d
 // entries per row): small blocks in parallel (one thread each), big ones (at least BIG_BLOCK
-// entries and more than 1/threads of all, unless `light` marks them: their selection runs on few
-// candidates) one after the other with all threads inside.
+// entries and more than 1/threads of all) one after the other with all threads inside.
 template <class Run>
-void for_blocks(const i64* pp, i64 C, i64 d, Run&& run, const std::vector<char>* light = nullptr) {
+void for_blocks(const i64* pp, i64 C, i64 d, Run&& run) {
   const int nt = max_threads();
   const i64 total = (pp[C] - pp[0]) * d;
   std::vector<i64> small, big;
@@ -358,7 +247,7 @@ void for_blocks(const i64* pp, i64 C, i64 d, Run&& run, const std::vector<char>*
   for (i64 c = 0; c < C; ++c) {
     const i64 cnt = (pp[c + 1] - pp[c]) * d;
     if (cnt == 0) continue;
-    if (nt > 1 && cnt >= BIG_BLOCK && cnt * nt > total && !(light && (*light)[c])) {  // too big to run beside others
+    if (nt > 1 && cnt >= BIG_BLOCK && cnt * nt > total) {  // too big a share to run beside others
       big.push_back(c);
     } else {
       small.push_back(c);
@@ -465,62 +354,6 @@ void block_ones(const float* key, i64 rows, i64 d, float vk, i64 ties, i64* coun
   });
 }
 
-// Candidates given to top_mask_csr: adam_ste_update's collection, index [n] (flat positions in
-// theta, increasing), value [n] (theta there) and the rows' bounds [F] (every entry of row r >= bound[r]
-// is in index).
-struct Collection {
-  const i64* index = nullptr;
-  const float* value = nullptr;
-  const float* bound = nullptr;
-  i64 n = 0;
-  // The range [lo, hi) of index inside rows [r0, r1) of d entries.
-  std::pair<i64, i64> range(i64 r0, i64 r1, i64 d) const {
-    const i64* lo = std::lower_bound(index, index + n, r0 * d);
-    return {lo - index, std::lower_bound(lo, index + n, r1 * d) - index};
-  }
-};
-
-// The candidates of the block of rows [r0, r1) from a collection: its entries >= the highest
-// bound of its rows (all of the block's entries >= that bound), positions relative to the block;
-// all = true (none) when fewer than k + 1, so that they may not hold the k + 1 largest.
-Candidates collected_candidates(const Collection& given, i64 r0, i64 r1, i64 d, i64 k) {
-  Candidates found;
-  float bound = -std::numeric_limits<float>::infinity();
-  for (i64 r = r0; r < r1; ++r) bound = given.bound[r] > bound ? given.bound[r] : bound;
-  const auto [lo, hi] = given.range(r0, r1, d);
-  for (i64 j = lo; j < hi; ++j) {
-    if (given.value[j] >= bound) {
-      found.value.push_back(given.value[j]);
-      found.index.push_back(given.index[j] - r0 * d);
-    }
-  }
-  found.all = static_cast<i64>(found.value.size()) < k + 1;
-  if (found.all) {
-    found.value.clear();
-    found.index.clear();
-  }
-  return found;
-}
-
-// Checks the candidates of top_mask_csr for theta [F, d]: index [n] int64 increasing in [0, F d),
-// value [n] float32, bound [F] float32.
-Collection check_collection(const at::Tensor& index, const at::Tensor& value, const at::Tensor& bound, i64 F,
-                            i64 d) {
-  check_tensor(index, "candidates index", at::kLong, 1);
-  check_tensor(value, "candidates value", at::kFloat, 1);
-  check_tensor(bound, "candidates bound", at::kFloat, 1);
-  TORCH_CHECK_VALUE(value.numel() == index.numel(), "candidates value must have one entry per index (",
-                    index.numel(), "), got ", value.numel());
-  TORCH_CHECK_VALUE(bound.numel() == F, "candidates bound must have one entry per row of theta (", F, "), got ",
-                    bound.numel());
-  Collection given{index.data_ptr<i64>(), value.data_ptr<float>(), bound.data_ptr<float>(), index.numel()};
-  bool ok = true;
-  for (i64 j = 0; j < given.n; ++j) ok &= given.index[j] >= (j ? given.index[j - 1] + 1 : 0);
-  TORCH_CHECK_VALUE(ok && (given.n == 0 || given.index[given.n - 1] < F * d),
-                    "candidates index must be increasing flat positions within [0, ", F * d, ")");
-  return given;
-}
-
 // The ones of one block from its candidates (positions in the block, memory order): those > vk
 // and the first `ties` == vk, as columns, with each row's count added to counts (zero before).
 void candidate_ones(const Candidates& candidates, i64 d, float vk, i64 ties, i64* counts, i64* cols) {
@@ -561,27 +394,11 @@ std::tuple<at::Tensor, at::Tensor> top_mask(const at::Tensor& theta, const at::T
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> top_mask_csr(const at::Tensor& theta, const at::Tensor& ptr,
-                                                            const at::Tensor& k, double slope,
-                                                            const c10::optional<at::Tensor>& cand_index,
-                                                            const c10::optional<at::Tensor>& cand_value,
-                                                            const c10::optional<at::Tensor>& cand_bound) {
+                                                            const at::Tensor& k, double slope) {
   check_blocks(theta, ptr, k);
   const i64 F = theta.size(0), d = theta.size(1), C = ptr.numel() - 1;
   const i64* pp = ptr.data_ptr<i64>();
   const i64* kp = k.data_ptr<i64>();
-  const bool given = cand_index.has_value();
-  TORCH_CHECK_VALUE(given == cand_value.has_value() && given == cand_bound.has_value(),
-                    "candidates come as (index, value, bound) together");
-  const Collection collection = given ? check_collection(*cand_index, *cand_value, *cand_bound, F, d) : Collection{};
-  // Blocks whose collection may hold their k + 1 largest select among it, beside each other.
-  std::vector<char> light(C, 0);
-  if (given && slope > 0) {
-    for (i64 c = 0; c < C; ++c) {
-      const auto [lo, hi] = collection.range(pp[c], pp[c + 1], d);
-      const i64 cnt = (pp[c + 1] - pp[c]) * d;
-      light[c] = kp[c] > 0 && kp[c] < cnt && hi - lo >= kp[c] + 1;
-    }
-  }
   // Every block holds exactly clamp(k, 0, size) ones: its slice of col is known up front.
   std::vector<i64> start(C + 1, 0);
   for (i64 c = 0; c < C; ++c) start[c + 1] = start[c] + std::clamp<i64>(kp[c], 0, (pp[c + 1] - pp[c]) * d);
@@ -612,9 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> top_mask_csr(const at::Tensor& th
                                          : -std::numeric_limits<float>::infinity(),
                    0, cp + r0, colp + start[c], team);
       } else {
-        Candidates candidates;
-        if (light[c]) candidates = collected_candidates(collection, r0, pp[c + 1], d, kc);
-        if (candidates.all) candidates = candidates_of(key, cnt, kc, scratch, team);
+        const Candidates candidates = candidates_of(key, cnt, kc, scratch, team);
         const auto [vk, next, greater] = kth_of(key, cnt, kc, candidates, scratch, team);
         t = 0.5f * (to_p(vk) + to_p(next));
         if (candidates.all) {
@@ -624,18 +439,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> top_mask_csr(const at::Tensor& th
         }
       }
       for (i64 r = r0; r < pp[c + 1]; ++r) tp[r] = t;
-    }, &light);
+    });
   }
   at::Tensor rowptr = at::zeros({F + 1}, ptr.options());
   if (F > 0) rowptr.narrow(0, 1, F).copy_(counts.cumsum(0));
   return {rowptr, col, threshold};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> adam_ste_update(
-    at::Tensor theta, const c10::optional<at::Tensor>& grad_x, at::Tensor exp_avg, at::Tensor exp_avg_sq,
-    int64_t step, double lr, double beta1, double beta2, double eps, double slope, const at::Tensor& threshold,
-    double margin, const at::Tensor& margin_scale, const at::Tensor& active, double bound,
-    const c10::optional<at::Tensor>& grad_rows, const c10::optional<at::Tensor>& weight, bool collect) {
+void adam_ste_update(at::Tensor theta, const c10::optional<at::Tensor>& grad_x, at::Tensor exp_avg,
+                     at::Tensor exp_avg_sq, int64_t step, double lr, double beta1, double beta2, double eps,
+                     double slope, const at::Tensor& threshold, double margin, const at::Tensor& margin_scale,
+                     const at::Tensor& active, double bound, const c10::optional<at::Tensor>& grad_rows,
+                     const c10::optional<at::Tensor>& weight) {
   check_tensor(theta, "theta", at::kFloat, 2);
   const i64 F = theta.size(0), d = theta.size(1);
   const bool product = grad_rows.has_value();
@@ -658,15 +473,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adam_ste_update(
                     "threshold, margin_scale and active must have one entry per row of theta (", F, ")");
   TORCH_CHECK_VALUE(step >= 1, "step counts from 1, got ", step);
   TORCH_CHECK_VALUE(bound >= 0, "bound must be >= 0 (inf for no clamp), got ", bound);
-  // The collection (slope > 0 only: then the selection runs on theta itself).
-  collect = collect && slope > 0;
-  at::Tensor collect_at = at::empty({collect ? F : 0}, theta.options());
-  Collected collected;
-  auto collection = [&]() {
-    auto [index, value] = collected.tensors(theta.options());
-    return std::make_tuple(index, value, collect_at);
-  };
-  if (F == 0 || d == 0) return collection();
+  if (F == 0 || d == 0) return;
   float* th = theta.data_ptr<float>();
   float* m1 = exp_avg.data_ptr<float>();
   float* m2 = exp_avg_sq.data_ptr<float>();
@@ -681,27 +488,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adam_ste_update(
   const float ibc2 = 1.f / static_cast<float>(1.0 - std::pow(beta2, double(step)));
   const float ep = static_cast<float>(eps), lrf = static_cast<float>(lr);
   const float bd = static_cast<float>(bound);  // rounded as torch.clamp_ rounds a scalar limit
-  float* cb = collect ? collect_at.data_ptr<float>() : nullptr;
-  for (i64 r = 0; collect && r < F; ++r) cb[r] = collect_bound(tr[r], s, lrf);
-  auto update = [&](i64 r0, i64 r1, const float* gx) {  // gx: the gradient of rows [r0, r1)
+  auto rows_with = [&](i64 r0, i64 r1, const float* gx) {  // gx: the gradient of rows [r0, r1)
     adam_rows(0, r1 - r0, d, th + r0 * d, gx, m1 + r0 * d, m2 + r0 * d, tr + r0, ms + r0, act + r0, s, mg, b1, c1,
               b2, c2, ibc1, ibc2, ep, lrf, bd);
-  };
-  auto rows_with = [&](i64 r0, i64 r1, const float* gx) {
-    if (!cb) return update(r0, r1, gx);
-    Piece piece;  // each row collected right after its update, while it is in L1 cache
-    piece.row = r0;
-    for (i64 r = r0; r < r1; ++r) {
-      update(r, r + 1, gx + (r - r0) * d);
-      piece.hits.collect(th + r * d, 0, d, cb[r], r * d);
-    }
-    collected.add(std::move(piece));
   };
   if (!product) {
     const float* gx = grad_x->data_ptr<float>();
     at::parallel_for(0, F, std::max<i64>(1, SERIAL_WORK / d),
                      [&](i64 r0, i64 r1) { rows_with(r0, r1, gx + r0 * d); });
-    return collection();
+    return;
   }
   // The gradient grad_x + grad_rows @ weight^T, one tile of rows at a time into a buffer that
   // stays in cache for the update (the tiles of linear_input_grad: the same products).
@@ -716,7 +511,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adam_ste_update(
     }
     rows_with(r0, r0 + rows, slice.data_ptr<float>());
   });
-  return collection();
 }
 
 }  // namespace fm

@@ -96,7 +96,11 @@ def draw_noise(ptr: Tensor, dim: int, generators: list[torch.Generator], out: Te
         out = torch.empty(bounds[-1], dim, device=device)
         components = list(range(len(generators)))
     for c in components:
-        out[bounds[c]:bounds[c + 1]] = torch.randn(bounds[c + 1] - bounds[c], dim, generator=generators[c])
+        rows = out[bounds[c]:bounds[c + 1]]
+        if rows.device.type == "cpu" and rows.dtype == torch.get_default_dtype():  # drawn in place
+            torch.randn(rows.shape, generator=generators[c], out=rows)
+        else:
+            rows.copy_(torch.randn(rows.shape, generator=generators[c]))
     return out
 
 
@@ -273,7 +277,6 @@ class FusedBinaryFeatures:
     """
 
     params: list[Tensor] = []
-    selects_among_candidates = True  # whether :meth:`_select` uses the update's collection
 
     def __init__(self, sub: Subgraph, generators: list[torch.Generator], kernels, schedule, *,
                  per_row: bool, slope: float, margin: float, margin_weight: float,
@@ -308,9 +311,6 @@ class FusedBinaryFeatures:
         entries = (ptr.diff() if component_rows is None else component_rows).clamp_min(1) * self.theta.shape[1]
         self.margin_scale = (margin_weight / entries.to(self.theta.dtype))[self.row_component].contiguous()
         self.steps = 0
-        # the next selection's candidates, collected by the last update, with theta's version then
-        # (any later in-place change of theta, e.g. a restart, makes them stale)
-        self._candidates, self._candidates_version = None, -1
 
     def features(self) -> tuple:
         """(X' as :class:`~fastmetamer.engines.csr.BinaryRows`: the ones of the free rows, with
@@ -326,28 +326,22 @@ class FusedBinaryFeatures:
         return self._x, self.theta.new_zeros(())
 
     def _select(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The ones of the top-rho selection (rowptr [F + 1], col [nnz]) and the rows' thresholds [F],
-        among the candidates the last update collected when theta has not changed since."""
-        fresh = self._candidates is not None and self.theta._version == self._candidates_version
-        return self.kernels.top_mask_csr(self.theta, self.ptr, self.k, self.slope,
-                                         candidates=self._candidates if fresh else None)
+        """The ones of the top-rho selection (rowptr [F + 1], col [nnz]) and the rows' thresholds [F]."""
+        return self.kernels.top_mask_csr(self.theta, self.ptr, self.k, self.slope)
 
     def fused_step(self, lr: float, active: Tensor) -> None:
         """One fused straight-through + margin + Adam step from the gradient the backward left
         (in ``self.grad``, and as the first layer's product still to form; none: no path from
         these features to the loss), then the projection of :meth:`FeatureParam.project` in the
-        same pass: every row's logits (active or not) clamped to |s * theta| <= LOGIT_BOUND. The
-        pass also collects the next selection's candidates (backends that can)."""
+        same pass: every row's logits (active or not) clamped to |s * theta| <= LOGIT_BOUND."""
         x = self._x
         self.steps += 1
         beta1, beta2 = self.schedule.betas
-        self._candidates = self.kernels.adam_ste_update(
+        self.kernels.adam_ste_update(
             self.theta, self.grad if x.written else None, self.exp_avg, self.exp_avg_sq, step=self.steps, lr=lr,
             beta1=beta1, beta2=beta2, eps=self.schedule.eps, slope=self.slope, threshold=self.threshold,
             margin=self.margin, margin_scale=self.margin_scale, active=active[self.row_component],
-            bound=LOGIT_BOUND / self.slope, grad_product=None if x.pending is None else x.pending[:2],
-            collect=self.selects_among_candidates)
-        self._candidates_version = self.theta._version
+            bound=LOGIT_BOUND / self.slope, grad_product=None if x.pending is None else x.pending[:2])
 
     def restart(self, stalled: Tensor) -> None:
         """Start the ``stalled`` [C] components again from a fresh draw, with fresh moments."""

@@ -175,11 +175,6 @@ class PartitionedFusedFeatures(FusedBinaryFeatures):
                          component_rows=torch.tensor([graph.num_nodes], device=graph.x.device), **settings)
         self.per_row = settings["per_row"]
 
-    @property
-    def selects_among_candidates(self) -> bool:
-        """Only the per-row selection is the local one, which uses the update's collection."""
-        return self.per_row
-
     def _select(self) -> tuple[Tensor, Tensor, Tensor]:
         if self.per_row:
             return super()._select()

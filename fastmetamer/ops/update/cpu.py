@@ -5,11 +5,10 @@ Same functions and signatures as :mod:`fastmetamer.ops.update.reference` (the co
 parallel; one huge block uses all threads for the sigmoid and marking passes) and sets exactly
 k[c] ones per block (ties at the k-th value broken in memory order). ``adam_ste_update`` is one
 fused, parallel elementwise pass, in place; given the first layer's gradient as a product, it forms
-the product tile by tile right before each tile's update, and it can collect the next selection's
-candidates in the same pass (``top_mask_csr`` then reads no block that they cover).
-``linear_input_grad`` runs the GEMM in tiles of rows that stay in cache, in parallel (twice as fast
-as one GEMM of this shape, see ``csrc/cpu/common.h``). float32 / int64 / bool contiguous CPU
-tensors; bad inputs raise ValueError.
+the product tile by tile right before each tile's update. ``linear_input_grad`` runs the GEMM in
+tiles of rows that stay in cache, in parallel (twice as fast as one GEMM of this shape, see
+``csrc/cpu/common.h``). float32 / int64 / bool contiguous CPU tensors; bad
+inputs raise ValueError.
 """
 from __future__ import annotations
 
@@ -32,15 +31,11 @@ def top_mask(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tenso
     return _C.top_mask(theta, ptr, k, float(slope))
 
 
-def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float,
-                 candidates: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
     """(rowptr [F + 1], col [nnz], threshold [F]) as :func:`fastmetamer.ops.update.reference.top_mask_csr`:
-    the columns are written during the selection, so the dense mask is never formed. A block
-    whose ``candidates`` (from :func:`adam_ste_update` with ``collect=True``) hold at least its
-    k + 1 largest entries selects among them without reading the block (blocks side by side)."""
+    the columns are written during the selection, so the dense mask is never formed."""
     _check_blocks(theta, ptr, k)
-    index, value, bound = (None, None, None) if candidates is None else candidates
-    return _C.top_mask_csr(theta, ptr, k, float(slope), index, value, bound)
+    return _C.top_mask_csr(theta, ptr, k, float(slope))
 
 
 def _check_blocks(theta: Tensor, ptr: Tensor, k: Tensor) -> None:
@@ -64,13 +59,10 @@ def linear_input_grad(out: Tensor, grad: Tensor, weight: Tensor, accumulate: boo
 def adam_ste_update(theta: Tensor, grad_x: Tensor | None, exp_avg: Tensor, exp_avg_sq: Tensor, *,
                     step: int, lr: float, beta1: float, beta2: float, eps: float, slope: float,
                     threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor,
-                    bound: float | None = None, grad_product: tuple[Tensor, Tensor] | None = None,
-                    collect: bool = False) -> tuple[Tensor, Tensor, Tensor] | None:
+                    bound: float | None = None, grad_product: tuple[Tensor, Tensor] | None = None) -> None:
     """One fused straight-through + margin + Adam step and the clamp of theta to [-bound, bound]
     (None: no clamp), in place, in one pass (see the reference). With ``grad_product`` the
-    product is formed one cache-sized tile of rows at a time, right before the tile's update.
-    With ``collect`` (and slope > 0) each row's candidates for the next selection are collected
-    while the row is in cache and returned, as the reference's ``collect_candidates``."""
+    product is formed one cache-sized tile of rows at a time, right before the tile's update."""
     _check(theta, "theta", torch.float32, 2)
     shape = tuple(theta.shape)
     if grad_x is None and grad_product is None:
@@ -88,7 +80,6 @@ def adam_ste_update(theta: Tensor, grad_x: Tensor | None, exp_avg: Tensor, exp_a
     _check(active, "active", torch.bool, 1, shape[:1])
     if int(step) < 1:
         raise ValueError(f"step counts from 1, got {step}")
-    found = _C.adam_ste_update(theta, grad_x, exp_avg, exp_avg_sq, int(step), float(lr), float(beta1),
-                               float(beta2), float(eps), float(slope), threshold, float(margin),
-                               margin_scale, active, check_bound(bound), grad_rows, weight, bool(collect))
-    return found if collect and slope > 0 else None
+    _C.adam_ste_update(theta, grad_x, exp_avg, exp_avg_sq, int(step), float(lr), float(beta1),
+                       float(beta2), float(eps), float(slope), threshold, float(margin),
+                       margin_scale, active, check_bound(bound), grad_rows, weight)

@@ -98,11 +98,9 @@ def top_mask(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tenso
     return hard, threshold
 
 
-def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float,
-                 candidates: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
     """(rowptr [F + 1], col [nnz], threshold [F]) as :func:`fastmetamer.ops.update.reference.top_mask_csr`:
-    the kernels write the columns of the ones directly (no dense mask).
-    This backend selects among all entries: ``candidates`` are accepted and not needed."""
+    the kernels write the columns of the ones directly (no dense mask)."""
     device = _check_blocks(theta, ptr, k)
     num_rows, d = theta.shape
     blocks = _blocks(ptr, num_rows, d, device)
@@ -125,12 +123,10 @@ def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float,
 def adam_ste_update(theta: Tensor, grad_x: Tensor | None, exp_avg: Tensor, exp_avg_sq: Tensor, *,
                     step: int, lr: float, beta1: float, beta2: float, eps: float, slope: float,
                     threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor,
-                    bound: float | None = None, grad_product: tuple[Tensor, Tensor] | None = None,
-                    collect: bool = False) -> None:
+                    bound: float | None = None, grad_product: tuple[Tensor, Tensor] | None = None) -> None:
     """One fused straight-through + margin + Adam step and the clamp of theta to [-bound, bound]
     (None: no clamp), in place, in one kernel (see the reference; ``grad_product`` is formed by a
-    cuBLAS GEMM first). All tensors on theta's device. This backend does not collect candidates
-    (``collect``): returns None."""
+    cuBLAS GEMM first). All tensors on theta's device."""
     device, shape = _check(theta, "theta", torch.float32, 2), tuple(theta.shape)
     grad_x = total_grad(grad_x, grad_product, theta)
     _check(grad_x, "grad_x", torch.float32, 2, shape, device)

@@ -42,15 +42,8 @@ def top_mask(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tenso
     return hard, threshold
 
 
-def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float,
-                 candidates: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
     """The ones of :func:`top_mask`'s mask in CSR form, without the dense mask.
-
-    ``candidates`` = (index [n] increasing flat positions in theta, value [n] theta there, bound
-    [F]: every entry of row r that is >= bound[r] is at one of the positions), as
-    :func:`adam_ste_update` collects them with ``collect=True`` (theta unchanged since), lets a
-    backend select a block among its candidates when they hold its k + 1 largest. The result
-    is the same with or without them, so the reference ignores them.
 
     Returns: (rowptr [F + 1], col [nnz] column of each one, row by row in increasing column
         order, threshold [F]), all int64 but the float threshold.
@@ -88,8 +81,7 @@ def total_grad(grad_x: Tensor | None, grad_product: tuple[Tensor, Tensor] | None
 def adam_ste_update(theta: Tensor, grad_x: Tensor | None, exp_avg: Tensor, exp_avg_sq: Tensor, *,
                     step: int, lr: float, beta1: float, beta2: float, eps: float, slope: float,
                     threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor,
-                    bound: float | None = None, grad_product: tuple[Tensor, Tensor] | None = None,
-                    collect: bool = False) -> tuple[Tensor, Tensor, Tensor] | None:
+                    bound: float | None = None, grad_product: tuple[Tensor, Tensor] | None = None) -> None:
     """One fused straight-through + margin + Adam step, in place on theta, exp_avg, exp_avg_sq.
 
     With P = sigmoid(s theta), t the row's threshold and G = dL/dX' = grad_x (None: zero) +
@@ -104,8 +96,6 @@ def adam_ste_update(theta: Tensor, grad_x: Tensor | None, exp_avg: Tensor, exp_a
       |s theta| <= LOGIT_BOUND so P never saturates). NaN stays NaN, as in ``torch.clamp``.
     Args: theta, grad_x, exp_avg, exp_avg_sq [F, d]; threshold, margin_scale [F]; active [F] bool;
         bound >= 0 (the value in theta's dtype is the clamp limit; None or inf: no clamp).
-    Returns: with ``collect`` and slope > 0, the next selection's candidates (:func:`collect_candidates`)
-        for :func:`top_mask_csr`; else None (a backend that does not collect returns None too).
     """
     bound = check_bound(bound)
     grad_x = total_grad(grad_x, grad_product, theta)
@@ -121,20 +111,6 @@ def adam_ste_update(theta: Tensor, grad_x: Tensor | None, exp_avg: Tensor, exp_a
     theta.sub_(lr * active.to(theta.dtype).unsqueeze(1) * update)
     if bound != float("inf"):
         theta.clamp_(-bound, bound)
-    return collect_candidates(theta, threshold, slope, lr) if collect and slope > 0 else None
-
-
-def collect_candidates(theta: Tensor, threshold: Tensor, slope: float, lr: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The entries of theta [F, d] that may be among the next selection's k + 1 largest of their
-    block: (index [n] flat positions, increasing; value [n]; bound [F]) with bound[r] the logit
-    whose P is the row's threshold t, logit(t) / slope, less one step's ``lr`` (an entry rarely
-    moves further in a step; +inf, nothing collected, where t is not in (0, 1)) and the entries
-    >= their row's bound. The selection uses them only where they hold at least k + 1 entries."""
-    inside = (threshold > 0) & (threshold < 1)
-    logit = torch.log(threshold / (1 - threshold)) / slope - lr
-    bound = torch.where(inside, logit, torch.full_like(logit, float("inf")))
-    index = (theta >= bound.unsqueeze(1)).reshape(-1).nonzero().flatten()
-    return index, theta.reshape(-1)[index], bound
 
 
 def check_bound(bound: float | None) -> float:

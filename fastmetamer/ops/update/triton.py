@@ -291,11 +291,9 @@ def top_mask(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tenso
     return hard, threshold
 
 
-def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float,
-                 candidates: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
     """The ones of :func:`top_mask`'s mask as CSR (rowptr, col) and the thresholds, written by
-    the selection kernel itself (no dense mask); see the reference.
-    This backend selects among all entries: ``candidates`` are accepted and not needed."""
+    the selection kernel itself (no dense mask); see the reference."""
     _agg._check_available()
     _key_types(theta.dtype)
     theta = theta.contiguous()
@@ -314,11 +312,10 @@ def top_mask_csr(theta: Tensor, ptr: Tensor, k: Tensor, slope: float,
 def adam_ste_update(theta: Tensor, grad_x: Tensor | None, exp_avg: Tensor, exp_avg_sq: Tensor, *,
                     step: int, lr: float, beta1: float, beta2: float, eps: float, slope: float,
                     threshold: Tensor, margin: float, margin_scale: Tensor, active: Tensor,
-                    bound: float | None = None, grad_product: tuple[Tensor, Tensor] | None = None,
-                    collect: bool = False) -> None:
+                    bound: float | None = None, grad_product: tuple[Tensor, Tensor] | None = None) -> None:
     """One fused straight-through + margin + Adam step and the clamp of theta to [-bound, bound]
     (None: no clamp), in place, in one kernel; see the reference (``grad_product`` is formed by
-    a cuBLAS GEMM first). This backend does not collect candidates (``collect``): returns None."""
+    a cuBLAS GEMM first)."""
     _agg._check_available()
     bound = check_bound(bound)
     grad_x = total_grad(grad_x, grad_product, theta)
