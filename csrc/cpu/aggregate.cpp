@@ -56,15 +56,6 @@ inline void spmm_row_fixed(float* __restrict acc, i64 e0, i64 e1, i64 ahead_end,
 // rows are prefetched up to edge `ahead_end` (the end of the rows this thread sums).
 inline void spmm_row(float* __restrict acc, i64 e0, i64 e1, i64 ahead_end, const i64* __restrict col,
                      const float* __restrict w, const float* __restrict x, i64 f) {
-  switch (f) {  // widths below one vector: fixed (classes of a last layer, heads)
-#define FM_FIXED(F) \
-  case F:           \
-    return spmm_row_fixed<F>(acc, e0, e1, ahead_end, col, w, x);
-    FM_FIXED(1) FM_FIXED(2) FM_FIXED(3) FM_FIXED(4) FM_FIXED(5) FM_FIXED(6) FM_FIXED(7)
-#undef FM_FIXED
-    default:
-      break;
-  }
 #pragma omp simd
   for (i64 c = 0; c < f; ++c) acc[c] = 0.f;
   for (i64 e = e0; e < e1; ++e) {
@@ -109,7 +100,11 @@ FM_SIMD_CLONES void forward_rows(i64 r0, i64 r1, float* __restrict acc, const i6
   const i64 nb = (f + 7) / 8;
   uint8_t* pos = reinterpret_cast<uint8_t*>(acc + f);  // scratch beyond the accumulator
   for (i64 i = r0; i < r1; ++i) {
-    spmm_row(acc, rowptr[i], rowptr[i + 1], rowptr[r1], col, w, x, f);
+    if constexpr (W > 0) {
+      spmm_row_fixed<W>(acc, rowptr[i], rowptr[i + 1], rowptr[r1], col, w, x);
+    } else {
+      spmm_row(acc, rowptr[i], rowptr[i + 1], rowptr[r1], col, w, x, f);
+    }
     if (bias) {
 #pragma omp simd
       for (i64 c = 0; c < f; ++c) acc[c] += bias[c];
@@ -144,7 +139,9 @@ FM_SIMD_CLONES void backward_rows(i64 r0, i64 r1, float* __restrict acc, const i
   const i64 nb = (f + 7) / 8, full = f / 8;
   const BitMasks& lut = bit_masks();
   for (i64 j = r0; j < r1; ++j) {
-    if constexpr (A == ACT_NONE) {
+    if constexpr (A == ACT_NONE && W > 0) {
+      spmm_row_fixed<W>(acc, rowptr[j], rowptr[j + 1], rowptr[r1], col, w, g);
+    } else if constexpr (A == ACT_NONE) {
       spmm_row(acc, rowptr[j], rowptr[j + 1], rowptr[r1], col, w, g, f);
     } else {
 #pragma omp simd
