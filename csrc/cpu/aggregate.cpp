@@ -37,7 +37,7 @@ inline void prefetch_row(const float* row, i64 f) {
 }
 
 // spmm_row for a compile-time width F: the sums stay in registers across the edges (a runtime
-// width of a few features leaves them in memory, one store-to-load chain per edge: ~3x slower on
+// width of a few features leaves them in memory, one store-to-load chain per edge: ~2x slower on
 // APPNP's 7 classes). The same operations in the same order as the general loop.
 template <int F>
 inline void spmm_row_fixed(float* __restrict acc, i64 e0, i64 e1, i64 ahead_end, const i64* __restrict col,
