@@ -89,6 +89,26 @@ def test_aggregate_forward(act, case, with_bias, with_residual):
         assert_close_to_float64(saved, saved32, saved64, 2, pre_mag, name=f"saved pre [{act}]")
 
 
+@pytest.mark.parametrize("f", range(1, 9))
+def test_aggregate_every_fixed_width(f):
+    """Each width with compile-time sums (1-7 features, no activation) and the first general one (8),
+    forward (bias, residual) and backward, against the float64 reference on a hub-heavy graph."""
+    n, m, num_edges, seed = 40, 40, 125, 10 + f
+    rowptr, col, weight, x, bias, residual, grad_out = _problem(n, m, f, num_edges, seed, True, True)
+    out, _ = agg_cpu.aggregate_forward(rowptr, col, weight, x, bias, "none", residual)
+    out32, _ = agg_ref.aggregate_forward(rowptr, col, weight, x, bias, "none", residual)
+    out64, _ = agg_ref.aggregate_forward(rowptr, col, weight.double(), x.double(), _d(bias), "none", _d(residual))
+    _, out_mag = aggregate_magnitudes(rowptr, col, weight, x, bias, "none", residual)
+    assert_close_to_float64(out, out32, out64, 2, out_mag, name=f"aggregate_forward f={f}")
+    t_rowptr, t_col, t_weight = transpose_csr(rowptr, col, weight, m)
+    empty = torch.empty(0)
+    gx = agg_cpu.aggregate_backward(t_rowptr, t_col, t_weight, grad_out, empty, "none")
+    gx32 = agg_ref.aggregate_backward(t_rowptr, t_col, t_weight, grad_out, empty, "none")
+    gx64 = agg_ref.aggregate_backward(t_rowptr, t_col, t_weight.double(), grad_out.double(), empty, "none")
+    gx_mag = agg_ref.spmm(t_rowptr, t_col, t_weight.double().abs(), grad_out.double().abs())
+    assert_close_to_float64(gx, gx32, gx64, 3, gx_mag, name=f"aggregate_backward f={f}")
+
+
 @pytest.mark.parametrize("act", ACTS)
 @FAST
 @given(case=csr_cases(), extras=st.booleans(), skip_loops=st.booleans())
