@@ -37,14 +37,15 @@ inline void prefetch_row(const float* row, i64 f) {
 }
 
 // spmm_row for a compile-time width F: the sums stay in registers across the edges (a runtime
-// width of a few features leaves them in memory, one store-to-load chain per edge: ~2x slower on
-// APPNP's 7 classes). The same operations in the same order as the general loop.
+// width leaves them in memory, one store-to-load chain per edge: ~2x slower on APPNP's 7
+// classes, and on a first layer's 64 hidden features). The same operations in the same order as
+// the general loop.
 template <int F>
 inline void spmm_row_fixed(float* __restrict acc, i64 e0, i64 e1, i64 ahead_end, const i64* __restrict col,
                            const float* __restrict w, const float* __restrict x) {
   float sum[F] = {};
   for (i64 e = e0; e < e1; ++e) {
-    if (e + PREFETCH_EDGES < ahead_end) __builtin_prefetch(x + col[e + PREFETCH_EDGES] * F);
+    if (e + PREFETCH_EDGES < ahead_end) prefetch_row(x + col[e + PREFETCH_EDGES] * F, F);
     const float we = w[e];
     const float* __restrict xr = x + col[e] * F;
     for (int c = 0; c < F; ++c) sum[c] += we * xr[c];
@@ -269,9 +270,10 @@ FM_SIMD_CLONES void propagate_rows(i64 r0, i64 r1, float* __restrict acc, const 
   }
 }
 
-// Calls rows(std::integral_constant<int, W>) with W = f for 1 <= f <= 7 when A has no activation (the
-// propagation of a last layer's classes, where per-row loops over a runtime width of a few
-// features cost more than the sums), else W = 0 (f at run time).
+// Calls rows(std::integral_constant<int, W>) with W = f for 1 <= f <= 7 and f in {16, 32, 64} when A
+// has no activation (the propagation of a last layer's classes, where per-row loops over a runtime
+// width of a few features cost more than the sums; the gather of a first layer's weight rows at
+// common hidden widths, 1.8x faster at 64), else W = 0 (f at run time).
 template <int A, class Rows>
 void with_width(i64 f, Rows&& rows) {
   if constexpr (A == ACT_NONE) {
@@ -279,7 +281,8 @@ void with_width(i64 f, Rows&& rows) {
 #define FM_FIXED(W) \
   case W:           \
     return rows(std::integral_constant<int, W>{});
-      FM_FIXED(1) FM_FIXED(2) FM_FIXED(3) FM_FIXED(4) FM_FIXED(5) FM_FIXED(6) FM_FIXED(7)
+      FM_FIXED(1) FM_FIXED(2) FM_FIXED(3) FM_FIXED(4) FM_FIXED(5) FM_FIXED(6) FM_FIXED(7) FM_FIXED(16) FM_FIXED(32)
+      FM_FIXED(64)
 #undef FM_FIXED
       default:
         break;

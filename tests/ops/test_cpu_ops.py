@@ -89,10 +89,11 @@ def test_aggregate_forward(act, case, with_bias, with_residual):
         assert_close_to_float64(saved, saved32, saved64, 2, pre_mag, name=f"saved pre [{act}]")
 
 
-@pytest.mark.parametrize("f", range(1, 9))
+@pytest.mark.parametrize("f", [*range(1, 9), 15, 16, 17, 32, 63, 64, 65])
 def test_aggregate_every_fixed_width(f):
-    """Each width with compile-time sums (1-7 features, no activation) and the first general one (8),
-    forward (bias, residual) and backward, against the float64 reference on a hub-heavy graph."""
+    """Each width with compile-time sums (1-7, 16, 32, 64 features, no activation) and the general
+    widths beside them, forward (bias, residual) and backward, against the float64 reference on a
+    hub-heavy graph."""
     n, m, num_edges, seed = 40, 40, 125, 10 + f
     rowptr, col, weight, x, bias, residual, grad_out = _problem(n, m, f, num_edges, seed, True, True)
     out, _ = agg_cpu.aggregate_forward(rowptr, col, weight, x, bias, "none", residual)
