@@ -180,6 +180,31 @@ def test_feature_stats_per_component(binary):
     assert torch.equal(ones_per_row(x), (x > 0.5).sum(1))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_noise_is_each_components_own_stream(threads):
+    """Each component's noise rows are its generator's first draws, whether components are drawn
+    one after the other or on several threads (an empty component included), and a redraw of
+    some components leaves the others' rows untouched."""
+    from fastmetamer.metamers.features import PARALLEL_NOISE_ENTRIES, draw_noise
+
+    d = 50
+    sizes = [PARALLEL_NOISE_ENTRIES // d + 3, 0, 7, 900]
+    ptr = torch.tensor([0, *sizes]).cumsum(0)
+    seeds = [11, 12, 13, 14]
+    expected = torch.cat([torch.randn(n, d, generator=torch.Generator().manual_seed(s)) for n, s in zip(sizes, seeds)])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        noise = draw_noise(ptr, d, [torch.Generator().manual_seed(s) for s in seeds])
+        assert torch.equal(noise, expected)
+        redrawn = draw_noise(ptr, d, [torch.Generator().manual_seed(s + 10) for s in seeds], noise.clone(), [0, 3])
+    finally:
+        torch.set_num_threads(previous)
+    fresh = lambda c: torch.randn(sizes[c], d, generator=torch.Generator().manual_seed(seeds[c] + 10))  # noqa: E731
+    assert torch.equal(redrawn[ptr[0]:ptr[1]], fresh(0)) and torch.equal(redrawn[ptr[3]:ptr[4]], fresh(3))
+    assert torch.equal(redrawn[ptr[1]:ptr[3]], noise[ptr[1]:ptr[3]])
+
+
 def test_continuous_features_stay_in_range():
     graph = awkward_graph(num_nodes=50, num_features=6, seed=5)
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ so a batch of independent problems behaves exactly like separate calls.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -90,18 +91,36 @@ def draw_noise(ptr: Tensor, dim: int, generators: list[torch.Generator], out: Te
     """Standard-normal noise [F, dim] for the free rows, component c's rows ``ptr[c]:ptr[c+1]``
     drawn from ``generators[c]`` (so a batched problem draws what a single call would, on any
     device: the CPU generators draw and the rows are copied to ``device``). With ``out`` and
-    ``components``, redraws only those components' rows of ``out`` in place."""
+    ``components``, redraws only those components' rows of ``out`` in place. Components are
+    drawn on up to ``torch.get_num_threads()`` threads at once (each generator on one thread:
+    the same numbers), since one generator's stream is serial."""
     bounds = ptr.tolist()
     if out is None:
         out = torch.empty(bounds[-1], dim, device=device)
         components = list(range(len(generators)))
-    for c in components:
-        rows = out[bounds[c]:bounds[c + 1]]
-        if rows.device.type == "cpu" and rows.dtype == torch.get_default_dtype():  # drawn in place
-            torch.randn(rows.shape, generator=generators[c], out=rows)
-        else:
-            rows.copy_(torch.randn(rows.shape, generator=generators[c]))
+    rows = [out[bounds[c]:bounds[c + 1]] for c in components]
+    chosen = [generators[c] for c in components]
+    workers = min(len(rows), torch.get_num_threads())
+    if workers > 1 and out.numel() >= PARALLEL_NOISE_ENTRIES:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(_draw_into, rows, chosen))
+    else:
+        for r, g in zip(rows, chosen):
+            _draw_into(r, g)
     return out
+
+
+#: Noise entries from which components are drawn on several threads (a thread pool costs
+#: about 0.1 ms; one entry about 7 ns).
+PARALLEL_NOISE_ENTRIES = 1 << 16
+
+
+def _draw_into(rows: Tensor, generator: torch.Generator) -> None:
+    """Overwrites ``rows`` with standard-normal draws from ``generator`` (on the CPU)."""
+    if rows.device.type == "cpu" and rows.dtype == torch.get_default_dtype():  # drawn in place
+        torch.randn(rows.shape, generator=generator, out=rows)
+    else:
+        rows.copy_(torch.randn(rows.shape, generator=generator))
 
 
 class FeatureParam:
