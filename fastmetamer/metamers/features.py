@@ -86,6 +86,11 @@ def feature_stats(sub: Subgraph, population: Tensor | None = None) -> FeatureSta
     return stats
 
 
+#: Noise entries from which components are drawn on several threads (starting a thread pool
+#: costs about 0.4 ms, one draw about 7 ns: measured on a 2-core Zen 3).
+PARALLEL_NOISE_ENTRIES = 1 << 17
+
+
 def draw_noise(ptr: Tensor, dim: int, generators: list[torch.Generator], out: Tensor | None = None,
                components: list[int] | None = None, device: torch.device | str = "cpu") -> Tensor:
     """Standard-normal noise [F, dim] for the free rows, component c's rows ``ptr[c]:ptr[c+1]``
@@ -101,18 +106,13 @@ def draw_noise(ptr: Tensor, dim: int, generators: list[torch.Generator], out: Te
     rows = [out[bounds[c]:bounds[c + 1]] for c in components]
     chosen = [generators[c] for c in components]
     workers = min(len(rows), torch.get_num_threads())
-    if workers > 1 and out.numel() >= PARALLEL_NOISE_ENTRIES:
+    if workers > 1 and sum(r.numel() for r in rows) >= PARALLEL_NOISE_ENTRIES:
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(_draw_into, rows, chosen))
     else:
         for r, g in zip(rows, chosen):
             _draw_into(r, g)
     return out
-
-
-#: Noise entries from which components are drawn on several threads (a thread pool costs
-#: about 0.1 ms; one entry about 7 ns).
-PARALLEL_NOISE_ENTRIES = 1 << 16
 
 
 def _draw_into(rows: Tensor, generator: torch.Generator) -> None:
