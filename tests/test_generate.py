@@ -181,11 +181,23 @@ def test_feature_stats_per_component(binary):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_noise_is_each_components_own_stream(threads):
+def test_noise_is_each_components_own_stream(threads, monkeypatch):
     """Each component's noise rows are its generator's first draws, whether components are drawn
-    one after the other or on several threads (an empty component included), and a redraw of
-    some components leaves the others' rows untouched."""
+    one after the other (in the caller's thread) or on a pool of threads (an empty component
+    included), and a redraw of some components leaves the others' rows untouched."""
+    import threading
+
+    from fastmetamer.metamers import features
     from fastmetamer.metamers.features import PARALLEL_NOISE_ENTRIES, draw_noise
+
+    drawn_on = set()
+    draw_into = features._draw_into
+
+    def recording(rows, generator):
+        drawn_on.add(threading.get_ident())
+        draw_into(rows, generator)
+
+    monkeypatch.setattr(features, "_draw_into", recording)
 
     d = 50
     sizes = [PARALLEL_NOISE_ENTRIES // d + 3, 0, 7, 900]
@@ -203,6 +215,8 @@ def test_noise_is_each_components_own_stream(threads):
     fresh = lambda c: torch.randn(sizes[c], d, generator=torch.Generator().manual_seed(seeds[c] + 10))  # noqa: E731
     assert torch.equal(redrawn[ptr[0]:ptr[1]], fresh(0)) and torch.equal(redrawn[ptr[3]:ptr[4]], fresh(3))
     assert torch.equal(redrawn[ptr[1]:ptr[3]], noise[ptr[1]:ptr[3]])
+    main = threading.get_ident()
+    assert drawn_on == {main} if threads == 1 else main not in drawn_on
 
 
 def test_continuous_features_stay_in_range():
